@@ -1,0 +1,50 @@
+"""The data section of a run's configuration (PaddleMIX key names where PaddleMIX has one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from network.image_processing import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    DEFAULT_VIDEO_MIN_PIXELS,
+)
+from network.processor import DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class DataConfig:
+    # PaddleMIX meta JSON: {name: {"annotation" | "file_name": path, "repeat_time": float, "root"?: dir}}.
+    meta_path: Optional[str] = None
+    # Used by the demo when meta_path is unset: the synthetic dataset is generated there (or reused).
+    synthetic_data_dir: Optional[str] = None
+    max_seq_length: int = 2048
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # PaddleMIX compatibility: cap the long side before min/max pixels apply (None = no cap).
+    image_resolution: Optional[int] = None
+    video_fps: float = 2.0
+    video_maxlen: int = 64  # max sampled frames per video
+    video_min_pixels: int = DEFAULT_VIDEO_MIN_PIXELS
+    video_max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS
+    skip_bad_samples: bool = False
+    # Named like HF's `data_seed` so it does not collide with the trainer's `seed` in the flat key space.
+    data_seed: int = 42
+    dataloader_num_workers: int = 2
+    # Used when a record has no system message; "" means no system turn at all.
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_seq_length": self.max_seq_length >= 8,
+            "min_pixels": 0 < self.min_pixels <= self.max_pixels,
+            "video_min_pixels": 0 < self.video_min_pixels <= self.video_max_pixels,
+            "image_resolution": self.image_resolution is None or self.image_resolution > 0,
+            "video_fps": self.video_fps > 0,
+            "video_maxlen": self.video_maxlen >= 2,
+            "dataloader_num_workers": self.dataloader_num_workers >= 0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))

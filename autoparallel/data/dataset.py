@@ -1,0 +1,296 @@
+"""Supervised fine-tuning samples: qwen2_vl template, label masks, truncation, media, M-RoPE positions.
+
+Template (the Qwen2-VL-Instruct chat template, token for token):
+    <|im_start|>system\\n{system}<|im_end|>\\n                       (omitted when the system prompt is "")
+    <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n   (per turn)
+with each `<image>` / `<video>` placeholder → `<|vision_start|>` + `<|image_pad|>`/`<|video_pad|>` × (t·h·w/4) +
+`<|vision_end|>`. Prompt text is tokenized as one string per chunk between special tokens (identical ids to
+tokenizing the rendered template); each answer is tokenized on its own, exactly as the model sees it when it
+generates after `<|im_start|>assistant\\n`.
+
+Labels: the answer tokens and their `<|im_end|>` are supervised; everything else is -100 — system, user, template
+and vision tokens, and the "\\n" after each `<|im_end|>`: generation stops at `<|im_end|>`, so the model is never
+asked to produce that newline (it stays in input_ids so multi-turn context matches the chat template).
+
+Truncation to `max_seq_length` (S = untruncated length, L = max_seq_length), when S > L:
+  1. keep the longest prefix ending at a complete turn (after an answer's `<|im_end|>\\n`) that is <= L, else
+  2. cut hard at L (the last answer loses its tail),
+  and accept the cut only if every image/video span lies wholly before it (no span is cut or dropped) and at
+  least one supervised token remains. Otherwise the sample raises DataError(kind="too long"), which the loader
+  always treats as a drop: replaced like a bad sample, counted, logged and reported, even without
+  `skip_bad_samples` (a length limit is not broken data).
+
+`probe(i)` gives a sample's final length and supervised-token count without decoding pixels (image headers via
+PIL, video container metadata), cached per index; it runs the same rendering and truncation code as `sample(i)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+from typing import Any, Optional
+
+import numpy as np
+
+from autoparallel.data.config import DataConfig
+from autoparallel.data.records import (
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    Conversation,
+    DataError,
+    RecordStore,
+    SkipLog,
+)
+from network.image_processing import image_hw
+from network.processor import Qwen2VLProcessor
+from network.rope_index import get_rope_index
+from network.video import IMAGE_EXTENSIONS, load_video, sample_frame_indices
+
+IGNORE_INDEX = -100
+PAD_TOKEN_ID = 151643
+VIDEO_MIN_FRAMES = 4  # qwen_vl_utils FPS_MIN_FRAMES
+_PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def build_processor(config: DataConfig, path: Optional[str] = None,
+                    processor: Optional[Qwen2VLProcessor] = None) -> Qwen2VLProcessor:
+    """The processor with the data config's pixel limits (they override a checkpoint's preprocessor config)."""
+    overrides = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                     video_min_pixels=config.video_min_pixels, video_max_pixels=config.video_max_pixels,
+                     image_resolution=config.image_resolution)
+    if processor is None:
+        return Qwen2VLProcessor.from_pretrained(path, **overrides)
+    return Qwen2VLProcessor(processor.tokenizer, dataclasses.replace(processor.image_processor, **overrides))
+
+
+def _video_frames_and_size(path: str, fps: float, max_frames: int) -> tuple[int, int, int]:
+    """(sampled frame count, height, width) of a video file or frame directory, as `load_video` will return,
+    from container metadata / image headers only."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise ValueError(f"frame directory {path!r} contains no image files")
+        n = min(len(names), max(2, max_frames // 2 * 2))
+        return n + n % 2, *image_hw(os.path.join(path, names[0]))
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path!r} has no video stream")
+            stream = container.streams.video[0]
+            total, rate = stream.frames, stream.average_rate or stream.guessed_rate
+            height, width = stream.codec_context.height, stream.codec_context.width
+            if total <= 0:  # no frame count in the header: count packets (no decoding)
+                total = sum(1 for p in container.demux(video=0) if p.size > 0)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video file {path!r}: {e}") from e
+    if not rate:
+        raise ValueError(f"{path!r}: the video stream declares no frame rate")
+    return len(sample_frame_indices(total, float(rate), fps, VIDEO_MIN_FRAMES, max_frames)), height, width
+
+
+class SFTDataset:
+    """Samples of a PaddleMIX meta file. `sample(i)` (also `dataset[i]`) returns numpy arrays:
+
+    input_ids int64 [S], labels int64 [S], attention_mask int64 [S] (ones), position_ids int64 [3, S],
+    pixel_values float32 [n_patches, 1176] + image_grid_thw int64 [n_images, 3] (only with images),
+    pixel_values_videos float32 [n_video_patches, 1176] + video_grid_thw int64 [n_videos, 3] (only with videos),
+    num_tokens int (= S), num_labels int (supervised tokens), index int.
+    Bad samples raise DataError naming the annotation file, record index and reason.
+    """
+
+    def __init__(self, config: DataConfig, processor: Optional[Qwen2VLProcessor] = None,
+                 meta_path: Optional[str] = None, skips: Optional[SkipLog] = None):
+        self.config = config
+        self.meta_path = meta_path or config.meta_path
+        if not self.meta_path:
+            raise ValueError("no meta_path given (DataConfig.meta_path or the meta_path argument)")
+        self.processor = build_processor(config, processor=processor)
+        self.skips = skips if skips is not None else SkipLog()
+        self.records = RecordStore(self.meta_path, config.data_seed, config.skip_bad_samples, self.skips)
+        tok = self.processor.tokenizer
+        self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
+            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+        self._lengths = np.full(len(self), -1, np.int64)
+        self._label_counts = np.full(len(self), -1, np.int64)
+        self._probe_errors: dict[int, DataError] = {}
+        self._tokenizer_lock = threading.Lock()  # the loader's decoding threads share one Rust tokenizer
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.sample(i)
+
+    # ---- tokens ------------------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        with self._tokenizer_lock:
+            return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render(self, conv: Conversation, image_tokens: list[int], video_tokens: list[int]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of a conversation whose i-th image/video expands to the given token counts,
+        truncated by the module's rule (raises DataError kind="too long"). A last answer of None renders the
+        generation prompt instead (no truncation)."""
+        ids_ = self.ids
+        ids: list[int] = []
+        labels: list[int] = []
+        spans_end = 0  # end of the last vision span
+        turn_ends: list[int] = []
+        chunk: list[Any] = []  # prompt parts (str or token-id lists) waiting to be tokenized
+        images, videos = iter(image_tokens), iter(video_tokens)
+
+        def prompt(*parts: Any) -> None:
+            chunk.extend(parts)
+
+        def content(text: str) -> None:
+            for piece in _PLACEHOLDER_RE.split(text):
+                if piece == IMAGE_PLACEHOLDER:
+                    prompt([ids_["<|vision_start|>"]] + [ids_["<|image_pad|>"]] * next(images)
+                           + [ids_["<|vision_end|>"]])
+                elif piece == VIDEO_PLACEHOLDER:
+                    prompt([ids_["<|vision_start|>"]] + [ids_["<|video_pad|>"]] * next(videos)
+                           + [ids_["<|vision_end|>"]])
+                else:
+                    prompt(piece)
+
+        def flush() -> None:
+            nonlocal spans_end
+            text = ""
+            for part in chunk + [[]]:
+                if isinstance(part, str):
+                    text += part
+                    continue
+                ids.extend(self._encode(text))
+                text = ""
+                if part and part[0] == ids_["<|vision_start|>"]:
+                    spans_end = len(ids) + len(part)
+                ids.extend(part)
+            labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
+            chunk.clear()
+
+        system = conv.system if conv.system is not None else self.config.system_prompt
+        if system:
+            prompt([ids_["<|im_start|>"]], "system\n")
+            content(system)
+            prompt([ids_["<|im_end|>"]], "\n")
+        for user, answer in conv.turns:
+            prompt([ids_["<|im_start|>"]], "user\n")
+            content(user)
+            prompt([ids_["<|im_end|>"]], "\n", [ids_["<|im_start|>"]], "assistant\n")
+            flush()
+            if answer is None:  # generation prompt: ends with "<|im_start|>assistant\n"
+                return np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+            answer_ids = self._encode(answer) + [ids_["<|im_end|>"]]
+            ids.extend(answer_ids)
+            labels.extend(answer_ids)
+            ids.extend(self._encode("\n"))
+            labels.append(IGNORE_INDEX)
+            turn_ends.append(len(ids))
+        return self._truncate(conv, np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, turn_ends)
+
+    def _truncate(self, conv: Conversation, ids: np.ndarray, labels: np.ndarray, spans_end: int,
+                  turn_ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        limit = self.config.max_seq_length
+        if len(ids) <= limit:
+            return ids, labels
+        cut = max((e for e in turn_ends if e <= limit), default=limit)
+        if cut < spans_end:  # a later turn holds media: only the hard cut can keep it
+            cut = limit
+        if cut < spans_end or not (labels[:cut] != IGNORE_INDEX).any():
+            raise DataError(conv.file, conv.index,
+                            f"{len(ids)} tokens > max_seq_length {limit}, and truncating would cut an image/video "
+                            f"span (last one ends at token {spans_end}) or leave no answer token", kind="too long")
+        return ids[:cut], labels[:cut]
+
+    # ---- probing (no pixel decoding) ----------------------------------------------------------------------------
+    def _media_error(self, conv: Conversation, path: str, e: Exception) -> DataError:
+        if not os.path.exists(path):
+            return DataError(conv.file, conv.index, f"media file not found: {path}", kind="missing media")
+        return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
+
+    def _probe_tokens(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        ip = self.processor.image_processor
+        image_tokens, video_tokens = [], []
+        for path in conv.images:
+            try:
+                image_tokens.append(ip.num_image_tokens(*image_hw(path)))
+            except (OSError, ValueError) as e:
+                raise self._media_error(conv, path, e) from None
+        for path in conv.videos:
+            try:
+                frames, h, w = _video_frames_and_size(path, self.config.video_fps, self.config.video_maxlen)
+                video_tokens.append(ip.num_video_tokens(frames, h, w))
+            except (OSError, ValueError) as e:
+                raise self._media_error(conv, path, e) from None
+        return image_tokens, video_tokens
+
+    def probe(self, i: int) -> tuple[int, int]:
+        """(num_tokens, num_labels) of sample i after truncation; raises DataError for a bad sample. Cached."""
+        if i in self._probe_errors:
+            raise self._probe_errors[i]
+        if self._lengths[i] < 0:
+            conv = self.records.conversation(i)
+            try:
+                ids, labels = self.render(conv, *self._probe_tokens(conv))
+            except DataError as e:
+                self._probe_errors[i] = e
+                raise
+            self._label_counts[i] = int((labels != IGNORE_INDEX).sum())
+            self._lengths[i] = len(ids)
+        return int(self._lengths[i]), int(self._label_counts[i])
+
+    # ---- full samples ----------------------------------------------------------------------------------------
+    def sample(self, i: int) -> dict[str, Any]:
+        out = self._build(self.records.conversation(i))
+        out["index"] = int(i)
+        return out
+
+    def generation_inputs(self, question: str, images: tuple[str, ...] = (), videos: tuple[str, ...] = (),
+                          system: Optional[str] = None) -> dict[str, Any]:
+        """A one-turn prompt ending with `<|im_start|>assistant\\n`, rendered exactly as in training
+        (input_ids, attention_mask, position_ids, media keys; no labels), for generation / accuracy scoring."""
+        for placeholder, media in ((IMAGE_PLACEHOLDER, images), (VIDEO_PLACEHOLDER, videos)):
+            if question.count(placeholder) != len(media):
+                raise ValueError(f"{question.count(placeholder)} {placeholder} placeholders but {len(media)} files")
+        conv = Conversation("<prompt>", 0, system, ((question, None),), tuple(images), tuple(videos))
+        out = self._build(conv)
+        del out["labels"], out["num_labels"]
+        return out
+
+    def _build(self, conv: Conversation) -> dict[str, Any]:
+        ip = self.processor.image_processor
+        out: dict[str, Any] = {}
+        for path in conv.images:  # check first: the processor's message would not name the record
+            if not os.path.isfile(path):
+                raise self._media_error(conv, path, FileNotFoundError(path))
+        if conv.images:
+            try:
+                out.update(ip.preprocess(list(conv.images)))
+            except (OSError, ValueError) as e:
+                bad = next((p for p in conv.images if p in str(e)), conv.images[0])
+                raise self._media_error(conv, bad, e) from None
+        if conv.videos:
+            frames = []
+            for path in conv.videos:
+                try:
+                    frames.append(load_video(path, self.config.video_fps, VIDEO_MIN_FRAMES, self.config.video_maxlen))
+                except (OSError, ValueError) as e:
+                    raise self._media_error(conv, path, e) from None
+            out.update(ip.preprocess_videos(frames))
+        merge = ip.merge_size**2
+        image_tokens = [int(np.prod(g)) // merge for g in out.get("image_grid_thw", [])]
+        video_tokens = [int(np.prod(g)) // merge for g in out.get("video_grid_thw", [])]
+        ids, labels = self.render(conv, image_tokens, video_tokens)
+        position_ids, _ = get_rope_index(
+            ids[None], out.get("image_grid_thw"), out.get("video_grid_thw"),
+            spatial_merge_size=ip.merge_size, image_token_id=self.ids["<|image_pad|>"],
+            video_token_id=self.ids["<|video_pad|>"], vision_start_token_id=self.ids["<|vision_start|>"],
+        )
+        out.update(input_ids=ids, labels=labels, attention_mask=np.ones_like(ids), position_ids=position_ids[:, 0],
+                   num_tokens=len(ids), num_labels=int((labels != IGNORE_INDEX).sum()))
+        return out
