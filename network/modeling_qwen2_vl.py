@@ -1,0 +1,273 @@
+"""Qwen2-VL for conditional generation in plain Paddle (no distributed code).
+
+Reads like the HF file: parameter names equal the Hub checkpoint keys (`visual.*`, `model.*`,
+`lm_head.weight`), so a weight name points at the code that uses it. Paddle `nn.Linear` weights are
+[in, out]; `network.weights` transposes at the checkpoint boundary.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from network.attention import attention
+from network.config import Qwen2VLConfig
+from network.modeling_vision import Qwen2VisionTransformer, as_numpy, rotate_half
+from network.rope_index import get_rope_index_for_config
+from network.weights import load_weights, save_weights
+
+IGNORE_INDEX = -100
+Array = Union[paddle.Tensor, np.ndarray]
+
+
+@dataclass
+class Qwen2VLOutput:
+    loss: paddle.Tensor | None
+    logits: paddle.Tensor
+    rope_deltas: np.ndarray | None
+
+
+class Qwen2RMSNorm(nn.Layer):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        # Normalise in fp32, cast back before the weight multiply (reference order; matters in bf16).
+        x32 = x.astype("float32")
+        x32 = x32 * paddle.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.astype(x.dtype)
+
+
+def mrope_cos_sin(config: Qwen2VLConfig, position_ids: paddle.Tensor, dtype) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """M-RoPE tables [B, S, 1, head_dim] from position_ids [3, B, S].
+
+    Rotary channel pair j takes its angle from axis t, h or w according to `mrope_section`
+    (the same split is used for both halves that rotate_half pairs up).
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (paddle.arange(0, dim, 2, dtype="float32") / dim))
+    freqs = position_ids.astype("float32")[..., None] * inv_freq  # [3, B, S, dim/2]
+    emb = paddle.concat([freqs, freqs], axis=-1)
+    chunks = config.mrope_section * 2
+    cos = paddle.concat([c[i % 3] for i, c in enumerate(emb.cos().split(chunks, axis=-1))], axis=-1)
+    sin = paddle.concat([c[i % 3] for i, c in enumerate(emb.sin().split(chunks, axis=-1))], axis=-1)
+    return cos.astype(dtype)[:, :, None, :], sin.astype(dtype)[:, :, None, :]
+
+
+class Qwen2VLAttention(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias_attr=False)
+
+    def forward(self, x, cos, sin, attention_mask) -> paddle.Tensor:
+        b, s = x.shape[0], x.shape[1]
+        # -1 head counts keep the reshape valid when q/k/v are column-sharded by heads.
+        q = self.q_proj(x).reshape([b, s, -1, self.head_dim])
+        k = self.k_proj(x).reshape([b, s, -1, self.head_dim])
+        v = self.v_proj(x).reshape([b, s, -1, self.head_dim])
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = attention(q, k, v, causal=True, attention_mask=attention_mask)
+        return self.o_proj(out.reshape([b, s, -1]))
+
+
+class Qwen2MLP(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias_attr=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias_attr=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2VLDecoderLayer(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.self_attn = Qwen2VLAttention(config)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attention_mask) -> paddle.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2VLTextModel(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        # No padding_idx: Paddle would return zeros for pad ids, the reference returns the stored row.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.LayerList([Qwen2VLDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None) -> paddle.Tensor:
+        cos, sin = mrope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention_mask)
+        return self.norm(x)
+
+
+def causal_lm_loss(
+    logits: paddle.Tensor, labels: paddle.Tensor, normalizer: paddle.Tensor | float | None = None
+) -> paddle.Tensor:
+    """Sum of fp32 token cross-entropy over shifted labels != -100, divided by `normalizer`
+    (default: the number of such labels; pass a global count under gradient accumulation)."""
+    shift_logits = logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]])
+    shift_labels = labels[:, 1:].astype("int64").reshape([-1])
+    valid = shift_labels != IGNORE_INDEX
+    # logsumexp - picked logit, not F.cross_entropy: Paddle's fused kernel clamps each token's loss at 64,
+    # which changes large losses (e.g. at random init); and its CPU log_softmax is very slow at 150k vocab.
+    picked = paddle.take_along_axis(shift_logits, paddle.where(valid, shift_labels, 0)[:, None], axis=-1)[:, 0]
+    nll = paddle.logsumexp(shift_logits, axis=-1) - picked
+    total = (nll * valid.astype("float32")).sum()
+    if normalizer is None:
+        normalizer = paddle.clip(valid.astype("float32").sum(), min=1.0)
+    return total / normalizer
+
+
+def _tensor(x: Array | None) -> paddle.Tensor | None:
+    return x if x is None or isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
+
+
+def _scatter_features(inputs_embeds, input_ids, token_id: int, features, kind: str) -> paddle.Tensor:
+    """Put feature row n at the n-th `token_id` position (row-major over the batch).
+
+    Gather-by-cumsum + where instead of masked_scatter or per-sample loops, so the same code runs on
+    distributed tensors.
+    """
+    mask = input_ids == token_id
+    count = int(mask.astype("int64").sum())
+    if count != features.shape[0]:
+        raise ValueError(
+            f"{kind} features and {kind} tokens do not match: tokens {count}, features {features.shape[0]}"
+        )
+    index = paddle.clip(mask.astype("int64").reshape([-1]).cumsum() - 1, min=0)
+    placed = paddle.gather(features.astype(inputs_embeds.dtype), index).reshape(inputs_embeds.shape)
+    return paddle.where(mask[..., None], placed, inputs_embeds)
+
+
+class Qwen2VLForConditionalGeneration(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.model = Qwen2VLTextModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Reference init for fresh models: N(0, 0.02) matrices, zero biases (norms keep ones), visited in
+        a fixed order so `paddle.seed` makes it deterministic."""
+        normal, zeros = nn.initializer.Normal(std=0.02), nn.initializer.Constant(0.0)
+        for layer in self.sublayers():
+            if isinstance(layer, (nn.Linear, nn.Embedding, nn.Conv3D)):
+                normal(layer.weight)
+                if getattr(layer, "bias", None) is not None:
+                    zeros(layer.bias)
+
+    def embed_multimodal(
+        self,
+        input_ids: paddle.Tensor,
+        pixel_values: paddle.Tensor | None = None,
+        image_grid_thw: Array | None = None,
+        pixel_values_videos: paddle.Tensor | None = None,
+        video_grid_thw: Array | None = None,
+    ) -> paddle.Tensor:
+        """Token embeddings with vision features placed at the image/video pad tokens."""
+        inputs_embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            features = self.visual(pixel_values, image_grid_thw)
+            inputs_embeds = _scatter_features(inputs_embeds, input_ids, self.config.image_token_id, features, "image")
+        if pixel_values_videos is not None:
+            features = self.visual(pixel_values_videos, video_grid_thw)
+            inputs_embeds = _scatter_features(inputs_embeds, input_ids, self.config.video_token_id, features, "video")
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        pixel_values: Array | None = None,
+        image_grid_thw: Array | None = None,
+        pixel_values_videos: Array | None = None,
+        video_grid_thw: Array | None = None,
+        labels: Array | None = None,
+        inputs_embeds: paddle.Tensor | None = None,
+        loss_normalizer: paddle.Tensor | float | None = None,
+    ) -> Qwen2VLOutput:
+        """Logits [B, S, vocab] and, with `labels`, the causal-LM loss. Grids may be numpy (host metadata).
+        Without `position_ids`, 3-D M-RoPE positions are computed from `input_ids` on the host."""
+        input_ids, attention_mask, labels = _tensor(input_ids), _tensor(attention_mask), _tensor(labels)
+        pixel_values, pixel_values_videos = _tensor(pixel_values), _tensor(pixel_values_videos)
+        rope_deltas = None
+        if position_ids is None:
+            # Always 3-D M-RoPE positions, also for text-only batches (never 1-D).
+            position_ids, rope_deltas = get_rope_index_for_config(
+                self.config, as_numpy(input_ids),
+                None if image_grid_thw is None else as_numpy(image_grid_thw),
+                None if video_grid_thw is None else as_numpy(video_grid_thw),
+                None if attention_mask is None else as_numpy(attention_mask),
+            )
+        position_ids = _tensor(position_ids)
+        if position_ids.ndim != 3 or position_ids.shape[0] != 3:
+            raise ValueError(f"position_ids must be M-RoPE positions [3, batch, seq], got shape {position_ids.shape}")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_multimodal(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        hidden = self.model(inputs_embeds, position_ids, attention_mask)
+        if self.config.tie_word_embeddings:
+            logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+        else:
+            logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, loss_normalizer)
+        return Qwen2VLOutput(loss=loss, logits=logits, rope_deltas=rope_deltas)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | None = None) -> "Qwen2VLForConditionalGeneration":
+        """Build from `config.json` and load HF safetensors (single/sharded) or `model_state.pdparams`."""
+        config = Qwen2VLConfig.from_pretrained(path)
+        dtype = dtype or "float32"
+        with _default_dtype(dtype):
+            model = cls(config)
+        load_weights(model, path)
+        model.eval()
+        return model
+
+    def save_pretrained(self, path: str, format: str = "safetensors") -> None:
+        """Write `config.json` plus weights as HF safetensors or Paddle `model_state.pdparams`."""
+        self.config.save_pretrained(path)
+        save_weights(self, path, format=format)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: str):
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        paddle.set_default_dtype(previous)
+

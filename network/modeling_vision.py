@@ -1,0 +1,150 @@
+"""Qwen2-VL vision tower (ViT with 2-D rotary, block-diagonal attention per image/frame, PatchMerger).
+
+Submodule names equal the HF Hub checkpoint keys under `visual.`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from network.attention import attention
+from network.config import Qwen2VLVisionConfig
+
+_LN_EPS = 1e-6
+
+
+def quick_gelu(x: paddle.Tensor) -> paddle.Tensor:
+    return x * F.sigmoid(1.702 * x)
+
+
+_ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+
+
+def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
+    x1, x2 = x.chunk(2, axis=-1)
+    return paddle.concat([-x2, x1], axis=-1)
+
+
+def as_numpy(x) -> np.ndarray:
+    """Host copy of small integer metadata (grid_thw, ids) given as numpy, list or paddle.Tensor."""
+    return x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
+
+
+def vision_rotary_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """(row, col) of every patch, [N, 2], in the order patches arrive: merge windows row-major, then
+    the merge x merge patches inside each window row-major, repeated for each of the t frames."""
+    out = []
+    for t, h, w in grid_thw:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hw = np.stack([rows, cols], axis=-1).reshape(h // merge, merge, w // merge, merge, 2)
+        out.append(np.tile(hw.transpose(0, 2, 1, 3, 4).reshape(-1, 2), (t, 1)))
+    return np.concatenate(out, axis=0)
+
+
+def vision_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
+    """int32 [frames + 1] boundaries: each frame (t repeats of h*w patches) is its own attention block."""
+    lengths = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+class PatchEmbed(nn.Layer):
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        self.config = config
+        kernel = [config.temporal_patch_size, config.patch_size, config.patch_size]
+        self.proj = nn.Conv3D(config.in_channels, config.embed_dim, kernel, stride=kernel, bias_attr=False)
+
+    def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        c = self.config
+        x = pixel_values.reshape([-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size])
+        return self.proj(x.astype(self.proj.weight.dtype)).reshape([-1, c.embed_dim])
+
+
+class VisionAttention(nn.Layer):
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        # Fused output columns are [q | k | v], each [heads * head_dim] (the checkpoint's order).
+        self.qkv = nn.Linear(config.embed_dim, config.embed_dim * 3)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+
+    def forward(self, x: paddle.Tensor, cu_seqlens: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
+        seq = x.shape[0]
+        q, k, v = self.qkv(x).reshape([seq, 3, self.num_heads, -1]).unbind(axis=1)
+        # Rotary in fp32 like the reference, then back to the activation dtype.
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q, k = ((t.astype("float32") * cos + rotate_half(t.astype("float32")) * sin).astype(v.dtype) for t in (q, k))
+        out = attention(q[None], k[None], v[None], causal=False, cu_seqlens=cu_seqlens)
+        return self.proj(out.reshape([seq, -1]))
+
+
+class VisionMlp(nn.Layer):
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, config.embed_dim)
+        self.act = _ACT[config.hidden_act]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Qwen2VLVisionBlock(nn.Layer):
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
+        self.norm2 = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
+        self.attn = VisionAttention(config)
+        self.mlp = VisionMlp(config)
+
+    def forward(self, x, cu_seqlens, cos, sin) -> paddle.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Layer):
+    """LayerNorm per patch, concatenate each merge x merge window, MLP to the LLM width."""
+
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        self.merged_dim = config.embed_dim * config.spatial_merge_size**2
+        self.ln_q = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim),
+            nn.GELU(),  # exact erf GELU, as the reference
+            nn.Linear(self.merged_dim, config.hidden_size),
+        )
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.mlp(self.ln_q(x).reshape([-1, self.merged_dim]))
+
+
+class Qwen2VisionTransformer(nn.Layer):
+    def __init__(self, config: Qwen2VLVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.LayerList([Qwen2VLVisionBlock(config) for _ in range(config.depth)])
+        self.merger = PatchMerger(config)
+
+    def rotary_cos_sin(self, grid_thw: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """cos/sin [N, head_dim]: half the rotary channels encode the patch row, half the column."""
+        rot_dim = self.config.embed_dim // self.config.num_heads // 2
+        inv_freq = 1.0 / (10000.0 ** (paddle.arange(0, rot_dim, 2, dtype="float32") / rot_dim))
+        positions = paddle.to_tensor(vision_rotary_positions(grid_thw, self.config.spatial_merge_size), "float32")
+        freqs = (positions[:, :, None] * inv_freq[None, None, :]).reshape([positions.shape[0], -1])
+        emb = paddle.concat([freqs, freqs], axis=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:
+        """pixel_values [N, C*T*P*P] (processor patch order) -> merged features [N / merge^2, hidden_size]."""
+        grid_thw = as_numpy(grid_thw).astype(np.int64).reshape(-1, 3)
+        x = self.patch_embed(pixel_values)
+        cos, sin = self.rotary_cos_sin(grid_thw)
+        cu_seqlens = paddle.to_tensor(vision_cu_seqlens(grid_thw))
+        for block in self.blocks:
+            x = block(x, cu_seqlens, cos, sin)
+        return self.merger(x)

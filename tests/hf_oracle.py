@@ -1,0 +1,101 @@
+"""Tiny random HF Qwen2-VL models and matching inputs, for parity tests (torch/transformers only here)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import transformers
+
+from network.config import Qwen2VLConfig
+
+# Small vocabulary for speed; special ids remapped into it (the model does not care which ids they are).
+SMALL_VOCAB = dict(
+    vocab_size=512, image_token_id=505, video_token_id=506, vision_start_token_id=502, vision_end_token_id=503,
+    bos_token_id=500, eos_token_id=501, pad_token_id=500,
+)
+TEXT_TOKENS = 480  # random text ids are drawn below this, away from the special ids
+
+
+def tiny_config(tied: bool = True, small_vocab: bool = True) -> Qwen2VLConfig:
+    config = Qwen2VLConfig.preset("tiny")
+    config = dataclasses.replace(config, tie_word_embeddings=tied, **(SMALL_VOCAB if small_vocab else {}))
+    return config
+
+
+def hf_model(config: Qwen2VLConfig, seed: int = 0) -> transformers.Qwen2VLForConditionalGeneration:
+    """HF model with our config (through our flat `to_dict`) and O(1)-scale random weights.
+
+    HF's own init (N(0, 0.02), zero biases, unit norms) would leave biases and norms untested and the
+    logits tiny, so every parameter is redrawn: matrices ~ N(0, 1/fan_in), vectors around their identity.
+    """
+    hf_config = transformers.Qwen2VLConfig(**config.to_dict())
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(hf_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, math.prod(p.shape[1:]) ** -0.5)
+            elif name.endswith("weight"):  # norm scales
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1)
+    model.tie_weights()
+    return model.eval()
+
+
+@dataclasses.dataclass
+class Sample:
+    """One row: text pieces and vision spans; `vision` items are ('image'|'video', (t, h, w))."""
+    prompt_len: int
+    vision: list
+    answer_len: int
+
+
+def build_batch(config: Qwen2VLConfig, samples: list[Sample], pad_side: str = "right", seed: int = 0) -> dict:
+    """numpy inputs: input_ids, attention_mask, labels (prompt and padding = -100), pixel values and grids."""
+    rng = np.random.default_rng(seed)
+    v = config.vision_config
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    rows, label_rows = [], []
+    images, videos, image_grids, video_grids = [], [], [], []
+    for s in samples:
+        ids = list(rng.integers(0, TEXT_TOKENS, s.prompt_len))
+        for kind, (t, h, w) in s.vision:
+            pad = config.image_token_id if kind == "image" else config.video_token_id
+            pixels = rng.standard_normal((t * h * w, patch_dim)).astype("float32")
+            (images if kind == "image" else videos).append(pixels)
+            (image_grids if kind == "image" else video_grids).append([t, h, w])
+            ids += [config.vision_start_token_id] + [pad] * (t * h * w // v.spatial_merge_size**2)
+            ids += [config.vision_end_token_id] + list(rng.integers(0, TEXT_TOKENS, 2))
+        labels = [-100] * len(ids)
+        answer = list(rng.integers(0, TEXT_TOKENS, s.answer_len))
+        rows.append(ids + answer)
+        label_rows.append(labels + answer)
+    seq = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = np.full((batch, seq), config.pad_token_id, np.int64)
+    labels = np.full((batch, seq), -100, np.int64)
+    mask = np.zeros((batch, seq), np.int64)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        sl = slice(seq - len(r), seq) if pad_side == "left" else slice(0, len(r))
+        input_ids[i, sl], labels[i, sl], mask[i, sl] = r, lab, 1
+    out = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+    if images:
+        out.update(pixel_values=np.concatenate(images), image_grid_thw=np.array(image_grids, np.int64))
+    if videos:
+        out.update(pixel_values_videos=np.concatenate(videos), video_grid_thw=np.array(video_grids, np.int64))
+    return out
+
+
+def hf_forward(model, batch: dict) -> tuple[np.ndarray, float, np.ndarray]:
+    """(logits, loss, position_ids) from the HF model."""
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        out = model(**inputs)
+        positions, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs["attention_mask"]
+        )
+    return out.logits.float().numpy(), float(out.loss), positions.numpy()
