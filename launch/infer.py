@@ -1,0 +1,363 @@
+"""`qwen2vl-ap infer`: answer prompts about images and videos with a (fine-tuned) Qwen2-VL model.
+
+    qwen2vl-ap infer --model DIR --image a.png --prompt "What colour is the shape?"
+    qwen2vl-ap infer --model DIR --video clip.mp4 --prompt "What happens?" --temperature 0.7 --seed 0
+    qwen2vl-ap infer --model DIR --input requests.jsonl --output answers.jsonl --batch_size 8
+    qwen2vl-ap infer --model DIR --image a.png --prompt "..." --tensor_parallel_degree 2
+
+`--model` is any directory `Qwen2VLForConditionalGeneration.from_pretrained` reads (merged checkpoints, HF
+safetensors, `model_state.pdparams`); tokenizer/processor files come from it, else the embedded tokenizer.
+A prompt's `<image>` / `<video>` placeholders mark where each file goes; without them the media come first.
+
+Tensor parallel: the command relaunches itself under `paddle.distributed.launch` with N processes, which load the
+model, apply the training mp plan (`autoparallel.parallelize`) and decode the same tokens; rank 0 writes the
+output. Its text goes through a file that this (parent) process relays to the terminal, so streaming still works
+and the launcher's own logs stay in `--log_dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import numpy as np
+import paddle
+
+from network.config import Qwen2VLConfig
+from network.generation import GenerationConfig, GenerationOutput, generate
+from network.log import logger
+from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from network.processor import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, Qwen2VLProcessor
+
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+# Set for tensor-parallel workers: where rank 0 writes what a single process prints to stdout.
+RANK0_STDOUT_ENV = "QWEN2VL_AP_INFER_STDOUT"
+
+
+class InferError(Exception):
+    """A problem with the command's inputs (reported without a traceback, exit code 2)."""
+
+
+@dataclass
+class Request:
+    id: Any
+    prompt: str
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    id: Any
+    answer: str
+    num_tokens: int
+
+
+# ---- prompts and batches ------------------------------------------------------------------------------------------
+def render_prompt(processor: Qwen2VLProcessor, prompt: str, num_images: int, num_videos: int,
+                  system: str | None = None) -> str:
+    """Chat-template text ending with the assistant turn, one vision span per image/video (the training format)."""
+    spans = {IMAGE_PLACEHOLDER: VISION_START + IMAGE_TOKEN + VISION_END,
+             VIDEO_PLACEHOLDER: VISION_START + VIDEO_TOKEN + VISION_END}
+    counts = {IMAGE_PLACEHOLDER: num_images, VIDEO_PLACEHOLDER: num_videos}
+    if any(p in prompt for p in spans):
+        for placeholder, n in counts.items():
+            if prompt.count(placeholder) != n:
+                raise InferError(f"prompt has {prompt.count(placeholder)} {placeholder} placeholders "
+                                 f"but {n} files were given")
+            prompt = prompt.replace(placeholder, spans[placeholder])
+    else:
+        prompt = spans[IMAGE_PLACEHOLDER] * num_images + spans[VIDEO_PLACEHOLDER] * num_videos + prompt
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": prompt})
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def stop_token_ids(processor: Qwen2VLProcessor, model_config) -> tuple[int, ...]:
+    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos and the model config's eos."""
+    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.eos_token_id,
+           model_config.eos_token_id}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def answer_batch(model, processor: Qwen2VLProcessor, requests: list[Request], generation_config: GenerationConfig,
+                 system: str | None = None, streamer: Callable[[np.ndarray], None] | None = None
+                 ) -> tuple[list[Answer], GenerationOutput]:
+    """One left-padded batch through `generate`; answers are decoded without special tokens."""
+    texts = [render_prompt(processor, r.prompt, len(r.images), len(r.videos), system) for r in requests]
+    images = [p for r in requests for p in r.images]
+    videos = [p for r in requests for p in r.videos]
+    try:
+        inputs = processor(texts, images=images or None, videos=videos or None, padding="longest",
+                           padding_side="left")
+    except (OSError, ValueError) as e:  # unreadable media, or placeholders that do not match the files
+        raise InferError(f"cannot prepare request(s) {[r.id for r in requests]}: {e}") from e
+    out = generate(model, **inputs, generation_config=generation_config, streamer=streamer)
+    answers = [Answer(r.id, processor.decode(out.sequences[i, : out.num_tokens[i]], skip_special_tokens=True),
+                      int(out.num_tokens[i])) for i, r in enumerate(requests)]
+    return answers, out
+
+
+class TextStreamer:
+    """Prints row 0's text as tokens arrive; re-decodes the whole answer each step, so a character split over
+    several byte-level tokens is printed once it is complete."""
+
+    def __init__(self, processor: Qwen2VLProcessor, out: IO[str]):
+        self.processor, self.out = processor, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.processor.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+class TensorParallelModel:
+    """A model parallelized with the training plan, called like the plain one; logits (vocab-split over "mp")
+    come back dense and replicated, which is what `generate` reads on every rank."""
+
+    def __init__(self, model: paddle.nn.Layer):
+        self.model = model
+        self.config = model.config
+
+    def __call__(self, *args, **kwargs):
+        import paddle.distributed as dist
+
+        out = self.model(*args, **kwargs)
+        logits = out.logits
+        if logits.is_dist():
+            replicated = [dist.Replicate()] * len(logits.process_mesh.shape)
+            logits = dist.reshard(logits, logits.process_mesh, replicated)._local_value()
+        return dataclasses.replace(out, logits=logits)
+
+
+def load_model(model_dir: str, tensor_parallel_degree: int = 1):
+    """The model for `generate`: plain, or (inside a launched job) split over `tensor_parallel_degree` ranks."""
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    if tensor_parallel_degree == 1:
+        return model
+    from autoparallel.mesh import ParallelDegrees, build_mesh
+    from autoparallel.parallelize import parallelize
+
+    degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
+    model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
+    return TensorParallelModel(model)
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen2vl-ap infer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams)")
+    p.add_argument("--prompt", help="the question (single request)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file or frame directory (repeatable)")
+    p.add_argument("--system", help="system prompt (default: the chat template's)")
+    p.add_argument("--input", help="batch mode: JSONL of {prompt, images?, videos?, id?}; relative paths are "
+                                   "resolved against the file's directory")
+    p.add_argument("--output", help="batch mode: JSONL of {id, answer, num_tokens}")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
+    p.add_argument("--max_pixels", type=int)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they are generated (default: on for a single request)")
+    p.add_argument("--tensor_parallel_degree", type=int, default=1)
+    p.add_argument("--log_dir", help="tensor parallel: launcher and worker logs (default: a temp directory)")
+    return p
+
+
+def _requests(args: argparse.Namespace) -> list[Request]:
+    """The requests to answer, with every media path checked."""
+    if args.input:
+        if args.prompt or args.image or args.video:
+            raise InferError("--input (batch mode) cannot be combined with --prompt/--image/--video")
+        if not args.output:
+            raise InferError("--input needs --output")
+        if not os.path.isfile(args.input):
+            raise InferError(f"input file not found: {args.input}")
+        root = os.path.dirname(os.path.abspath(args.input))
+        requests = []
+        with open(args.input, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    media = {kind: record.get(kind, []) for kind in ("images", "videos")}
+                    media = {k: [v] if isinstance(v, str) else v for k, v in media.items()}  # one path as a str
+                    requests.append(Request(record.get("id", len(requests)), record["prompt"],
+                                            [os.path.join(root, p) for p in media["images"]],
+                                            [os.path.join(root, p) for p in media["videos"]]))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise InferError(f"{args.input} line {n}: expected a JSON object with a \"prompt\" ({e})")
+    else:
+        if args.prompt is None:
+            raise InferError("give --prompt (single request) or --input/--output (batch mode)")
+        if args.output:
+            raise InferError("--output is for batch mode (--input)")
+        requests = [Request(0, args.prompt, list(args.image), list(args.video))]
+    for r in requests:
+        for kind, paths in (("image", r.images), ("video", r.videos)):
+            for path in paths:
+                if not os.path.exists(path):
+                    raise InferError(f"{kind} file not found: {path}" + (f" (request {r.id!r})" if args.input else ""))
+    return requests
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not os.path.isdir(args.model):
+        raise InferError(f"model directory not found: {args.model}")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InferError(f"{args.model} has no config.json: not a model directory")
+    if args.batch_size < 1 or args.tensor_parallel_degree < 1:
+        raise InferError("--batch_size and --tensor_parallel_degree must be >= 1")
+    if args.tensor_parallel_degree > 1:  # checked here, before any process starts
+        from autoparallel.mesh import ParallelDegrees, degree_problems
+
+        degrees = ParallelDegrees(tensor_parallel_degree=args.tensor_parallel_degree)
+        problems = degree_problems(degrees, Qwen2VLConfig.from_pretrained(args.model))
+        if problems:
+            raise InferError("; ".join(problems))
+
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """Validated settings; the stop tokens are filled in once the processor and model are loaded."""
+    try:
+        return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        raise InferError(str(e)) from None
+
+
+def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
+    """Run this command on N local processes; relay rank 0's output file to stdout while they run."""
+    log_dir = os.path.abspath(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-infer-"))
+    os.makedirs(log_dir, exist_ok=True)
+    rank0_stdout = os.path.join(log_dir, "rank0_stdout.txt")
+    open(rank0_stdout, "w").close()
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, RANK0_STDOUT_ENV: rank0_stdout,
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(args.tensor_parallel_degree),
+           "--log_dir", log_dir, str(Path(__file__).resolve()), *argv]
+    logger.info("tensor parallel inference on %d processes, logs in %s", args.tensor_parallel_degree, log_dir)
+    with open(os.path.join(log_dir, "launcher.log"), "w") as launcher_log, open(rank0_stdout) as relay:
+        proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                sys.stdout.write(relay.read())
+                sys.stdout.flush()
+                time.sleep(0.1)
+            sys.stdout.write(relay.read())
+            sys.stdout.flush()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            return 130
+    if proc.returncode != 0:
+        print(f"qwen2vl-ap infer: tensor-parallel workers failed (exit code {proc.returncode}); "
+              f"see {log_dir}/workerlog.*", file=sys.stderr)
+    return proc.returncode
+
+
+def _run(args: argparse.Namespace, requests: list[Request], generation_config: GenerationConfig) -> int:
+    """Load, answer, write (rank 0). Every tensor-parallel rank runs this with the same inputs."""
+    tp = args.tensor_parallel_degree
+    rank = 0
+    if tp > 1:
+        import paddle.distributed as dist
+
+        dist.init_parallel_env()
+        rank = dist.get_rank()
+    overrides = {k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}
+    try:
+        processor = Qwen2VLProcessor.from_pretrained(args.model, **overrides)
+    except ValueError as e:  # e.g. --min_pixels above the max
+        raise InferError(str(e)) from None
+    model = load_model(args.model, tp)
+    generation_config = dataclasses.replace(generation_config, stop_token_ids=stop_token_ids(processor, model.config))
+    rank0_path = os.environ.get(RANK0_STDOUT_ENV)
+    out = open(rank0_path, "a", encoding="utf-8") if rank0_path and rank == 0 else sys.stdout
+    single = not args.input
+    stream = (args.stream if args.stream is not None else single) and single and rank == 0
+    try:
+        answers, generated, seconds = [], 0, 0.0
+        for start in range(0, len(requests), args.batch_size):
+            batch = requests[start: start + args.batch_size]
+            streamer = TextStreamer(processor, out) if stream else None
+            batch_answers, result = answer_batch(model, processor, batch, generation_config, args.system, streamer)
+            answers += batch_answers
+            generated += int(result.num_tokens.sum())
+            seconds += result.prefill_seconds + result.decode_seconds
+            logger.info("batch of %d: prefill %.2fs, %d new tokens, decode %.1f tokens/s", len(batch),
+                        result.prefill_seconds, int(result.num_tokens.sum()),
+                        (result.sequences.size - len(batch)) / max(result.decode_seconds, 1e-9))
+        if rank == 0:
+            if args.output:
+                with open(args.output, "w", encoding="utf-8") as f:
+                    for a in answers:
+                        f.write(json.dumps(dataclasses.asdict(a), ensure_ascii=False) + "\n")
+                logger.info("wrote %d answers to %s", len(answers), args.output)
+            else:
+                out.write("\n" if stream else answers[0].answer + "\n")
+                out.flush()
+        logger.info("%d tokens in %.2fs (%d requests)", generated, seconds, len(requests))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if tp > 1:
+            import paddle.distributed as dist
+
+            dist.barrier()  # ranks that exit early can kill peers still in gloo
+    return 0
+
+
+def infer_main(argv: list[str]) -> int:
+    """Entry point of `qwen2vl-ap infer`; returns the exit code (2 for bad inputs)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help or a usage error
+        return int(e.code or 0)
+    try:
+        _check_args(args)
+        requests = _requests(args)
+        generation_config = _generation_config(args)
+        in_launched_job = "PADDLE_TRAINERS_NUM" in os.environ
+        if args.tensor_parallel_degree > 1 and not in_launched_job:
+            return _relaunch(argv, args)
+        if in_launched_job and int(os.environ["PADDLE_TRAINERS_NUM"]) != args.tensor_parallel_degree:
+            raise InferError(f"launched with {os.environ['PADDLE_TRAINERS_NUM']} processes but "
+                             f"--tensor_parallel_degree {args.tensor_parallel_degree}")
+        return _run(args, requests, generation_config)
+    except InferError as e:
+        print(f"qwen2vl-ap infer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    from network.log import setup_logging
+
+    setup_logging()
+    sys.exit(infer_main(sys.argv[1:]))

@@ -1,0 +1,215 @@
+"""Autoregressive generation for `Qwen2VLForConditionalGeneration`: KV cache, M-RoPE continuation, decoding.
+
+Prefill runs the whole (left-padded) prompt once — the vision tower included — and fills a `KVCache`; each
+decode step then feeds one token per row. Token selection runs on the host in numpy (greedy, or seeded
+temperature / top-k / top-p sampling, HF repetition penalty), so every tensor-parallel rank picks the same
+tokens from the same logits.
+
+Positions. `get_rope_index` gives the prompt's 3-D positions and per row rope_deltas = (largest prompt
+position + 1) - S, S being the padded prompt length. The token at cache index i (positions already cached,
+padding included) gets position i + rope_deltas on all three axes. For a left-padded row that equals the
+unpadded row's position, so a prompt produces the same tokens alone or inside a padded batch.
+HF 4.55 `prepare_inputs_for_generation` instead adds rope_deltas to the count of non-padding tokens, which
+shifts a row with P padding tokens by -P: its batched output differs from its own single-prompt output
+(measured in tests/test_generation.py; identical once that formula is swapped in).
+
+Attention masks. The key mask grows by a 1 per step; left padding stays masked for every later query.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import paddle
+
+from network.rope_index import get_rope_index_for_config
+
+Array = paddle.Tensor | np.ndarray
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0  # stop tokens are suppressed before this many new tokens (HF semantics)
+    temperature: float = 0.0  # 0: greedy; > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # sampling only: keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # sampling only: keep the smallest set whose probability reaches top_p
+    repetition_penalty: float = 1.0  # HF: logits of seen tokens divided (> 0) or multiplied (< 0) by it
+    stop_token_ids: tuple[int, ...] = ()  # empty: the model config's eos_token_id
+    seed: int | None = None  # sampling RNG seed (numpy); None draws fresh entropy
+
+    def __post_init__(self) -> None:
+        problems = [name for name, ok in (
+            ("max_new_tokens >= 1", self.max_new_tokens >= 1),
+            ("0 <= min_new_tokens", self.min_new_tokens >= 0),
+            ("temperature >= 0", self.temperature >= 0),
+            ("top_k >= 0", self.top_k >= 0),
+            ("0 < top_p <= 1", 0 < self.top_p <= 1),
+            ("repetition_penalty > 0", self.repetition_penalty > 0),
+        ) if not ok]
+        if problems:
+            raise ValueError(f"invalid generation settings, need: {', '.join(problems)} (got {self})")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass
+class GenerationOutput:
+    sequences: np.ndarray  # int64 [B, T] new tokens; after a row's stop token: pad_token_id
+    num_tokens: np.ndarray  # int64 [B] tokens generated per row, its stop token included
+    prefill_seconds: float
+    decode_seconds: float  # all decode steps (the first new token comes from the prefill)
+
+
+class KVCache:
+    """Per decoder layer: rotated keys and values [B, S, kv_heads, head_dim], grown by concatenation.
+
+    Positions are cache indices, left padding included (it stays masked through `attention_mask`)."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[paddle.Tensor | None] = [None] * num_layers
+        self.values: list[paddle.Tensor | None] = [None] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[1]
+
+    def update(self, layer_idx: int, key: paddle.Tensor, value: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Append this step's keys/values to layer `layer_idx`; return all of them."""
+        if self.keys[layer_idx] is not None:
+            key = paddle.concat([self.keys[layer_idx], key], axis=1)
+            value = paddle.concat([self.values[layer_idx], value], axis=1)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+
+def decode_position_ids(attention_mask: np.ndarray, rope_deltas: np.ndarray) -> np.ndarray:
+    """M-RoPE positions [3, B, 1] of the newest token: its cache index + rope_deltas, on all three axes.
+
+    attention_mask: [B, cache_len + 1] (the newest token's column last); rope_deltas: [B, 1]."""
+    position = attention_mask.shape[1] - 1 + rope_deltas
+    return np.broadcast_to(position.astype(np.int64), (3,) + position.shape).copy()
+
+
+def _as_numpy(x: Array | None) -> np.ndarray | None:
+    return x.numpy() if isinstance(x, paddle.Tensor) else x
+
+
+def _last_logits(logits: paddle.Tensor) -> np.ndarray:
+    return logits[:, -1].astype("float32").numpy()
+
+
+def _process_logits(logits: np.ndarray, cfg: GenerationConfig, seen: np.ndarray, step: int,
+                    stop_ids: np.ndarray) -> np.ndarray:
+    """HF's processor order: repetition penalty, min-new-tokens, then (sampling) temperature, top-k, top-p."""
+    if cfg.repetition_penalty != 1.0:
+        penalised = np.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
+        logits = np.where(seen, penalised, logits)
+    if step < cfg.min_new_tokens:
+        logits = logits.copy()
+        logits[:, stop_ids] = -np.inf
+    if not cfg.do_sample:
+        return logits
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = _softmax(sorted_logits)
+        # Drop a token once the more likely ones already reach top_p (the most likely token always stays).
+        drop_sorted = np.cumsum(probs, axis=-1) - probs >= cfg.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        logits = np.where(drop, -np.inf, logits)
+    return logits
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _select(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    if not cfg.do_sample:
+        return logits.argmax(axis=-1)
+    probs = _softmax(logits)
+    # Inverse-CDF sampling: one uniform draw per row, reproducible for a seed.
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def generate(
+    model: paddle.nn.Layer,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    pixel_values: Array | None = None,
+    image_grid_thw: Array | None = None,
+    pixel_values_videos: Array | None = None,
+    video_grid_thw: Array | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer: Callable[[np.ndarray], None] | None = None,
+) -> GenerationOutput:
+    """Generate from left-padded prompts (processor output with `padding_side="left"`).
+
+    `streamer(tokens)` is called once per step with the new token of every row ([B] int64; pad_token_id for
+    rows that had already stopped). `model` is a `Qwen2VLForConditionalGeneration`, also a tensor-parallel
+    one whose logits come back as dense tensors (see launch/infer.py).
+    """
+    cfg = generation_config or GenerationConfig()
+    config = model.config
+    ids = np.asarray(_as_numpy(input_ids), np.int64)
+    batch = ids.shape[0]
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(_as_numpy(attention_mask), np.int64)
+    if (mask[:, -1] == 0).any():
+        raise ValueError("generation needs left padding: every row must end with a real token")
+    image_grid_thw, video_grid_thw = _as_numpy(image_grid_thw), _as_numpy(video_grid_thw)
+    position_ids, rope_deltas = get_rope_index_for_config(config, ids, image_grid_thw, video_grid_thw, mask)
+    stop_ids = np.asarray(cfg.stop_token_ids or (config.eos_token_id,), np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    cache = KVCache(config.num_hidden_layers)
+
+    tokens = np.full((batch, cfg.max_new_tokens), config.pad_token_id, np.int64)
+    num_tokens = np.zeros(batch, np.int64)
+    finished = np.zeros(batch, bool)
+    seen = np.zeros((batch, config.vocab_size), bool)  # tokens the repetition penalty applies to
+    rows = np.repeat(np.arange(batch), ids.shape[1])
+    keep = mask.reshape(-1).astype(bool)  # left padding is not part of the prompt
+    seen[rows[keep], ids.reshape(-1)[keep]] = True
+
+    start = time.perf_counter()
+    with paddle.no_grad():
+        out = model(
+            ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            past_key_values=cache, logits_to_keep=1,
+        )
+        logits = _last_logits(out.logits)
+        prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for step in range(cfg.max_new_tokens):
+            next_ids = _select(_process_logits(logits, cfg, seen, step, stop_ids), cfg, rng)
+            next_ids = np.where(finished, config.pad_token_id, next_ids)
+            tokens[:, step] = next_ids
+            num_tokens += ~finished
+            seen[np.arange(batch), next_ids] = True
+            finished |= np.isin(next_ids, stop_ids)
+            if streamer is not None:
+                streamer(next_ids)
+            if finished.all() or step == cfg.max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones([batch, 1], np.int64)], axis=1)
+            out = model(
+                next_ids[:, None], attention_mask=mask, position_ids=decode_position_ids(mask, rope_deltas),
+                past_key_values=cache,
+            )
+            logits = _last_logits(out.logits)
+    return GenerationOutput(
+        sequences=tokens[:, : step + 1], num_tokens=num_tokens,
+        prefill_seconds=prefill_seconds, decode_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,153 @@
+"""`qwen2vl-ap infer` end to end on a tiny saved model (real tokenizer, real vocabulary): single request with
+streaming, batch JSONL with left padding, model directory formats, tensor parallel, clear input errors."""
+import json
+import re
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import launch.evaluate_answers as evaluate_answers
+from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
+from launch.infer import Answer, infer_main
+from network.config import Qwen2VLConfig
+from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from network.processor import Qwen2VLProcessor
+
+MAX_NEW = "8"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A safetensors model dir with processor files, a pdparams dir without (embedded tokenizer), media files."""
+    root = tmp_path_factory.mktemp("infer")
+    paddle.seed(0)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.preset("tiny"))
+    # O(1)-scale weights: decisive argmaxes, so padded and unpadded runs cannot flip a near-tie.
+    rng = np.random.default_rng(0)
+    for name, p in model.named_parameters():
+        scale = np.prod(p.shape[1:]) ** -0.5 if p.ndim >= 2 else 0.1
+        mean = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        p.set_value(rng.normal(mean, scale, p.shape).astype("float32"))
+    model.save_pretrained(str(root / "st"), format="safetensors")
+    Qwen2VLProcessor.from_pretrained(None).save_pretrained(str(root / "st"))
+    model.save_pretrained(str(root / "pd"), format="paddle")
+    media = root / "media"
+    (media / "frames").mkdir(parents=True)
+    colours = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 205, 30)]
+    for i, c in enumerate(colours):
+        Image.new("RGB", (56, 84), c).save(media / f"img{i}.png")
+        Image.new("RGB", (56, 56), c).save(media / "frames" / f"{i:03d}.png")
+    return root
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = infer_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_single_request_streams_the_answer(setup, capsys):
+    args = ["--model", setup / "st", "--image", setup / "media/img0.png", "--prompt", "What colour is it?",
+            "--max_new_tokens", MAX_NEW]
+    code, streamed, _ = _run(capsys, *args)
+    assert code == 0 and streamed.strip()
+    code, plain, _ = _run(capsys, *args, "--no-stream")
+    assert code == 0 and plain == streamed
+    # pdparams dir without tokenizer files (embedded tokenizer) holding the same weights: the same answer.
+    code, other, _ = _run(capsys, *args[2:], "--model", setup / "pd", "--no-stream")
+    assert code == 0 and other == plain
+    print(f"[infer] single request: {streamed.strip()!r}")
+
+
+def test_batch_jsonl_with_left_padding(setup, capsys, tmp_path):
+    requests = [
+        {"id": "a", "prompt": "What colour is it?", "images": ["media/img0.png"]},
+        {"prompt": "<image>Compare with <image>: which is green?", "images": ["media/img1.png", "media/img2.png"]},
+        {"id": 7, "prompt": "What happens in the video?", "videos": ["media/frames"]},
+        {"id": "text", "prompt": "Say hello."},
+    ]
+    (setup / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    output = tmp_path / "answers.jsonl"
+    code, _, _ = _run(capsys, "--model", setup / "st", "--input", setup / "requests.jsonl", "--output", output,
+                      "--max_new_tokens", MAX_NEW, "--batch_size", 3)
+    assert code == 0
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [a["id"] for a in answers] == ["a", 1, 7, "text"]
+    assert all(isinstance(a["answer"], str) and 1 <= a["num_tokens"] <= int(MAX_NEW) for a in answers)
+    # Left padding changes nothing: each request alone gives the same answer.
+    for request, answer in zip(requests, answers):
+        media = [x for kind in ("images", "videos") for p in request.get(kind, [])
+                 for x in (f"--{kind[:-1]}", setup / p)]
+        code, alone, _ = _run(capsys, "--model", setup / "st", "--prompt", request["prompt"], *media,
+                              "--max_new_tokens", MAX_NEW, "--no-stream")
+        assert code == 0 and alone == answer["answer"] + "\n", request
+    print(f"[infer] batch: {[(a['id'], a['num_tokens']) for a in answers]}, each equal to its single request")
+
+
+def test_tensor_parallel_streams_the_single_process_answer(setup, capsys, tmp_path):
+    args = ["--model", setup / "st", "--image", setup / "media/img3.png", "--prompt", "Describe it.",
+            "--max_new_tokens", MAX_NEW]
+    code, single, _ = _run(capsys, *args)
+    assert code == 0
+    code, parallel, err = _run(capsys, *args, "--tensor_parallel_degree", 2, "--log_dir", tmp_path / "log")
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "log").glob("workerlog.*")))
+    assert code == 0, err + logs
+    assert parallel == single, logs
+    print(f"[infer] mp2 single request == single process: {parallel.strip()!r}")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_model", "model directory not found"),
+    ("no_config", "has no config.json"),
+    ("no_image", "image file not found"),
+    ("no_video", "video file not found"),
+    ("batch_missing_image", "image file not found: .*missing.png \\(request 'r2'\\)"),
+    ("input_without_output", "--input needs --output"),
+    ("no_prompt", "give --prompt"),
+    ("bad_jsonl", "line 1: expected a JSON object"),
+    ("bad_top_p", "top_p"),
+    ("bad_degree", "num_attention_heads=4 is not divisible by tensor_parallel_degree=3"),
+])
+def test_clear_errors(setup, capsys, tmp_path, case, message):
+    st, img = setup / "st", setup / "media/img0.png"
+    (tmp_path / "bad.jsonl").write_text('{"images": []}\n')
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"id": "r2", "prompt": "x", "images": ["missing.png"]}))
+    argv = {
+        "no_model": ["--model", tmp_path / "nowhere", "--prompt", "x"],
+        "no_config": ["--model", tmp_path, "--prompt", "x"],
+        "no_image": ["--model", st, "--prompt", "x", "--image", tmp_path / "nope.png"],
+        "no_video": ["--model", st, "--prompt", "x", "--video", tmp_path / "nope.mp4"],
+        "batch_missing_image": ["--model", st, "--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"],
+        "input_without_output": ["--model", st, "--input", tmp_path / "missing.jsonl"],
+        "no_prompt": ["--model", st, "--image", img],
+        "bad_jsonl": ["--model", st, "--input", tmp_path / "bad.jsonl", "--output", tmp_path / "o"],
+        "bad_top_p": ["--model", st, "--prompt", "x", "--image", img, "--top_p", "0", "--max_new_tokens", "1"],
+        "bad_degree": ["--model", st, "--prompt", "x", "--tensor_parallel_degree", "3"],
+    }[case]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and not out
+    assert err.startswith("qwen2vl-ap infer: error: ")
+    assert re.search(message, err), err
+
+
+def test_answer_accuracy(setup, tmp_path, monkeypatch):
+    """Scoring on the synthetic held-out questions: real generation runs; exact match after normalisation."""
+    make_synthetic_dataset(str(tmp_path / "data"), n_train=1, n_eval=5)
+    questions = eval_questions(str(tmp_path / "data"))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(setup / "st"))
+    processor = Qwen2VLProcessor.from_pretrained(str(setup / "st"))
+    untrained = evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2)
+    assert untrained == 0.0  # random weights, 152k-token vocabulary
+
+    truth = {q["id"]: q["answer"] for q in questions}
+    batches = []
+
+    def fake_answers(model, processor, requests, config):  # first of each batch right, as "RED." etc.
+        batches.append(len(requests))
+        return [Answer(r.id, f"{truth[r.id].upper()}." if i == 0 else "no", 1) for i, r in enumerate(requests)], None
+
+    monkeypatch.setattr(evaluate_answers, "answer_batch", fake_answers)
+    assert evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2) == 3 / 5
+    assert batches == [2, 2, 1]
