@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import paddle
 
+from autoparallel import faults
 from network.log import logger
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -118,6 +119,7 @@ class CheckpointWriter:
                 pickle.dump(capture_rng_state(), handle)
             if self.rank == 0:
                 write_extra_files(tmp)
+            faults.maybe_fail(self.rank, step, "save")
         except OSError as exc:
             raise CheckpointError(
                 f"writing checkpoint-{step} into {tmp} failed: {exc.strerror or exc}; "

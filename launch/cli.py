@@ -22,6 +22,14 @@ training (started on every device with paddle.distributed.launch):
   lora        LoRA fine-tuning (no arguments: the tiny CPU LoRA demo)
   demo        sft on the tiny default, then show the loss curve and the checkpoint
 
+inference:
+  infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
+
+checkpoints:
+  merge-ckpt  merge a distributed checkpoint into one model directory (streaming, bounded memory)
+  convert     HF safetensors <-> PaddleMIX model_state.pdparams
+  inspect     tensors, shapes, slices per rank and completeness of a checkpoint or model directory
+
 launch options (passed to paddle.distributed.launch): --nproc_per_node N --nnodes M --master HOST:PORT --rank R
 Any config key can be overridden: --learning_rate 1e-5 --tensor_parallel_degree 2 ...
 """
@@ -79,7 +87,7 @@ def run_workers(command: str, run_config_path: Path, launch: dict[str, str], npr
 
 def launch_training(command: str, argv: list[str]) -> tuple[int, str]:
     """Validate and write the run config, start the workers; returns (exit code, output_dir)."""
-    from autoparallel.engine import prepare_run
+    from autoparallel.run_config import prepare_run
 
     launch, config, overrides = split_launch_options(argv)
     run_config_path, nproc, output_dir = prepare_run(command, config, overrides, launch)
@@ -107,7 +115,20 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
+def _ckpt_tool(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from ckpt_tools import cli
+
+        return getattr(cli, name)(argv)
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "infer": lambda argv: __import__("launch.infer", fromlist=["infer_main"]).infer_main(argv),
+    "merge-ckpt": _ckpt_tool("merge_ckpt_main"),
+    "convert": _ckpt_tool("convert_main"),
+    "inspect": _ckpt_tool("inspect_main"),
     "sft": lambda argv: launch_training("sft", argv)[0],
     "lora": lambda argv: launch_training("lora", argv)[0],
     "demo": demo_command,

@@ -1,0 +1,145 @@
+"""The one module of workarounds for what Paddle 3.3.1's CPU build lacks in semi-auto parallel.
+
+Each patch fills a missing kernel with an equivalent composition and is installed only when the kernel is
+missing (probed, or: this is a build without CUDA). `apply()` is idempotent and a no-op on CUDA builds.
+
+- `reshard` Partial -> Shard: no CPU kernel for `CReduceScatterOp` (gloo has no reduce_scatter). Done as
+  Partial -> Replicate (all_reduce) then Replicate -> Shard (local slice): the same result, 2x the bytes.
+  Sharding stage 1/2/3 reshard Partial grads to Shard through the Python `reshard`, so patching it suffices.
+  Reshards Paddle inserts inside C++ op dispatch cannot be patched — the plans avoid them (placements/).
+- `Tensor.cuda()`: `dist.load_state_dict` (flex_checkpoint.dcp) stages tensors with `.cuda()`, which raises
+  on a CPU build. On a CPU build there is no device to move to, so `.cuda()` becomes a CPU clone.
+- ZeRO stage 3: a dp-sharded weight meeting a dp-sharded batch makes the C++ op dispatch reshard a Partial
+  output to Shard (CReduceScatterOp again, inside `linear`; not patchable from Python). `gather_zero3_params`
+  hooks the layers so that each forward uses an all-gathered copy of the dp shards (`_GatherShards`) whose
+  backward all-reduces the gradient and keeps this rank's slice. Installed by `parallelize` on CPU builds.
+- `ProcessMesh.get_rank_by_dim_and_process_id`: does `int(np.where(...)[i])` on a 1-element array, which
+  NumPy >= 2 may refuse (used by `shard_dataloader`). Only patched when that conversion fails here
+  (the pinned NumPy 1.26 accepts it, so this is normally not installed).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from paddle.autograd import PyLayer
+from paddle.distributed.auto_parallel import api as _api
+from paddle.distributed.auto_parallel.process_mesh import ProcessMesh
+
+from network.log import logger
+
+_applied: list[str] = []
+
+
+def _partial_to_shard_axes(tensor: paddle.Tensor, placements) -> list[int]:
+    """Mesh axes where `tensor` is Partial and the target is Shard."""
+    if not tensor.is_dist():
+        return []
+    return [
+        i for i, (src, dst) in enumerate(zip(tensor.placements, placements))
+        if isinstance(src, dist.Partial) and isinstance(dst, dist.Shard)
+    ]
+
+
+def _patch_partial_to_shard() -> None:
+    original = _api.reshard
+
+    def reshard(dist_tensor, mesh, placements):
+        axes = _partial_to_shard_axes(dist_tensor, placements)
+        if axes and dist_tensor.process_mesh == mesh:
+            via = list(placements)
+            for i in axes:
+                via[i] = dist.Replicate()
+            dist_tensor = original(dist_tensor, mesh, via)
+        return original(dist_tensor, mesh, placements)
+
+    # `paddle.distributed.reshard` and the module-level name used inside api.py (sharding stages).
+    _api.reshard = reshard
+    dist.reshard = reshard
+    _applied.append("reshard Partial->Shard as Partial->Replicate->Shard (no CPU CReduceScatterOp)")
+
+
+def _patch_tensor_cuda() -> None:
+    def cuda(self, device_id=None, blocking=True):
+        return self.clone()
+
+    paddle.Tensor.cuda = cuda
+    _applied.append("Tensor.cuda() -> CPU clone (checkpoint loading on a CPU build)")
+
+
+def _numpy_rejects_array_to_int() -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.where(np.zeros([1, 1]) == 0)[0])
+    except TypeError:
+        return True
+    return False
+
+
+def _patch_mesh_rank_lookup() -> None:
+    def get_rank_by_dim_and_process_id(self, dim, process_id):
+        if process_id not in self._process_ids:
+            return -1
+        if dim is None:
+            return 0
+        name = self._dim_names[dim] if isinstance(dim, int) else dim
+        return int(np.where(self._mesh == process_id)[self._dim_names.index(name)][0])
+
+    ProcessMesh.get_rank_by_dim_and_process_id = get_rank_by_dim_and_process_id
+    _applied.append("ProcessMesh rank lookup without ndarray->int (NumPy >= 2)")
+
+
+class _GatherShards(PyLayer):
+    """Replicated copy of a dp-sharded parameter; backward: all-reduce the gradient, keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, param: paddle.Tensor, axis: int) -> paddle.Tensor:
+        ctx.mesh, ctx.placements = param.process_mesh, param.placements
+        full = list(param.placements)
+        full[axis] = dist.Replicate()
+        return dist.reshard(param, param.process_mesh, full)
+
+    @staticmethod
+    def backward(ctx, grad: paddle.Tensor) -> paddle.Tensor:
+        return dist.reshard(grad, ctx.mesh, ctx.placements)  # Partial -> Shard, decomposed by the patch above
+
+
+def gather_zero3_params(layers: list[paddle.nn.Layer], axis: int) -> None:
+    """Forward pre/post hooks on `layers`: swap in gathered copies of their parameters sharded on mesh `axis`.
+
+    Hooks nest: an inner layer finds its parameters already gathered by an outer one and does nothing.
+    """
+    def pre_hook(layer, inputs):
+        swapped = []
+        for sub in [layer, *layer.sublayers()]:
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_dist() and isinstance(param.placements[axis], dist.Shard):
+                    swapped.append((sub, name, param))
+                    delattr(sub, name)
+                    setattr(sub, name, _GatherShards.apply(param, axis))
+        layer._zero3_swapped = getattr(layer, "_zero3_swapped", []) + [swapped]
+
+    def post_hook(layer, inputs, outputs):
+        for sub, name, param in layer._zero3_swapped.pop():
+            delattr(sub, name)
+            setattr(sub, name, param)
+
+    for layer in layers:
+        layer.register_forward_pre_hook(pre_hook)
+        layer.register_forward_post_hook(post_hook)
+
+
+def apply() -> list[str]:
+    """Install the workarounds this build needs; returns their descriptions (empty on CUDA builds)."""
+    if _applied or paddle.is_compiled_with_cuda():
+        return list(_applied)
+    _patch_partial_to_shard()
+    _patch_tensor_cuda()
+    if _numpy_rejects_array_to_int():
+        _patch_mesh_rank_lookup()
+    for line in _applied:
+        logger.info("cpu_compat: %s", line)
+    return list(_applied)

@@ -1,0 +1,88 @@
+"""Apply the Qwen2-VL plan (placements/) to a plain model and its optimizer with `dist.parallelize`.
+
+Order: CPU workarounds -> freeze the vision tower -> `dist.parallelize` (tensor-parallel plan, then ZeRO
+stage over "dp", every other parameter replicated). The frozen vision tower (all of it, or all but the merger
+with `train_merger`) is kept out of the distributed model: it runs as plain dense ops on each rank's own
+patches (see step.py), so its weights stay ordinary tensors, get no gradient and no optimizer state, and are
+identical on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import paddle
+import paddle.distributed as dist
+from paddle.distributed.auto_parallel.intermediate.parallel_base import ParallelOptimizer
+
+from autoparallel import cpu_compat
+from autoparallel.mesh import ParallelDegrees
+from network.log import logger
+from placements.qwen2_vl import is_trainable, parallelize_config
+
+
+
+def freeze(model: paddle.nn.Layer, train_merger: bool = False) -> None:
+    """stop_gradient on the vision tower (and the merger unless `train_merger`). Never unfreezes: variants
+    (LoRA) freeze more in `Trainer.prepare_model`."""
+    for name, param in model.named_parameters():
+        if not is_trainable(name, train_merger):
+            param.stop_gradient = True
+
+
+@contextlib.contextmanager
+def _frozen_vision_detached(model: paddle.nn.Layer, train_merger: bool) -> Iterator[None]:
+    # dist.parallelize turns every parameter it can reach into a replicated dist tensor and hands all of them
+    # to the optimizer (ZeRO-2/3 then hook or shard them: stage 2 refuses stop_gradient tensors). Hiding the
+    # frozen vision submodules keeps them dense and out of the optimizer.
+    children = model.visual._sub_layers
+    order = list(children)
+    hidden = {k: children.pop(k) for k in order if not (train_merger and k == "merger")}
+    try:
+        yield
+    finally:
+        rest = dict(children)
+        children.clear()
+        for key in order:
+            children[key] = hidden[key] if key in hidden else rest[key]
+
+
+@contextlib.contextmanager
+def _optimizer_trainable_only() -> Iterator[None]:
+    # dist.parallelize hands every model parameter to the optimizer, and ZeRO-2/3 register a gradient hook on
+    # each, which raises on a frozen one (LoRA freezes the base weights inside the distributed model).
+    original = ParallelOptimizer.update_param_list
+    ParallelOptimizer.update_param_list = lambda self, params: original(
+        self, [p for p in params if not p.stop_gradient])
+    try:
+        yield
+    finally:
+        ParallelOptimizer.update_param_list = original
+
+
+def parallelize(
+    model: paddle.nn.Layer,
+    optimizer: paddle.optimizer.Optimizer | None,
+    mesh: dist.ProcessMesh,
+    degrees: ParallelDegrees,
+    *,
+    train_merger: bool = False,
+) -> tuple[paddle.nn.Layer, paddle.optimizer.Optimizer | None]:
+    """Shard `model` (in place) and wrap `optimizer` for `mesh`; returns what to train with.
+
+    `optimizer` must be an AdamW or SGD over `model.parameters()` (a flat list: `dist.parallelize` rebuilds it
+    from the model and does not keep parameter groups; use `apply_decay_param_fun` for weight-decay rules).
+    """
+    cpu_compat.apply()
+    freeze(model, train_merger)
+    config = parallelize_config(model.config, degrees.mp, degrees.sharding_stage)
+    with _frozen_vision_detached(model, train_merger), _optimizer_trainable_only():
+        model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
+    if degrees.sharding_stage == 3 and not paddle.is_compiled_with_cuda():
+        # Every entry point that uses parameters: the whole forward, and the parts step.py calls on their own.
+        cpu_compat.gather_zero3_params([model, model.model.embed_tokens, model.visual.merger],
+                                       mesh.dim_names.index("dp"))
+    logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, train_merger=%s",
+                mesh.dim_names, mesh.shape, degrees.sharding_stage,
+                len(config["mp_config"]["parallelize_plan"]), train_merger)
+    return model, optimizer

@@ -1,0 +1,175 @@
+"""Qwen2-VL parallel plan, as data.
+
+`TP_PLAN` maps sublayer-name patterns to a tensor-parallel style, the way PaddleNLP's `auto_dist_config` and
+torchtitan's plans do. Keys are the regexes `dist.parallelize` matches against full sublayer names
+(`re.match` over the whole name), so "model.layers.*.mlp.up_proj" reads like a glob. Paddle `nn.Linear`
+weights are [in, out]:
+
+- colwise (q/k/v/gate/up): weight Shard(1), bias Shard(0) on "mp": each rank owns whole heads / FFN columns.
+- rowwise (o/down): weight Shard(0) on "mp"; the output is Partial and summed where it meets the residual.
+- embed_tokens rowwise = vocab-parallel embedding: weight [V, H] Shard(0). (ColWise on the embedding would
+  need a reduce_scatter in C++ at the residual add, which the CPU build lacks.)
+- lm_head colwise = vocab-parallel head (untied models): weight [H, V] Shard(1), logits Shard(2). A tied head
+  multiplies by `embed_tokens.weight^T`, already vocab-split, so it is vocab-parallel with no entry.
+  The loss on vocab-split logits is `autoparallel.step.vocab_parallel_cross_entropy` (no [B, S, V] gather).
+- k/v are dropped from the plan (replicated) when mp > num_key_value_heads: each rank then reads the KV
+  heads its query heads need after `repeat_kv`.
+- The vision tower is not in the plan. Frozen (by default all of it) it stays dense per rank, out of the
+  distributed model and the optimizer, and runs on that rank's own images. With `train_merger` the merger
+  is replicated on the mesh (dist tensors) so its gradients are summed over dp.
+
+`dp_config` shards optimizer states (stage 1), + gradients (2), + parameters (3) over "dp" on the first
+tensor dim not already split by "mp" (Paddle's rule, mirrored in `layout`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import paddle.distributed as dist
+
+from network.config import Qwen2VLConfig
+
+COLWISE, ROWWISE = "colwise", "rowwise"
+
+TP_PLAN: dict[str, str] = {
+    "model.embed_tokens": ROWWISE,
+    "model.layers.*.self_attn.q_proj": COLWISE,
+    "model.layers.*.self_attn.k_proj": COLWISE,
+    "model.layers.*.self_attn.v_proj": COLWISE,
+    "model.layers.*.self_attn.o_proj": ROWWISE,
+    "model.layers.*.mlp.gate_proj": COLWISE,
+    "model.layers.*.mlp.up_proj": COLWISE,
+    "model.layers.*.mlp.down_proj": ROWWISE,
+    "lm_head": COLWISE,
+}
+_KV_KEYS = ("model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj")
+
+MERGER_PREFIX = "visual.merger."
+
+
+def tensor_parallel_plan(config: Qwen2VLConfig, mp: int) -> dict[str, str]:
+    """`TP_PLAN` for this model and mp degree (k/v replicated when mp > KV heads; lm_head only if untied)."""
+    if mp == 1:
+        return {}
+    plan = dict(TP_PLAN)
+    if config.num_key_value_heads % mp:
+        for key in _KV_KEYS:
+            plan.pop(key)
+    if config.tie_word_embeddings:
+        plan.pop("lm_head")
+    return plan
+
+
+def paddle_plan(plan: dict[str, str]) -> dict[str, dist.ColWiseParallel | dist.RowWiseParallel]:
+    """Fresh Paddle plan objects (they carry per-model state, so never share them between models)."""
+    styles = {COLWISE: dist.ColWiseParallel, ROWWISE: dist.RowWiseParallel}
+    return {key: styles[style]() for key, style in plan.items()}
+
+
+def parallelize_config(config: Qwen2VLConfig, mp: int, sharding_stage: int) -> dict:
+    """The `config` argument of `dist.parallelize` (with the inert LoRA entries, see placements/lora.py)."""
+    from placements.lora import lora_plan  # placements.lora builds on this module's styles
+
+    plan = tensor_parallel_plan(config, mp)
+    return {
+        "mp_config": {"parallelize_plan": paddle_plan(plan | lora_plan(plan))},
+        "dp_config": {"sharding_level": sharding_stage},
+    }
+
+
+def is_trainable(name: str, train_merger: bool = False) -> bool:
+    """Everything but the vision tower; the merger too when `train_merger`."""
+    if name.startswith(MERGER_PREFIX):
+        return train_merger
+    return not name.startswith("visual.")
+
+
+def is_dense_vision(name: str, train_merger: bool = False) -> bool:
+    """Frozen vision parameters stay out of the distributed model (dense, per rank, no optimizer)."""
+    return name.startswith("visual.") and not is_trainable(name, train_merger)
+
+
+def parameter_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
+    """Paddle parameter name -> shape of `Qwen2VLForConditionalGeneration(config)`, without building it
+    (so 72B plans render on a laptop). tests check it against the real model."""
+    v, h, e = config.vision_config, config.hidden_size, config.vision_config.embed_dim
+    mlp, merged, hd = int(e * v.mlp_ratio), e * v.spatial_merge_size**2, config.head_dim
+    shapes = {"visual.patch_embed.proj.weight": (e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
+    for i in range(v.depth):
+        p = f"visual.blocks.{i}."
+        shapes |= {p + "norm1.weight": (e,), p + "norm1.bias": (e,), p + "norm2.weight": (e,), p + "norm2.bias": (e,),
+                   p + "attn.qkv.weight": (e, 3 * e), p + "attn.qkv.bias": (3 * e,),
+                   p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,),
+                   p + "mlp.fc1.weight": (e, mlp), p + "mlp.fc1.bias": (mlp,),
+                   p + "mlp.fc2.weight": (mlp, e), p + "mlp.fc2.bias": (e,)}
+    shapes |= {"visual.merger.ln_q.weight": (e,), "visual.merger.ln_q.bias": (e,),
+               "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
+               "visual.merger.mlp.2.weight": (merged, v.hidden_size), "visual.merger.mlp.2.bias": (v.hidden_size,),
+               "model.embed_tokens.weight": (config.vocab_size, h)}
+    q, kv, ffn = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (h, q), p + "self_attn.q_proj.bias": (q,),
+                   p + "self_attn.k_proj.weight": (h, kv), p + "self_attn.k_proj.bias": (kv,),
+                   p + "self_attn.v_proj.weight": (h, kv), p + "self_attn.v_proj.bias": (kv,),
+                   p + "self_attn.o_proj.weight": (q, h),
+                   p + "mlp.gate_proj.weight": (h, ffn), p + "mlp.up_proj.weight": (h, ffn),
+                   p + "mlp.down_proj.weight": (ffn, h),
+                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (h, config.vocab_size)
+    return shapes
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where one parameter lives on a ["dp", "mp"] mesh, and what one rank holds of it (ideal, by the plan)."""
+
+    name: str
+    shape: tuple[int, ...]
+    placements: tuple[str, str]  # ("R" | "S(d)") on dp, on mp, for the parameter itself
+    local_shape: tuple[int, ...]  # parameter on one rank
+    grad_local_shape: tuple[int, ...] | None  # None: frozen, no gradient
+    state_local_shape: tuple[int, ...] | None  # each AdamW moment; None: frozen, no optimizer state
+    dense: bool  # kept out of the dist model (frozen vision tower)
+
+
+def _style_for(name: str, plan: dict[str, str]) -> str | None:
+    layer, _, attr = name.rpartition(".")
+    for key, style in plan.items():
+        if re.fullmatch(key, layer) and (attr == "weight" or (attr == "bias" and style == COLWISE)):
+            return style
+    return None
+
+
+def _split(shape: tuple[int, ...], dim: int | None, ways: int) -> tuple[int, ...]:
+    if dim is None or ways == 1:
+        return shape
+    return tuple(-(-n // ways) if i == dim else n for i, n in enumerate(shape))
+
+
+def layout(name: str, shape: tuple[int, ...], config: Qwen2VLConfig, dp: int, mp: int, sharding_stage: int,
+           train_merger: bool = False) -> ParamLayout:
+    """The plan's placement of one parameter (same rules as `dist.parallelize` + `shard_optimizer`)."""
+    shape = tuple(shape)
+    dense = is_dense_vision(name, train_merger)
+    style = None if dense else _style_for(name, tensor_parallel_plan(config, mp))
+    mp_dim = None if style is None else (1 if style == COLWISE and len(shape) == 2 else 0)
+    # ZeRO shards over dp on the first tensor dim mp does not split; dim-0 size 1 stays whole.
+    dp_dim = None
+    if sharding_stage and not dense and shape[0] != 1:
+        dp_dim = next((d for d in range(len(shape)) if d != mp_dim), None)
+    mp_local = _split(shape, mp_dim, mp)
+    zero_local = _split(mp_local, dp_dim, dp)
+    on_dp = f"S({dp_dim})" if sharding_stage == 3 and dp_dim is not None else "R"
+    on_mp = "R" if mp_dim is None else f"S({mp_dim})"
+    trainable = is_trainable(name, train_merger)
+    return ParamLayout(
+        name=name, shape=shape, placements=(on_dp, on_mp),
+        local_shape=zero_local if sharding_stage == 3 else mp_local,
+        grad_local_shape=(zero_local if sharding_stage >= 2 else mp_local) if trainable else None,
+        state_local_shape=(zero_local if sharding_stage >= 1 else mp_local) if trainable else None,
+        dense=dense,
+    )

@@ -1,0 +1,64 @@
+"""Launch N Paddle workers, collect their results as JSON/npz files, clean up by PID, with a timeout.
+
+A worker script gets `--out DIR` and writes `DIR/result.{rank}.json` (and optional npz files) itself; an
+exception caught inside a worker still exits 0, so `run_workers` trusts only the result files and the exit
+code, and attaches the worker-log tails to any failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    results: dict[int, dict]  # rank -> parsed result.{rank}.json
+    log_dir: Path
+
+    def log_tail(self, rank: int, lines: int = 40) -> str:
+        path = self.log_dir / f"workerlog.{rank}"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "<no log>"
+
+    def logs(self, lines: int = 40) -> str:
+        ranks = sorted(int(p.suffix[1:]) for p in self.log_dir.glob("workerlog.*"))
+        return "\n".join(f"--- workerlog.{r} ---\n{self.log_tail(r, lines)}" for r in ranks)
+
+
+def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 480) -> LaunchResult:
+    """Run `script --out out_dir *args` on `nproc` local workers via paddle.distributed.launch."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = out_dir / "log"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [str(PYTHON), "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
+           "--log_dir", str(log_dir), str(script), "--out", str(out_dir), *args]
+    # Own session: on timeout the launcher and exactly its workers are killed through its process group.
+    proc = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise TimeoutError(f"{script.name} x{nproc} exceeded {timeout}s\n"
+                           + LaunchResult(-1, {}, log_dir).logs()) from None
+    results = {}
+    for path in out_dir.glob("result.*.json"):
+        results[int(path.stem.split(".")[1])] = json.loads(path.read_text())
+    return LaunchResult(proc.returncode, results, log_dir)
+
+
+def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
+    """Worker side: atomically publish this rank's result."""
+    path = Path(out_dir) / f"result.{rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+
