@@ -46,6 +46,10 @@ class ShardedBatch:
     pixel_values: paddle.Tensor | None  # [P_local, C*T*P*P] this rank's image patches, then video patches
     grid_thw: np.ndarray | None  # [n, 3] matching pixel_values
     max_patches: int  # P_max over dp (0: no vision anywhere in this micro-batch)
+    # Loss only needs logits where a next token is supervised: [dp, K] positions into this rank's flattened
+    # [b*S] hidden states and their target ids (IGNORE_INDEX padding), K = the most such tokens on any rank.
+    loss_index: paddle.Tensor | None = None
+    loss_targets: paddle.Tensor | None = None
 
 
 def _dp_placements(mesh: dist.ProcessMesh, dim: int) -> list:
@@ -85,6 +89,13 @@ def _vision_index(input_ids: np.ndarray, config: Qwen2VLConfig, n_image: int, n_
     return index
 
 
+def _loss_positions(labels: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened [b*seq_len] positions whose next token is supervised, and those next tokens."""
+    labels = _pad(labels, seq_len, IGNORE_INDEX)
+    rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
+    return rows * seq_len + cols, labels[rows, cols + 1]
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config: Qwen2VLConfig) -> ShardedBatch:
     """This rank's micro-batch (numpy: input_ids, labels, position_ids [3,b,S], optional attention_mask,
     pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw) -> a `ShardedBatch`.
@@ -103,7 +114,11 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     patches = (n_image + n_video) * merge
 
     ids = np.asarray(batch["input_ids"], np.int64)
-    seq_len, max_patches = _max_over_dp([ids.shape[1], patches], mesh)
+    labels = np.asarray(batch["labels"], np.int64)
+    n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    seq_len, max_patches, max_targets = _max_over_dp([ids.shape[1], patches, n_targets], mesh)
+    positions, targets = _loss_positions(labels, seq_len)
+    max_targets = max(max_targets, 1)
     index = _vision_index(ids, config, n_image, n_video)
     # Always a mask: ranks must agree on the inputs, and only some of them may need padding.
     mask = batch.get("attention_mask")
@@ -112,7 +127,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     return ShardedBatch(
         mesh=mesh,
         input_ids=_lift(_pad(ids, seq_len, config.pad_token_id), mesh, 0),
-        labels=_lift(_pad(np.asarray(batch["labels"], np.int64), seq_len, IGNORE_INDEX), mesh, 0),
+        labels=_lift(_pad(labels, seq_len, IGNORE_INDEX), mesh, 0),
         # Padding positions are 1, as get_rope_index writes them.
         position_ids=_lift(_pad(np.asarray(batch["position_ids"], np.int64), seq_len, 1), mesh, 1),
         attention_mask=_lift(_pad(mask, seq_len, 0), mesh, 0),
@@ -120,6 +135,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
         pixel_values=paddle.to_tensor(np.concatenate(pixels)) if pixels else None,
         grid_thw=np.concatenate(grids) if patches else None,
         max_patches=max_patches,
+        loss_index=_lift(_pad(positions[None], max_targets, 0), mesh, 0),
+        loss_targets=_lift(_pad(targets[None], max_targets, IGNORE_INDEX), mesh, 0),
     )
 
 
@@ -166,25 +183,24 @@ def _like_vocab(logits: paddle.Tensor, local: paddle.Tensor) -> paddle.Tensor:
     return dist.shard_tensor(local, logits.process_mesh, placements)
 
 
-def vocab_parallel_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-    """Sum of next-token cross-entropy over labels != -100 (fp32), for logits [B, S, V] split on V or not.
+def vocab_parallel_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
+    """Sum of cross-entropy over targets != -100 (fp32), for logits [..., V] split on V or not.
 
-    Only [B, S] statistics cross "mp" (max, sum of exp, target logit); row sums are matmuls with a
-    vocab-split ones vector because `sum`'s backward would all-gather its [B, S, V] input.
+    Only [...]-sized statistics cross "mp" (max, sum of exp, target logit); row sums are matmuls with a
+    vocab-split ones vector because `sum`'s backward would all-gather its [..., V] input.
     """
-    logits = logits[:, :-1].astype("float32")
-    labels = labels[:, 1:]
+    logits = logits.astype("float32")
     vocab = logits.shape[-1]
     ones = _like_vocab(logits, paddle.ones([vocab, 1], "float32"))
-    ids = _like_vocab(logits, paddle.arange(vocab, dtype=labels.dtype))
+    ids = _like_vocab(logits, paddle.arange(vocab, dtype=targets.dtype))
 
     def row_sum(x: paddle.Tensor) -> paddle.Tensor:
         return paddle.matmul(x, ones).squeeze(-1)
 
     shifted = logits - logits.max(axis=-1, keepdim=True).detach()
     log_sum_exp = paddle.log(row_sum(paddle.exp(shifted)))
-    target = row_sum(shifted * (labels.unsqueeze(-1) == ids).astype("float32"))
-    valid = (labels != IGNORE_INDEX).astype("float32")
+    target = row_sum(shifted * (targets.unsqueeze(-1) == ids).astype("float32"))
+    valid = (targets != IGNORE_INDEX).astype("float32")
     return ((log_sum_exp - target) * valid).sum()
 
 
@@ -193,12 +209,22 @@ def supervised_tokens(batches: Sequence[ShardedBatch]) -> int:
     return sum(int(_replicated_value((b.labels[:, 1:] != IGNORE_INDEX).astype("int64").sum())) for b in batches)
 
 
+def lm_logits(model: paddle.nn.Layer, hidden: paddle.Tensor) -> paddle.Tensor:
+    if model.config.tie_word_embeddings:
+        return paddle.matmul(hidden, model.model.embed_tokens.weight, transpose_y=True)
+    return model.lm_head(hidden)
+
+
 def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float) -> paddle.Tensor:
-    """Distributed forward of one micro-batch: summed token CE / `normalizer` (see `supervised_tokens`)."""
+    """Distributed forward of one micro-batch: summed token CE / `normalizer` (see `supervised_tokens`).
+
+    The head runs only on the hidden states whose next token is supervised (`loss_index`): in SFT most
+    tokens are prompt and image tokens, and the [tokens, vocab] logits dominate the step otherwise."""
     embeds = embed_inputs(model, batch)
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   inputs_embeds=embeds).logits
-    return vocab_parallel_cross_entropy(logits, batch.labels) / normalizer
+    hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
+    dp, width = batch.loss_index.shape[0], hidden.shape[-1]
+    picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
+    return vocab_parallel_cross_entropy(lm_logits(model, picked), batch.loss_targets) / normalizer
 
 
 def train_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,

@@ -27,6 +27,7 @@ inference:
 
 checkpoints:
   merge-ckpt  merge a distributed checkpoint into one model directory (streaming, bounded memory)
+  merge-lora  fold LoRA adapters into the base weights (paddlenlp adapter files or a LoRA checkpoint)
   convert     HF safetensors <-> PaddleMIX model_state.pdparams
   inspect     tensors, shapes, slices per rank and completeness of a checkpoint or model directory
 
@@ -127,6 +128,7 @@ def _ckpt_tool(name: str) -> Callable[[list[str]], int]:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "infer": lambda argv: __import__("launch.infer", fromlist=["infer_main"]).infer_main(argv),
     "merge-ckpt": _ckpt_tool("merge_ckpt_main"),
+    "merge-lora": _ckpt_tool("merge_lora_main"),
     "convert": _ckpt_tool("convert_main"),
     "inspect": _ckpt_tool("inspect_main"),
     "sft": lambda argv: launch_training("sft", argv)[0],
