@@ -10,16 +10,19 @@ missing (probed, or: this is a build without CUDA). `apply()` is idempotent and 
 - `Tensor.cuda()`: `dist.load_state_dict` (flex_checkpoint.dcp) stages tensors with `.cuda()`, which raises
   on a CPU build. On a CPU build there is no device to move to, so `.cuda()` becomes a CPU clone.
 - ZeRO stage 3: a dp-sharded weight meeting a dp-sharded batch makes the C++ op dispatch reshard a Partial
-  output to Shard (CReduceScatterOp again, inside `linear`; not patchable from Python). `gather_zero3_params`
-  hooks the layers so that each forward uses an all-gathered copy of the dp shards (`_GatherShards`) whose
-  backward all-reduces the gradient and keeps this rank's slice. Installed by `parallelize` on CPU builds.
+  output to Shard (CReduceScatterOp again, inside `linear`; not patchable from Python). Under
+  `zero3_gathered(model)` (step.py wraps the forward in it) the forward uses all-gathered copies of the dp
+  shards (`_GatherShards`) whose backward all-reduces the gradient and keeps this rank's slice. `parallelize`
+  enables it on CPU builds only; elsewhere the context manager does nothing.
 - `ProcessMesh.get_rank_by_dim_and_process_id`: does `int(np.where(...)[i])` on a 1-element array, which
   NumPy >= 2 may refuse (used by `shard_dataloader`). Only patched when that conversion fails here
   (the pinned NumPy 1.26 accepts it, so this is normally not installed).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import paddle
@@ -107,29 +110,30 @@ class _GatherShards(PyLayer):
         return dist.reshard(grad, ctx.mesh, ctx.placements)  # Partial -> Shard, decomposed by the patch above
 
 
-def gather_zero3_params(layers: list[paddle.nn.Layer], axis: int) -> None:
-    """Forward pre/post hooks on `layers`: swap in gathered copies of their parameters sharded on mesh `axis`.
+def enable_zero3_gather(model: paddle.nn.Layer, axis: int) -> None:
+    """Mark `model` so `zero3_gathered` swaps in gathered copies of its parameters sharded on mesh `axis`."""
+    model._zero3_gather_axis = axis
 
-    Hooks nest: an inner layer finds its parameters already gathered by an outer one and does nothing.
-    """
-    def pre_hook(layer, inputs):
-        swapped = []
-        for sub in [layer, *layer.sublayers()]:
+
+@contextlib.contextmanager
+def zero3_gathered(model: paddle.nn.Layer) -> Iterator[None]:
+    """Within the block, every parameter of `model` sharded on the marked axis is an all-gathered copy whose
+    gradient flows back to the shard. A no-op unless `enable_zero3_gather` marked the model (CPU, stage 3)."""
+    axis = getattr(model, "_zero3_gather_axis", None)
+    swapped = []
+    if axis is not None:
+        for sub in [model, *model.sublayers()]:
             for name, param in list(sub._parameters.items()):
                 if param is not None and param.is_dist() and isinstance(param.placements[axis], dist.Shard):
                     swapped.append((sub, name, param))
                     delattr(sub, name)
                     setattr(sub, name, _GatherShards.apply(param, axis))
-        layer._zero3_swapped = getattr(layer, "_zero3_swapped", []) + [swapped]
-
-    def post_hook(layer, inputs, outputs):
-        for sub, name, param in layer._zero3_swapped.pop():
+    try:
+        yield
+    finally:
+        for sub, name, param in swapped:
             delattr(sub, name)
             setattr(sub, name, param)
-
-    for layer in layers:
-        layer.register_forward_pre_hook(pre_hook)
-        layer.register_forward_post_hook(post_hook)
 
 
 def apply() -> list[str]:

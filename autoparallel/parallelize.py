@@ -79,9 +79,7 @@ def parallelize(
     with _frozen_vision_detached(model, train_merger), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
     if degrees.sharding_stage == 3 and not paddle.is_compiled_with_cuda():
-        # Every entry point that uses parameters: the whole forward, and the parts step.py calls on their own.
-        cpu_compat.gather_zero3_params([model, model.model.embed_tokens, model.visual.merger],
-                                       mesh.dim_names.index("dp"))
+        cpu_compat.enable_zero3_gather(model, mesh.dim_names.index("dp"))
     logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, train_merger=%s",
                 mesh.dim_names, mesh.shape, degrees.sharding_stage,
                 len(config["mp_config"]["parallelize_plan"]), train_merger)

@@ -27,6 +27,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from autoparallel import cpu_compat
 from network.config import Qwen2VLConfig
 from network.modeling_vision import vision_cu_seqlens
 
@@ -220,11 +221,12 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
 
     The head runs only on the hidden states whose next token is supervised (`loss_index`): in SFT most
     tokens are prompt and image tokens, and the [tokens, vocab] logits dominate the step otherwise."""
-    embeds = embed_inputs(model, batch)
-    hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
-    dp, width = batch.loss_index.shape[0], hidden.shape[-1]
-    picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
-    return vocab_parallel_cross_entropy(lm_logits(model, picked), batch.loss_targets) / normalizer
+    with cpu_compat.zero3_gathered(model):
+        embeds = embed_inputs(model, batch)
+        hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
+        dp, width = batch.loss_index.shape[0], hidden.shape[-1]
+        picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
+        return vocab_parallel_cross_entropy(lm_logits(model, picked), batch.loss_targets) / normalizer
 
 
 def train_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,

@@ -20,7 +20,7 @@ USAGE = """usage: qwen2vl-ap COMMAND [--config FILE|PRESET] [--key value ...]
 training (started on every device with paddle.distributed.launch):
   sft         full fine-tuning (no arguments: the tiny CPU demo on 2 processes)
   lora        LoRA fine-tuning (no arguments: the tiny CPU LoRA demo)
-  demo        sft on the tiny default, then show the loss curve and the checkpoint
+  demo        sft on the tiny default, merge the checkpoint, answer held-out questions (accuracy before/after)
 
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
@@ -100,22 +100,6 @@ def launch_training(command: str, argv: list[str]) -> tuple[int, str]:
     return code, output_dir
 
 
-def demo_command(argv: list[str]) -> int:
-    from autoparallel.metrics import read_metrics
-
-    code, output_dir = launch_training("sft", argv)
-    if code != 0:
-        return code
-    records = [r for r in read_metrics(Path(output_dir) / "metrics.jsonl") if "loss" in r]
-    if records:
-        head, tail = records[: max(1, len(records) // 10)], records[-max(1, len(records) // 10):]
-        first = sum(r["loss"] for r in head) / len(head)
-        last = sum(r["loss"] for r in tail) / len(tail)
-        print(f"\nloss: {first:.3f} (first {len(head)} steps) -> {last:.3f} (last {len(tail)} steps)")
-    print(f"metrics: {output_dir}/metrics.jsonl, curve: {output_dir}/loss.png")
-    return 0
-
-
 def _ckpt_tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from ckpt_tools import cli
@@ -133,7 +117,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "inspect": _ckpt_tool("inspect_main"),
     "sft": lambda argv: launch_training("sft", argv)[0],
     "lora": lambda argv: launch_training("lora", argv)[0],
-    "demo": demo_command,
+    "demo": lambda argv: __import__("launch.demo", fromlist=["demo_main"]).demo_main(argv),
 }
 
 

@@ -1,4 +1,5 @@
 """Per-device entry point started by `paddle.distributed.launch` (see launch/cli.py)."""
+import os
 import sys
 
 from network.log import setup_logging
@@ -10,6 +11,11 @@ def main() -> None:
     from autoparallel.engine import run_worker
 
     run_worker(command, run_config_path)
+    # Every rank has passed the final barrier. Skip interpreter teardown: Paddle's CPU build sometimes aborts
+    # (SIGABRT, exit code 250) while destroying its communication context at exit, after all work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 def merged_weights(checkpoint: Path) -> dict[str, np.ndarray]:
     import paddle.distributed as dist
 
-    state = dist.load_merged_state_dict(str(checkpoint / "dist_ckpt"))
+    state = dist.load_merged_state_dict(str(checkpoint / "dist_ckpt"), safetensors=True)
     return {k: v.numpy() for k, v in state.items() if "moment" not in k and "pow_acc" not in k}
 
 
