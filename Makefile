@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/qwen2vl-ap demo
 
 test: $(STAMP)
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -q --durations=15 -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

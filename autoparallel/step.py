@@ -29,7 +29,6 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from network.config import Qwen2VLConfig
-from network.modeling_vision import vision_cu_seqlens
 
 IGNORE_INDEX = -100
 
@@ -97,11 +96,13 @@ def _loss_positions(labels: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.nd
     return rows * seq_len + cols, labels[rows, cols + 1]
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config: Qwen2VLConfig) -> ShardedBatch:
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config: Qwen2VLConfig,
+                seq_multiple: int = 1) -> ShardedBatch:
     """This rank's micro-batch (numpy: input_ids, labels, position_ids [3,b,S], optional attention_mask,
     pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw) -> a `ShardedBatch`.
 
     Every rank must call it (it reduces the sequence and patch lengths over dp); local batch sizes must match.
+    `seq_multiple`: pad the sequence to a multiple of it (sequence parallel splits it over "mp").
     """
     merge = config.vision_config.spatial_merge_size ** 2
     pixels, grids = [], []
@@ -118,6 +119,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     labels = np.asarray(batch["labels"], np.int64)
     n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
     seq_len, max_patches, max_targets = _max_over_dp([ids.shape[1], patches, n_targets], mesh)
+    seq_len = -(-seq_len // seq_multiple) * seq_multiple
     positions, targets = _loss_positions(labels, seq_len)
     max_targets = max(max_targets, 1)
     index = _vision_index(ids, config, n_image, n_video)
@@ -141,16 +143,6 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     )
 
 
-def vision_patch_features(visual: paddle.nn.Layer, pixel_values: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
-    """The ViT without its merger, dense on local patches: [P, embed_dim] (same ops as the tower's forward)."""
-    x = visual.patch_embed(pixel_values)
-    cos, sin = visual.rotary_cos_sin(grid_thw)
-    cu_seqlens = paddle.to_tensor(vision_cu_seqlens(grid_thw))
-    for block in visual.blocks:
-        x = block(x, cu_seqlens, cos, sin)
-    return x
-
-
 def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
     """Token embeddings [B, S, H] (dist) with this rank's vision tokens placed at its pad tokens."""
     embeds = model.model.embed_tokens(batch.input_ids)
@@ -162,7 +154,7 @@ def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
     merger_distributed = visual.merger.mlp[0].weight.is_dist()
     with paddle.no_grad():
         local = (paddle.zeros([0, embed_dim]) if batch.pixel_values is None
-                 else vision_patch_features(visual, batch.pixel_values, batch.grid_thw))
+                 else visual.forward_features(batch.pixel_values, batch.grid_thw))
         local = paddle.concat([local, paddle.zeros([batch.max_patches - local.shape[0], embed_dim], local.dtype)])
         if not merger_distributed:
             local = visual.merger(local)
@@ -210,12 +202,6 @@ def supervised_tokens(batches: Sequence[ShardedBatch]) -> int:
     return sum(int(_replicated_value((b.labels[:, 1:] != IGNORE_INDEX).astype("int64").sum())) for b in batches)
 
 
-def lm_logits(model: paddle.nn.Layer, hidden: paddle.Tensor) -> paddle.Tensor:
-    if model.config.tie_word_embeddings:
-        return paddle.matmul(hidden, model.model.embed_tokens.weight, transpose_y=True)
-    return model.lm_head(hidden)
-
-
 def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float) -> paddle.Tensor:
     """Distributed forward of one micro-batch: summed token CE / `normalizer` (see `supervised_tokens`).
 
@@ -226,7 +212,7 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
         hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
         dp, width = batch.loss_index.shape[0], hidden.shape[-1]
         picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
-        return vocab_parallel_cross_entropy(lm_logits(model, picked), batch.loss_targets) / normalizer
+        return vocab_parallel_cross_entropy(model.lm_logits(picked), batch.loss_targets) / normalizer
 
 
 def train_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,

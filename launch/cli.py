@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def split_launch_options(argv: list[str]) -> tuple[dict[str, str], str | None, l
 
 def run_workers(command: str, run_config_path: Path, launch: dict[str, str], nproc: int, log_dir: Path) -> int:
     """Start the workers and wait; Ctrl-C or a failure stops the whole process group."""
-    args = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", launch.pop("log_dir", str(log_dir))]
+    args = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(log_dir)]
     launch.setdefault("nproc_per_node", str(nproc))
     for key, value in launch.items():
         args += [f"--{key}", value]
@@ -75,6 +76,8 @@ def run_workers(command: str, run_config_path: Path, launch: dict[str, str], npr
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                      env.get("PYTHONPATH")]))
     proc = subprocess.Popen(args, env=env, start_new_session=True)
+    # A scheduler stopping this command (SIGTERM) must stop the workers too: they live in the launcher's session.
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: os.killpg(proc.pid, signum))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -82,8 +85,17 @@ def run_workers(command: str, run_config_path: Path, launch: dict[str, str], npr
         proc.wait()
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def node_log_dir(output_dir: Path, launch: dict[str, str]) -> Path:
+    """`output_dir/logs`, or `logs/node{rank}` on several nodes: the launcher names worker logs by local rank, so
+    nodes sharing output_dir would otherwise write into the same `workerlog.0`."""
+    if int(launch.get("nnodes", "1").split(":")[-1]) <= 1:
+        return output_dir / "logs"
+    return output_dir / "logs" / f"node{launch.get('rank', f'-{socket.gethostname()}-{os.getpid()}')}"
 
 
 def launch_training(command: str, argv: list[str]) -> tuple[int, str]:
@@ -94,9 +106,10 @@ def launch_training(command: str, argv: list[str]) -> tuple[int, str]:
     run_config_path, nproc, output_dir = prepare_run(command, config, overrides, launch)
     logger.info("starting %s workers for %s (output_dir=%s)", launch.get("nproc_per_node", nproc), command,
                 output_dir)
-    code = run_workers(command, run_config_path, launch, nproc, Path(output_dir) / "logs")
+    log_dir = Path(launch.pop("log_dir", None) or node_log_dir(Path(output_dir), launch))
+    code = run_workers(command, run_config_path, launch, nproc, log_dir)
     if code != 0:
-        logger.error("%s failed (exit code %d); worker logs: %s", command, code, Path(output_dir) / "logs")
+        logger.error("%s failed (exit code %d); worker logs: %s", command, code, log_dir)
     return code, output_dir
 
 

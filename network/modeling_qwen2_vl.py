@@ -254,14 +254,17 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         hidden = self.model(inputs_embeds, position_ids, attention_mask, past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        if self.config.tie_word_embeddings:
-            logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
-        else:
-            logits = self.lm_head(hidden)
+        logits = self.lm_logits(hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, loss_normalizer)
         return Qwen2VLOutput(loss=loss, logits=logits, rope_deltas=rope_deltas)
+
+    def lm_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        """The output head; a tied head multiplies by the embedding matrix (no separate parameter)."""
+        if self.config.tie_word_embeddings:
+            return paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+        return self.lm_head(hidden)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None) -> "Qwen2VLForConditionalGeneration":

@@ -139,12 +139,16 @@ class Qwen2VisionTransformer(nn.Layer):
         emb = paddle.concat([freqs, freqs], axis=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:
-        """pixel_values [N, C*T*P*P] (processor patch order) -> merged features [N / merge^2, hidden_size]."""
+    def forward_features(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:
+        """The tower without its merger: pixel_values [N, C*T*P*P] -> patch features [N, embed_dim]."""
         grid_thw = as_numpy(grid_thw).astype(np.int64).reshape(-1, 3)
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary_cos_sin(grid_thw)
         cu_seqlens = paddle.to_tensor(vision_cu_seqlens(grid_thw))
         for block in self.blocks:
             x = block(x, cu_seqlens, cos, sin)
-        return self.merger(x)
+        return x
+
+    def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:
+        """pixel_values [N, C*T*P*P] (processor patch order) -> merged features [N / merge^2, hidden_size]."""
+        return self.merger(self.forward_features(pixel_values, grid_thw))

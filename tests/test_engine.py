@@ -67,7 +67,8 @@ def test_sft_writes_metrics_checkpoint_and_loss_falls(meta, tmp_path):
 
 @pytest.mark.parametrize("first, second", [
     (["--data_parallel_degree", "2"], ["--data_parallel_degree", "2"]),
-    (["--tensor_parallel_degree", "2", "--per_device_train_batch_size", "4"], ["--data_parallel_degree", "2"]),
+    (["--tensor_parallel_degree", "2", "--data_parallel_degree", "1", "--per_device_train_batch_size", "4"],
+     ["--data_parallel_degree", "2"]),
 ], ids=["dp2->dp2", "mp2->dp2"])
 def test_resume_continues_exactly(meta, tmp_path, first, second):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
