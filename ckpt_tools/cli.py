@@ -1,4 +1,4 @@
-"""CLI handlers for `qwen2vl-ap merge-ckpt | convert | inspect` (registered by launch/cli.py).
+"""CLI handlers for `qwen2vl-ap merge-ckpt | merge-lora | convert | inspect` (registered by launch/cli.py).
 
 Each returns a process exit code: 0 success, 1 bad or incomplete input (message logged), 2 usage error.
 Logging is configured by the caller (`network.log.setup_logging`), as for every other subcommand.
@@ -58,6 +58,34 @@ def merge_ckpt_main(argv: list[str]) -> int:
     def body(a: argparse.Namespace) -> int:
         summary = merge_dist_checkpoint(a.ckpt, a.out, a.format, a.dtype, a.prefix, a.include_optimizer,
                                         a.shard_size, progress=not a.no_progress)
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return _run(argv, p, body)
+
+
+def merge_lora_main(argv: list[str]) -> int:
+    from ckpt_tools.lora_merge import merge_lora
+
+    p = argparse.ArgumentParser(prog="qwen2vl-ap merge-lora",
+                                description="Fold LoRA adapters into base weights: W + A @ B * scaling (streaming).")
+    p.add_argument("--base", default=None,
+                   help="base model directory (HF safetensors, model_state.pdparams, merge-ckpt output) or dist "
+                        "checkpoint; may be omitted when --lora is a LoRA checkpoint-N whose dist_ckpt holds it")
+    p.add_argument("--lora", required=True,
+                   help="LoRA checkpoint-N (or its dist_ckpt) of `qwen2vl-ap lora`, or a directory with "
+                        "lora_config.json + lora_model_state.pdparams (ours or paddlenlp's)")
+    p.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
+    p.add_argument("--format", choices=["safetensors", "paddle"], default="safetensors",
+                   help="safetensors: HF layout (transformers/vLLM); paddle: model_state.pdparams (PaddleMIX)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default=None,
+                   help="cast floating weights (default: the base dtype)")
+    p.add_argument("--shard_size", type=_size, default=None,
+                   help="max bytes per weight file, e.g. 5GB (default: 5GB safetensors, one file paddle)")
+    p.add_argument("--no_progress", action="store_true")
+
+    def body(a: argparse.Namespace) -> int:
+        summary = merge_lora(a.base, a.lora, a.out, a.format, a.dtype, a.shard_size, progress=not a.no_progress)
         print(json.dumps(summary, indent=2))
         return 0
 

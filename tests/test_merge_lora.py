@@ -369,3 +369,17 @@ def test_merge_lora_peak_memory_is_one_tensor(tmp_path):
             shutil.rmtree(tmp_path / fmt)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)  # pytest keeps old tmp dirs; do not leave a GB behind
+
+
+def test_damaged_lora_checkpoint(engine_run, tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(engine_run / "checkpoint-2", ckpt)
+    (ckpt / LORA_CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no lora_config\.json in .*dist_ckpt"):
+        merge_lora(None, str(ckpt), str(tmp_path / "out"), progress=False)
+    assert_no_output(tmp_path / "out")
+    shutil.copy(engine_run / "checkpoint-2" / LORA_CONFIG_NAME, ckpt)
+    (ckpt / "dist_ckpt" / "1_0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing file 1_0\.safetensors"):
+        merge_lora(None, str(ckpt), str(tmp_path / "out"), progress=False)
+    assert_no_output(tmp_path / "out")
