@@ -137,14 +137,18 @@ def causal_lm_loss(
 ) -> paddle.Tensor:
     """Sum of fp32 token cross-entropy over shifted labels != -100, divided by `normalizer`
     (default: the number of such labels; pass a global count under gradient accumulation)."""
-    shift_logits = logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]])
-    shift_labels = labels[:, 1:].astype("int64").reshape([-1])
-    valid = shift_labels != IGNORE_INDEX
+    # Shift the labels, not the logits (slicing [B, S, V] logits costs a full-size copy and gradient), and
+    # run the vocab-wide math only on the supervised rows.
+    targets = paddle.concat([labels[:, 1:], paddle.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    targets = targets.astype("int64").reshape([-1])
+    valid = targets != IGNORE_INDEX
+    rows = paddle.nonzero(valid).reshape([-1])
+    picked_logits = paddle.gather(logits.reshape([-1, logits.shape[-1]]), rows).astype("float32")
+    picked_targets = paddle.gather(targets, rows)
     # logsumexp - picked logit, not F.cross_entropy: Paddle's fused kernel clamps each token's loss at 64,
     # which changes large losses (e.g. at random init); and its CPU log_softmax is very slow at 150k vocab.
-    picked = paddle.take_along_axis(shift_logits, paddle.where(valid, shift_labels, 0)[:, None], axis=-1)[:, 0]
-    nll = paddle.logsumexp(shift_logits, axis=-1) - picked
-    total = (nll * valid.astype("float32")).sum()
+    picked = paddle.take_along_axis(picked_logits, picked_targets[:, None], axis=-1)[:, 0]
+    total = (paddle.logsumexp(picked_logits, axis=-1) - picked).sum()
     if normalizer is None:
         normalizer = paddle.clip(valid.astype("float32").sum(), min=1.0)
     return total / normalizer
