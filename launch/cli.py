@@ -23,6 +23,9 @@ training (started on every device with paddle.distributed.launch):
   lora        LoRA fine-tuning (no arguments: the tiny CPU LoRA demo)
   demo        sft on the tiny default, merge the checkpoint, answer held-out questions (accuracy before/after)
 
+planning:
+  plan        will it fit? per-rank memory and communication for a config, without starting workers
+
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
 
@@ -123,6 +126,7 @@ def _ckpt_tool(name: str) -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "plan": lambda argv: __import__("launch.plan", fromlist=["plan_main"]).plan_main(argv),
     "infer": lambda argv: __import__("launch.infer", fromlist=["infer_main"]).infer_main(argv),
     "merge-ckpt": _ckpt_tool("merge_ckpt_main"),
     "merge-lora": _ckpt_tool("merge_lora_main"),

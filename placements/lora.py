@@ -16,7 +16,11 @@ optimizer states over "dp" like any other parameter.
 """
 from __future__ import annotations
 
-from placements.qwen2_vl import COLWISE, ROWWISE
+import re
+
+from network.config import Qwen2VLConfig
+from placements.qwen2_vl import COLWISE, ROWWISE, ParamLayout, _split, _style_for, is_dense_vision, \
+    tensor_parallel_plan
 
 # Which adapter matrix is split, and with which style, per base style: the one whose dim the base splits
 # (colwise splits W's output dim = B's dim 1; rowwise splits W's input dim = A's dim 0).
@@ -32,3 +36,45 @@ def lora_plan(plan: dict[str, str]) -> dict[str, str]:
         entries[f"{key}.{param}"] = lora_style
     return entries
 
+
+def adapter_shapes(parameter_shapes: dict[str, tuple[int, ...]], targets: list[str],
+                   rank: int) -> dict[str, tuple[int, ...]]:
+    """"<layer>.lora_A" [in, r] and "<layer>.lora_B" [r, out] for every Linear matching a target regex
+    (`re.fullmatch` on the layer name, as autoparallel.lora does); rejects frozen-ViT layers like it."""
+    shapes = {}
+    for name, shape in parameter_shapes.items():
+        layer, _, attr = name.rpartition(".")
+        # Linear weights are the 2-D ".weight"s other than the embedding.
+        if attr != "weight" or len(shape) != 2 or layer.endswith("embed_tokens"):
+            continue
+        if not any(re.fullmatch(p, layer) for p in targets):
+            continue
+        if is_dense_vision(layer, train_merger=True):
+            raise ValueError(f"lora_target_modules match {layer}: the ViT blocks run dense and take no adapters")
+        shapes[f"{layer}.lora_A"], shapes[f"{layer}.lora_B"] = (shape[0], rank), (rank, shape[1])
+    return shapes
+
+
+def adapter_layout(name: str, shape: tuple[int, ...], config: Qwen2VLConfig, dp: int, mp: int,
+                   sharding_stage: int) -> ParamLayout:
+    """Placement of one adapter matrix: follows its base layer on "mp" (table above); ZeRO over "dp" on the
+    first dim "mp" does not split, as for any trainable parameter (placements.qwen2_vl.layout)."""
+    layer, _, param = name.rpartition(".")
+    base_style = _style_for(f"{layer}.weight", tensor_parallel_plan(config, mp))
+    mp_dim = None
+    if base_style is not None and LORA_SHARDED_PARAM[base_style][0] == param:
+        mp_dim = 1 if base_style == COLWISE else 0
+    dp_dim = None
+    if sharding_stage and shape[0] != 1:
+        dp_dim = next(d for d in range(len(shape)) if d != mp_dim)
+    mp_local = _split(tuple(shape), mp_dim, mp)
+    zero_local = _split(mp_local, dp_dim, dp)
+    return ParamLayout(
+        name=name, shape=tuple(shape),
+        placements=(f"S({dp_dim})" if sharding_stage == 3 and dp_dim is not None else "R",
+                    "R" if mp_dim is None else f"S({mp_dim})"),
+        local_shape=zero_local if sharding_stage == 3 else mp_local,
+        grad_local_shape=zero_local if sharding_stage >= 2 else mp_local,
+        state_local_shape=zero_local if sharding_stage >= 1 else mp_local,
+        dense=False,
+    )
