@@ -43,6 +43,15 @@ class TrainingArgs:
     eval_steps: int = 0
     evaluation_strategy: Literal["no", "steps"] = "no"
     per_device_eval_batch_size: int = 1
+    # Optional cross-check (PaddleMIX has no such key): when set it must equal per_device_train_batch_size x
+    # gradient_accumulation_steps x dp; it never changes the accumulation.
+    global_batch_size: Optional[int] = None
+    # A step whose loss or global grad norm is NaN/Inf stops training (NonFiniteError naming the step), or with
+    # true is skipped: no weight update, gradients cleared, LR schedule and AdamW step count not advanced.
+    skip_nonfinite_steps: bool = False
+    # Seconds a rank may spend in one step, checkpoint save or resume before it dumps its stacks to its worker log
+    # and exits, so the launcher stops the job (0 = off). Also the NCCL process-group timeout on GPU.
+    step_timeout: int = 1800
 
     def __post_init__(self) -> None:
         checks = {
@@ -57,6 +66,15 @@ class TrainingArgs:
             "save_total_limit": self.save_total_limit >= 0,
             "num_train_epochs": self.num_train_epochs > 0,
             "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
+            "adam_beta1": 0.0 <= self.adam_beta1 < 1.0,
+            "adam_beta2": 0.0 <= self.adam_beta2 < 1.0,
+            "adam_epsilon": self.adam_epsilon > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "max_steps": self.max_steps == -1 or self.max_steps >= 1,
+            "eval_steps": self.eval_steps >= 0,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size >= 1,
+            "global_batch_size": self.global_batch_size is None or self.global_batch_size >= 1,
+            "step_timeout": self.step_timeout >= 0,
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:

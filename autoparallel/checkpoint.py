@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import paddle
+from safetensors import SafetensorError
 
 from autoparallel import faults
 from network.log import logger
@@ -35,6 +36,20 @@ DIST_DIR = "dist_ckpt"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# safetensors reports a full disk as SafetensorError("... No space left on device"), not as OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _write_failed(what: str, path: Path, exc: Exception) -> CheckpointError:
+    """A write error naming the path, the cause and the free space left there."""
+    try:
+        free = f"; {shutil.disk_usage(path if path.exists() else path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return CheckpointError(f"{what} {path} failed: {reason}{free}; previous checkpoints are untouched")
 
 
 def is_complete(path: Path) -> bool:
@@ -111,7 +126,10 @@ class CheckpointWriter:
         tmp, final = self.tmp_dir(step), self.output_dir / f"checkpoint-{step}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
-            tmp.mkdir(parents=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                raise _write_failed(f"creating checkpoint-{step} as", tmp, exc) from exc
         self.barrier()
         try:
             save_tensors(str(tmp / DIST_DIR))
@@ -120,17 +138,18 @@ class CheckpointWriter:
             if self.rank == 0:
                 write_extra_files(tmp)
             faults.maybe_fail(self.rank, step, "save")
-        except OSError as exc:
-            raise CheckpointError(
-                f"writing checkpoint-{step} into {tmp} failed: {exc.strerror or exc}; "
-                f"previous checkpoints are untouched") from None
+        except WRITE_ERRORS as exc:
+            raise _write_failed(f"writing checkpoint-{step} into", tmp, exc) from exc
         self.barrier()
         if self.rank == 0:
-            # trainer_state.json is the completeness marker, so it is written after every other file.
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            try:
+                # trainer_state.json is the completeness marker, so it is written after every other file.
+                (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise _write_failed(f"publishing checkpoint-{step} from", tmp, exc) from exc
             self._rotate()
             logger.info("saved %s", final)
         self.barrier()

@@ -6,11 +6,14 @@ ZeRO stage over "dp") → optimizer steps. The loss of a step is the token mean 
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import math
+import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -53,6 +56,15 @@ def barrier() -> None:
     # A one-process run has no global group to synchronise.
     if dist.get_world_size() > 1:
         dist.barrier()
+
+
+def arm_watchdog(seconds: int) -> None:
+    """Unless re-armed within `seconds`, dump every thread's stack to stderr (the worker log) and exit with code 1.
+    faulthandler's timer is a C thread that needs no GIL, so it fires even inside a blocked collective; the launcher
+    then stops the other ranks. Gloo's own collective timeout (fixed 30 s on CPU) only covers waits in a collective,
+    not a rank stuck elsewhere (file system, data loading)."""
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +120,8 @@ def global_grad_norm(model: paddle.nn.Layer) -> float:
 class Trainer:
     def __init__(self, command: str, cfg: RunConfig):
         self.command, self.cfg = command, cfg
+        if cfg.step_timeout > 0:  # NCCL process groups (GPU) read it at init; gloo's timeout is fixed
+            os.environ.setdefault("PADDLE_PG_TIMEOUT", str(cfg.step_timeout * 1000))
         dist.init_parallel_env()
         cpu_compat.apply()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -134,6 +148,7 @@ class Trainer:
                                                  train_merger=cfg.train_merger)
         self.writer = CheckpointWriter(cfg.output_dir, self.rank, barrier, cfg.save_total_limit)
         self.step = 0
+        self.skipped_nonfinite = 0
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             plan = render_plan(self.model.config, self.degrees.dp, self.degrees.mp, self.degrees.sharding_stage,
@@ -174,6 +189,7 @@ class Trainer:
         dist.load_state_dict(state, str(dist_dir), safetensors=any(dist_dir.glob("*.safetensors")))
         trainer_state = load_trainer_state(path)
         self.step = trainer_state["global_step"]
+        self.skipped_nonfinite = trainer_state.get("skipped_nonfinite", 0)
         self.schedule.set_state_dict(trainer_state["lr_scheduler"])
         self.loader.load_state_dict(trainer_state["data_loader"])
         rng = load_rng_state(path, self.rank)
@@ -184,6 +200,7 @@ class Trainer:
     def save(self) -> Path:
         trainer_state = {
             "global_step": self.step, "total_steps": self.total_steps, "world_size": self.world,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "degrees": self.cfg.parallel.__dict__, "lr_scheduler": self.schedule.state_dict(),
             "data_loader": self.loader.state_dict(), "command": self.command,
         }
@@ -209,17 +226,29 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def train_step(self, batches: list[ShardedBatch]) -> dict[str, float]:
+    def train_step(self, batches: list[ShardedBatch]) -> dict[str, Any]:
+        """One optimizer step. Loss and grad norm are global values, so every rank takes the same decision on a
+        non-finite step (raise, or skip it with `skip_nonfinite_steps`)."""
         normalizer = float(max(supervised_tokens(batches), 1))
         loss = 0.0
         for batch in batches:
             micro_loss = forward_loss(self.model, batch, normalizer)
+            if faults.poison_loss(self.rank, self.step + 1):
+                micro_loss = micro_loss * float("nan")
             micro_loss.backward()
             loss += scalar(micro_loss)
         grad_norm = global_grad_norm(self.model)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.clear_grad()
-            raise NonFiniteError(f"step {self.step + 1}: loss={loss} grad_norm={grad_norm} is not finite")
+            problem = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm} is not finite"
+            if not self.cfg.skip_nonfinite_steps:
+                raise NonFiniteError(f"{problem} (skip_nonfinite_steps: true skips such steps instead)")
+            # As Megatron/HF do for overflowed steps: the data is consumed and the step counts toward max_steps,
+            # but the optimizer (weights, moments, AdamW step count) and the LR schedule stay where they were.
+            self.skipped_nonfinite += 1
+            logger.warning("%s; skipped (no weight update, LR schedule not advanced; %d skipped so far)",
+                           problem, self.skipped_nonfinite)
+            return {"skipped": True, "lr": self.schedule.last_lr}
         lr = self.schedule.last_lr
         self.optimizer.step()
         self.optimizer.clear_grad()
@@ -245,11 +274,13 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
+        arm_watchdog(cfg.step_timeout)
         self.resume()
         metrics = MetricsLogger(cfg.output_dir, self.total_steps, self.step, enabled=self.rank == 0)
         batches = self.micro_batches()
         self.model.train()
         while self.step < self.total_steps:
+            arm_watchdog(cfg.step_timeout)  # covers this step with its evaluation and checkpoint save
             started = time.time()
             raw = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             sharded = [shard_batch(b, self.mesh, self.model.config) for b in raw]
@@ -258,7 +289,7 @@ class Trainer:
             faults.maybe_fail(self.rank, self.step, "train")
             elapsed = time.time() - started
             tokens = sum(int(scalar(b.attention_mask.sum())) for b in sharded)
-            record |= {"step": self.step, "tokens": tokens,
+            record |= {"step": self.step, "tokens": tokens, "skipped_nonfinite": self.skipped_nonfinite,
                        "samples": cfg.per_device_train_batch_size * self.degrees.dp * len(raw),
                        "step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "epoch": self.loader.state_dict()["epoch"]}
@@ -272,14 +303,30 @@ class Trainer:
                     metrics.log({"step": self.step, "eval_loss": eval_loss})
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save()
+        arm_watchdog(cfg.step_timeout)
         if not (cfg.save_steps and self.step % cfg.save_steps == 0):
             self.save()
-        skipped = self.loader.skipped_report()
-        if self.rank == 0 and skipped["total"]:
-            logger.warning("skipped %d bad samples: %s", skipped["total"], json.dumps(skipped["by_kind"]))
+        by_kind = self.skipped_samples()
+        if self.rank == 0 and by_kind:
+            logger.warning("skipped %d bad samples: %s", sum(by_kind.values()), json.dumps(by_kind))
+        metrics.log({"step": self.step, "skipped_samples": sum(by_kind.values()), "skipped_by_kind": by_kind,
+                     "skipped_nonfinite": self.skipped_nonfinite})
         metrics.close()
         self.loader.close()
         barrier()
+        faulthandler.cancel_dump_traceback_later()
+
+    def skipped_samples(self) -> dict[str, int]:
+        """Bad records skipped by this run on any rank, by kind. Probe failures are seen by every rank, decode
+        failures only by the rank decoding the sample, so the ranks' records are gathered and counted once."""
+        local = self.dataset.skips.entries()
+        gathered: list[list[tuple]] = []
+        if self.world > 1:
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        unique = {tuple(entry) for entries in gathered for entry in entries}
+        return dict(Counter(kind for _, _, kind in unique))
 
     def report_memory(self) -> None:
         report = memory_report(self.model, self.optimizer, self.degrees, train_merger=self.cfg.train_merger)

@@ -1,17 +1,22 @@
-"""Fault injection — a test tool, documented in the README, never set in production.
+"""Fault injection — a test tool, documented in docs/RELIABILITY.md, never set in production.
 
-`QWEN2VL_AP_FAULT="rank=R,step=N,at=train|save"` makes rank R die abruptly (`os._exit`, no cleanup, like a
-killed process or a lost node): `at=train` right after optimizer step N, `at=save` in the middle of writing
-checkpoint-N (after its tensors, before it is published). The launcher then stops the other ranks.
+`QWEN2VL_AP_FAULT="rank=R,step=N,at=train|save|hang|nan"` acts on rank R at step N:
+  train  die abruptly (`os._exit`, no cleanup, like a killed process or a lost node) right after optimizer step N
+  save   die in the middle of writing checkpoint-N (after its tensors, before it is published)
+  hang   stop making progress (sleep forever) right after step N, like a rank stuck on a dead file system
+  nan    multiply this rank's loss of step N by NaN before backward, so loss and gradients of the step are NaN
+The launcher stops the other ranks of a dead rank; a hung rank is ended by the timeouts (see RELIABILITY.md).
 """
 from __future__ import annotations
 
 import os
+import time
 
 from network.log import logger
 
 ENV = "QWEN2VL_AP_FAULT"
 EXIT_CODE = 17
+ACTIONS = ("train", "save", "hang", "nan")
 
 
 def _parse(spec: str) -> dict[str, str]:
@@ -19,17 +24,34 @@ def _parse(spec: str) -> dict[str, str]:
         fields = dict(part.split("=", 1) for part in spec.split(",") if part)
         int(fields["rank"]), int(fields["step"])
     except (ValueError, KeyError):
-        raise ValueError(f"{ENV}={spec!r}: expected rank=R,step=N,at=train|save") from None
-    if fields.get("at", "train") not in ("train", "save"):
-        raise ValueError(f"{ENV}={spec!r}: at must be train or save")
+        raise ValueError(f"{ENV}={spec!r}: expected rank=R,step=N,at={'|'.join(ACTIONS)}") from None
+    if fields.setdefault("at", "train") not in ACTIONS:
+        raise ValueError(f"{ENV}={spec!r}: at must be one of {', '.join(ACTIONS)}")
     return fields
 
 
-def maybe_fail(rank: int, step: int, at: str) -> None:
+def _requested(rank: int, step: int, at: str) -> bool:
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return False
     fields = _parse(spec)
-    if int(fields["rank"]) == rank and int(fields["step"]) == step and fields.get("at", "train") == at:
+    return int(fields["rank"]) == rank and int(fields["step"]) == step and fields["at"] == at
+
+
+def maybe_fail(rank: int, step: int, at: str) -> None:
+    """At `train` also applies a requested `hang` of the same step."""
+    if _requested(rank, step, at):
         logger.error("fault injection: rank %d dies at %s of step %d", rank, at, step)
         os._exit(EXIT_CODE)
+    if at == "train" and _requested(rank, step, "hang"):
+        logger.error("fault injection: rank %d hangs after step %d", rank, step)
+        while True:
+            time.sleep(3600)
+
+
+def poison_loss(rank: int, step: int) -> bool:
+    """True when this rank's loss of `step` must be made NaN (`at=nan`)."""
+    if _requested(rank, step, "nan"):
+        logger.error("fault injection: rank %d poisons the loss of step %d with NaN", rank, step)
+        return True
+    return False

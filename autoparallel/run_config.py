@@ -2,6 +2,7 @@
 happens before any worker starts (so a bad config fails fast with exit code 2 and no process left behind)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -9,6 +10,7 @@ from typing import Any, Optional
 from autoparallel.args import ModelArgs, TrainingArgs
 from autoparallel.checkpoint import check_writable, resolve_resume_path, CheckpointError
 from autoparallel.data.config import DataConfig
+from autoparallel.data.records import DataError, load_meta
 from autoparallel.mesh import DegreeError, ParallelDegrees, validate_degrees
 from launch.config import ConfigError, RunConfig, load_run_config
 from network.config import PRESETS, Qwen2VLConfig
@@ -65,15 +67,24 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     """Cross-section checks: degrees vs world size and model shape, data and resume paths."""
     config = model_config(cfg.model_name_or_path)
     try:
-        validate_degrees(cfg.parallel.degrees(), config, world_size)
+        validate_degrees(cfg.parallel.degrees(), config, world_size,
+                         per_device_batch_size=cfg.per_device_train_batch_size,
+                         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                         global_batch_size=cfg.global_batch_size)
     except DegreeError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.meta_path is None and cfg.synthetic_data_dir is None:
         raise ConfigError("meta_path is not set (or set synthetic_data_dir for the generated demo dataset)")
     for key in ("meta_path", "eval_meta_path"):
         value = getattr(cfg, key)
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            continue
+        if not Path(value).is_file():
             raise ConfigError(f"{key}={value!r}: file not found")
+        try:  # the meta file and the annotation/root paths it names (cheap: annotations are not parsed here)
+            load_meta(value)
+        except DataError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     if cfg.evaluation_strategy == "steps" and cfg.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
     return config
@@ -90,6 +101,33 @@ def _ensure_synthetic_data(cfg: RunConfig) -> None:
         cfg.train.eval_meta_path = str(eval_meta_path(cfg.synthetic_data_dir))
 
 
+def check_launch_options(launch: dict[str, str]) -> None:
+    """Launcher options are checked here too, so a typo fails before paddle.distributed.launch waits for peers."""
+    problems = []
+    for key in ("nproc_per_node", "rank"):
+        if key in launch and not launch[key].isdigit():
+            problems.append(f"--{key} {launch[key]!r} must be a non-negative integer")
+    if launch.get("nproc_per_node") == "0":
+        problems.append("--nproc_per_node must be >= 1")
+    nnodes = launch.get("nnodes", "1")
+    parts = nnodes.split(":")
+    if len(parts) > 2 or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        problems.append(f"--nnodes {nnodes!r} must be N or MIN:MAX with N >= 1")
+    else:
+        max_nodes = int(parts[-1])
+        if launch.get("rank", "").isdigit() and int(launch["rank"]) >= max_nodes:
+            problems.append(f"--rank {launch['rank']} must be < --nnodes {nnodes}")
+        if max_nodes > 1 and "master" not in launch:
+            problems.append(f"--nnodes {nnodes} needs --master HOST:PORT (an address of node 0 every node reaches)")
+    master = launch.get("master")
+    if master is not None:
+        host, _, port = master.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"--master {master!r} must be HOST:PORT")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def load(command: str, config: Optional[str], overrides: dict[str, Any]) -> RunConfig:
     return load_run_config(section_classes(command), config, overrides, DEFAULT_CONFIGS[command])
 
@@ -102,6 +140,7 @@ def prepare_run(command: str, config: Optional[str], argv_overrides: list[str],
     from launch.config import parse_overrides
 
     cfg = load(command, config, parse_overrides(argv_overrides))
+    check_launch_options(launch)
     nnodes = int(launch.get("nnodes", "1").split(":")[0])
     degrees = cfg.parallel.degrees()
     nproc = int(launch.get("nproc_per_node", max(1, degrees.world_size // nnodes)))
@@ -113,7 +152,10 @@ def prepare_run(command: str, config: Optional[str], argv_overrides: list[str],
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     path = Path(cfg.output_dir) / RUN_CONFIG_FILE
-    cfg.save_yaml(path)
+    # Atomic: on several nodes sharing output_dir, every node's parent writes this file while workers read it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    cfg.save_yaml(tmp)
+    os.replace(tmp, path)
     return path, nproc, cfg.output_dir
 
 

@@ -70,6 +70,11 @@ class SkipLog:
                 examples.append(str(error))
             return True
 
+    def entries(self) -> list[tuple[str, Optional[int], str]]:
+        """(file, record index, kind) of every skipped record, for merging the logs of several ranks."""
+        with self._lock:
+            return sorted(self._seen, key=repr)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -149,28 +154,44 @@ def load_meta(meta_path: str) -> list[DatasetSource]:
     return sources
 
 
+def _invalid_utf8_byte(record: Any) -> Optional[int]:
+    """The first byte of a record decoded with surrogateescape that was not valid UTF-8 (None if all were)."""
+    text = json.dumps(record, ensure_ascii=False)
+    return next((ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF), None)
+
+
 def read_annotation(path: str) -> list[Any]:
-    """Raw records of a JSON list or JSONL file. An unparsable JSONL line becomes a DataError entry (so it can be
-    skipped); an unparsable JSON file raises."""
-    if path.endswith(".jsonl"):
-        records: list[Any] = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    records.append(DataError(path, len(records), f"invalid JSON on line {line_no}: {e}",
-                                             kind="invalid JSON"))
-        return records
+    """Raw records of a JSON list or JSONL file. An unparsable JSONL line, or a record holding bytes that are not
+    UTF-8, becomes a DataError entry (so it can be skipped); an unparsable JSON file raises."""
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, None, f"invalid JSON: {e}", kind="invalid JSON") from None
-    if not isinstance(records, list):
-        raise DataError(path, None, f"expected a JSON list of records, got {type(records).__name__}")
+        text, valid_utf8 = data.decode("utf-8-sig"), True
+    except UnicodeDecodeError:  # keep going: only the records holding the bad bytes are rejected
+        text, valid_utf8 = data.decode("utf-8-sig", "surrogateescape"), False
+    records: list[Any] = []
+    if path.endswith(".jsonl"):
+        for line_no, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(DataError(path, len(records), f"invalid JSON on line {line_no}: {e}",
+                                         kind="invalid JSON"))
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, None, f"invalid JSON: {e}", kind="invalid JSON") from None
+        if not isinstance(records, list):
+            raise DataError(path, None, f"expected a JSON list of records, got {type(records).__name__}")
+    if not valid_utf8:
+        for index, record in enumerate(records):
+            bad = None if isinstance(record, DataError) else _invalid_utf8_byte(record)
+            if bad is not None:
+                records[index] = DataError(path, index, f"text is not valid UTF-8 (byte 0x{bad:02x}); save the "
+                                                        "annotation file as UTF-8", kind="invalid text")
     return records
 
 
