@@ -93,6 +93,11 @@ def _no_weight_decay(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name or "ln_q" in name
 
 
+def use_bf16(cfg: RunConfig) -> bool:
+    """bf16 O2 (bf16 weights and activations, fp32 master weights and moments) needs a GPU build."""
+    return cfg.bf16 and paddle.is_compiled_with_cuda()
+
+
 def build_optimizer(model: paddle.nn.Layer, cfg: RunConfig, total_steps: int):
     warmup = cfg.train.num_warmup_steps(total_steps)
     schedule = paddle.optimizer.lr.LambdaDecay(
@@ -104,7 +109,8 @@ def build_optimizer(model: paddle.nn.Layer, cfg: RunConfig, total_steps: int):
         learning_rate=schedule, parameters=model.parameters(), beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
         epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
         apply_decay_param_fun=lambda name: name in decay_names,
-        grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None)
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None,
+        multi_precision=use_bf16(cfg))
     return optimizer, schedule
 
 
@@ -144,6 +150,9 @@ class Trainer:
         if cfg.recompute:
             apply_recompute(self.model)
         optimizer, self.schedule = build_optimizer(self.model, cfg, self.total_steps)
+        if use_bf16(cfg):  # GPU only, not exercised in this CPU-only project's tests (see README)
+            self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
+                                                        dtype="bfloat16", master_weight=True)
         self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
                                                  train_merger=cfg.train_merger)
         self.writer = CheckpointWriter(cfg.output_dir, self.rank, barrier, cfg.save_total_limit)
@@ -154,6 +163,9 @@ class Trainer:
             plan = render_plan(self.model.config, self.degrees.dp, self.degrees.mp, self.degrees.sharding_stage,
                                train_merger=cfg.train_merger)
             (self.output_dir / "plan.txt").write_text(f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{plan}\n")
+
+    def autocast(self):
+        return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16")
 
     def prepare_model(self) -> None:
         """Hook for variants (LoRA) to change the plain model before it is parallelized."""
@@ -232,7 +244,8 @@ class Trainer:
         normalizer = float(max(supervised_tokens(batches), 1))
         loss = 0.0
         for batch in batches:
-            micro_loss = forward_loss(self.model, batch, normalizer)
+            with self.autocast():
+                micro_loss = forward_loss(self.model, batch, normalizer)
             if faults.poison_loss(self.rank, self.step + 1):
                 micro_loss = micro_loss * float("nan")
             micro_loss.backward()
@@ -266,7 +279,8 @@ class Trainer:
         with paddle.no_grad():
             for raw in loader:
                 batch = shard_batch(raw, self.mesh, self.model.config)
-                total += scalar(forward_loss(self.model, batch, 1.0))
+                with self.autocast():
+                    total += scalar(forward_loss(self.model, batch, 1.0))
                 tokens += supervised_tokens([batch])
         self.model.train()
         loader.close()
