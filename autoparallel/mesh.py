@@ -1,11 +1,13 @@
-"""Parallel degrees -> a validated `ProcessMesh` with dims ["dp", "mp"].
+"""Parallel degrees -> a validated `ProcessMesh` with dims ["dp", "mp"] (["pp", "dp", "mp"] with pipeline stages).
 
 - "dp" has size data_parallel_degree x sharding_parallel_degree: plain data parallel, or ZeRO sharding
   (stage 1/2/3) over the same dim — one of the two, not both (a 1-D dim cannot hold dp x sharding groups).
 - "mp" is tensor parallel (Megatron column/row split, vocab-parallel embedding and head).
-- Pipeline parallel is reserved for its own issue: only pipeline_parallel_degree=1 is accepted, and the
-  mesh carries no "pp" dim yet (a size-1 dim would only lengthen every placement list).
-Ranks are laid out mp-fastest: rank = dp_index * mp + mp_index, so tensor-parallel peers are neighbours.
+- "pp" (only when pipeline_parallel_degree > 1: a size-1 dim would only lengthen every placement list) indexes
+  pipeline stages; each stage trains on its own ["dp", "mp"] sub-mesh (`stage_mesh`), and activations cross
+  stages by send/recv (autoparallel/pipeline.py).
+Ranks are laid out mp-fastest, pp-slowest: rank = (pp_index * dp + dp_index) * mp + mp_index, so
+tensor-parallel peers are neighbours and a stage's ranks are contiguous.
 
 Everything is checked before any process does work; every problem found is reported at once, each message
 naming the offending numbers.
@@ -21,6 +23,7 @@ import paddle.distributed as dist
 from network.config import Qwen2VLConfig
 
 MESH_DIMS = ("dp", "mp")
+PP_DIM = "pp"
 
 
 class DegreeError(ValueError):
@@ -60,8 +63,10 @@ def degree_problems(
     per_device_batch_size: int | None = None,
     gradient_accumulation_steps: int = 1,
     global_batch_size: int | None = None,
+    allow_pipeline: bool = False,
 ) -> list[str]:
-    """All reasons these degrees cannot run (empty when they can)."""
+    """All reasons these degrees cannot run (empty when they can). `allow_pipeline`: the caller runs pipeline
+    stages (autoparallel/pipeline.py); entry points that do not must keep rejecting pp > 1."""
     d, problems = degrees, []
     named = {
         "data_parallel_degree": d.data_parallel_degree, "tensor_parallel_degree": d.tensor_parallel_degree,
@@ -70,9 +75,15 @@ def degree_problems(
     problems += [f"{k}={v} must be >= 1" for k, v in named.items() if v < 1]
     if problems:
         return problems
-    if d.pipeline_parallel_degree != 1:
+    if d.pipeline_parallel_degree > 1 and not allow_pipeline:
         problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree}: pipeline parallel is not implemented "
-                        "yet, only 1 is supported")
+                        "in this entry point (autoparallel/pipeline.py runs stages; the engine does not call it yet)")
+    if config is not None and d.pipeline_parallel_degree > config.num_hidden_layers:
+        problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree} > num_hidden_layers="
+                        f"{config.num_hidden_layers}: every stage needs a decoder layer")
+    if d.pipeline_parallel_degree > 1 and d.sharding_stage == 3:
+        problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree} with sharding_stage=3 is not "
+                        "supported (stage-local ZeRO-3 is untested with the pipeline schedule); use stage 1/2")
     if d.sharding_stage not in (0, 1, 2, 3):
         problems.append(f"sharding_stage={d.sharding_stage} must be 0, 1, 2 or 3")
     if d.sharding_parallel_degree > 1 and d.sharding_stage == 0:
@@ -122,12 +133,25 @@ def validate_degrees(degrees: ParallelDegrees, config: Qwen2VLConfig | None = No
 
 
 def build_mesh(degrees: ParallelDegrees, config: Qwen2VLConfig | None = None,
-               world_size: int | None = None) -> dist.ProcessMesh:
-    """Validated ["dp", "mp"] mesh over ranks 0..world-1 (world size read from the launcher when not given)."""
+               world_size: int | None = None, *, allow_pipeline: bool = False) -> dist.ProcessMesh:
+    """Validated ["dp", "mp"] mesh over ranks 0..world-1 (world size read from the launcher when not given);
+    ["pp", "dp", "mp"] when pipeline_parallel_degree > 1."""
     world_size = dist.get_world_size() if world_size is None else world_size
-    validate_degrees(degrees, config, world_size)
+    validate_degrees(degrees, config, world_size, allow_pipeline=allow_pipeline)
+    if degrees.pipeline_parallel_degree > 1:
+        ids = np.arange(degrees.world_size).reshape(degrees.pipeline_parallel_degree, degrees.dp, degrees.mp)
+        return dist.ProcessMesh(ids.tolist(), dim_names=[PP_DIM, *MESH_DIMS])
     ids = np.arange(degrees.world_size).reshape(degrees.dp, degrees.mp)
     return dist.ProcessMesh(ids.tolist(), dim_names=list(MESH_DIMS))
+
+
+def stage_mesh(mesh: dist.ProcessMesh, stage: int | None = None) -> dist.ProcessMesh:
+    """The ["dp", "mp"] sub-mesh of pipeline `stage` (default: this rank's); `mesh` itself without a "pp" dim."""
+    if PP_DIM not in mesh.dim_names:
+        return mesh
+    stage = mesh_coordinate(mesh, PP_DIM) if stage is None else stage
+    ids = np.asarray(mesh.process_ids).reshape(mesh.shape)
+    return dist.ProcessMesh(np.take(ids, stage, axis=mesh.dim_names.index(PP_DIM)).tolist(), dim_names=list(MESH_DIMS))
 
 
 def mesh_coordinate(mesh: dist.ProcessMesh, dim: str, rank: int | None = None) -> int:

@@ -210,9 +210,15 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
     with cpu_compat.zero3_gathered(model):
         embeds = embed_inputs(model, batch)
         hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
-        dp, width = batch.loss_index.shape[0], hidden.shape[-1]
-        picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
-        return vocab_parallel_cross_entropy(model.lm_logits(picked), batch.loss_targets) / normalizer
+        return supervised_loss(model, hidden, batch, normalizer)
+
+
+def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: ShardedBatch,
+                    normalizer: float) -> paddle.Tensor:
+    """Head + CE on the final hidden states [B, S, H] only where the next token is supervised."""
+    dp, width = batch.loss_index.shape[0], hidden.shape[-1]
+    picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
+    return vocab_parallel_cross_entropy(model.lm_logits(picked), batch.loss_targets) / normalizer
 
 
 def train_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,

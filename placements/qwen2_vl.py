@@ -47,6 +47,70 @@ _KV_KEYS = ("model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj"
 
 MERGER_PREFIX = "visual.merger."
 
+# Sequence parallel inside the mp regions (`sequence_parallel: true`, mp > 1). Between the attention and MLP
+# blocks the residual stream and the RMSNorm inputs are Shard(1) (sequence) on "mp"; the entries say where
+# activations change layout (applied as forward hooks by autoparallel/sequence_parallel.py):
+# - SP_SCATTER_INPUT: the layer's first input goes Replicate/Partial -> Shard(1) (the decoder's embeddings).
+# - SP_GATHER_REGION: all-gather the input to Replicate (it feeds colwise q/k/v or gate/up), and take the
+#   rowwise output (Partial) to Shard(1) — a reduce-scatter (all-reduce + local slice on CPU).
+# - SP_GATHER_OUTPUT: the layer's output is gathered to Replicate (final norm -> head at supervised positions).
+# Layers not listed (the RMSNorms, the residual adds) run on the sequence shard as they are. Paddle's own
+# SequenceParallelBegin/End plan entries assume [s, b, h] activations (they transpose); ours are [b, s, h].
+SP_SCATTER_INPUT, SP_GATHER_REGION, SP_GATHER_OUTPUT = "scatter_input", "gather_region", "gather_output"
+SP_PLAN: dict[str, str] = {
+    "model": SP_SCATTER_INPUT,
+    "model.layers.*.self_attn": SP_GATHER_REGION,
+    "model.layers.*.mlp": SP_GATHER_REGION,
+    "model.norm": SP_GATHER_OUTPUT,
+}
+SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
+
+# Pipeline parallel: what lives on which stage (autoparallel/pipeline.py deletes the rest on each rank).
+# Decoder layers are split into contiguous runs, explicitly or by `pipeline_layer_split`'s cost model.
+# A tied head (tie_word_embeddings) needs `model.embed_tokens.weight` on the first AND the last stage: the last
+# stage keeps a copy, and the two copies' gradients are all-reduced before the optimizer step (same init, same
+# summed gradient, same AdamW update: the copies stay identical, and count once in the global grad norm).
+PP_FIRST_STAGE = ("visual", "model.embed_tokens")
+PP_LAST_STAGE = ("model.norm", "lm_head")
+PP_TIED_HEAD = "model.embed_tokens"  # kept on the last stage too when the head is tied
+# Head cost relative to its parameter count: it runs only at supervised positions (a typical SFT fraction).
+HEAD_TOKEN_FRACTION = 0.25
+
+
+def _decoder_layer_cost(config: Qwen2VLConfig) -> float:
+    """Matmul parameters of one decoder layer (FLOPs per token are proportional)."""
+    h, hd = config.hidden_size, config.head_dim
+    return h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 3 * h * config.intermediate_size
+
+
+def pipeline_layer_split(config: Qwen2VLConfig, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    """Decoder layers of each stage: `layers_per_stage` if given, else contiguous runs (>= 1 layer each) that
+    minimise the costliest stage, the last stage also paying for the head. The frozen ViT (forward only, on the
+    first stage) is not counted: give an explicit split when images dominate."""
+    n = config.num_hidden_layers
+    if layers_per_stage is not None:
+        if len(layers_per_stage) != pp or sum(layers_per_stage) != n or min(layers_per_stage) < 1:
+            raise ValueError(f"layers_per_stage={layers_per_stage}: need {pp} entries >= 1 summing to {n} layers")
+        sizes = list(layers_per_stage)
+    else:
+        if not 1 <= pp <= n:
+            raise ValueError(f"pipeline_parallel_degree={pp} needs 1..{n} stages (one decoder layer at least each)")
+        head = config.hidden_size * config.vocab_size * HEAD_TOKEN_FRACTION / _decoder_layer_cost(config)
+        # best[s][k]: (max stage cost, sizes) placing the first k layers on s stages; O(pp * n^2), n <= ~100.
+        best = {(0, 0): (0.0, [])}
+        for s in range(1, pp + 1):
+            for k in range(s, n - (pp - s) + 1):
+                options = []
+                for j in range(s - 1, k):
+                    if (s - 1, j) in best:
+                        cost = (k - j) + (head if s == pp else 0.0)
+                        prev, sizes_ = best[(s - 1, j)]
+                        options.append((max(prev, cost), sizes_ + [k - j]))
+                best[(s, k)] = min(options)
+        sizes = best[(pp, n)][1]
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return [range(a, a + size) for a, size in zip(starts, sizes)]
+
 
 def tensor_parallel_plan(config: Qwen2VLConfig, mp: int) -> dict[str, str]:
     """`TP_PLAN` for this model and mp degree (k/v replicated when mp > KV heads; lm_head only if untied)."""
