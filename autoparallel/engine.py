@@ -30,6 +30,9 @@ from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.memory import memory_report, render_memory_report
 from autoparallel.metrics import MetricsLogger
 from autoparallel.parallelize import parallelize
+from autoparallel.pipeline import (Stage, build_stage_model, finish_gradients, make_stage, parallelize_stage,
+                                   run_schedule)
+from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.run_config import RUN_CONFIG_FILE, load_resolved, model_config
 from autoparallel.step import ShardedBatch, forward_loss, shard_batch, supervised_tokens
 from launch.config import RunConfig
@@ -137,8 +140,16 @@ class Trainer:
             logger.warning("bf16: true has no effect on CPU (no bf16 kernels); training in fp32")
         self.degrees = cfg.parallel.degrees()
         self.model = build_model(cfg)
-        self.mesh = build_mesh(self.degrees, self.model.config)
+        self.mesh = build_mesh(self.degrees, self.model.config, allow_pipeline=True)
         self.dp_rank = mesh_coordinate(self.mesh, "dp")
+        self.stage: Optional[Stage] = None
+        self.batch_mesh = self.mesh  # the mesh batches live on: a stage's sub-mesh under pipeline parallel
+        if self.degrees.pipeline_parallel_degree > 1:
+            self.stage = make_stage(self.mesh, self.model.config, cfg.layers_per_stage or None)
+            self.model = build_stage_model(self.model, self.stage)
+            self.batch_mesh = self.stage.mesh
+        # Sequence-sharded activations need a sequence length divisible by mp.
+        self.seq_multiple = self.degrees.mp if cfg.sequence_parallel else 1
 
         self.dataset = SFTDataset(cfg.data)
         self.loader = SFTDataLoader(self.dataset, cfg.per_device_train_batch_size, self.degrees.dp, self.dp_rank,
@@ -153,8 +164,15 @@ class Trainer:
         if use_bf16(cfg):  # GPU only, not exercised in this CPU-only project's tests (see README)
             self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
                                                         dtype="bfloat16", master_weight=True)
-        self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
-                                                 train_merger=cfg.train_merger)
+        self.clip_norm: Optional[float] = None
+        if self.stage is not None:
+            self.model, self.optimizer, self.clip_norm = parallelize_stage(
+                self.model, optimizer, self.stage, self.degrees, train_merger=cfg.train_merger)
+        else:
+            self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
+                                                     train_merger=cfg.train_merger)
+        if cfg.sequence_parallel:
+            apply_sequence_parallel(self.model)
         self.writer = CheckpointWriter(cfg.output_dir, self.rank, barrier, cfg.save_total_limit)
         self.step = 0
         self.skipped_nonfinite = 0
@@ -234,13 +252,15 @@ class Trainer:
         """Hook for variants (LoRA) to export extra files into a checkpoint."""
 
     # ---- training -----------------------------------------------------------------------------------------
+    def shard(self, raw: dict[str, Any]) -> ShardedBatch:
+        return shard_batch(raw, self.batch_mesh, self.model.config, seq_multiple=self.seq_multiple)
+
     def micro_batches(self) -> Iterator[dict[str, Any]]:
         while True:
             yield from self.loader
 
-    def train_step(self, batches: list[ShardedBatch]) -> dict[str, Any]:
-        """One optimizer step. Loss and grad norm are global values, so every rank takes the same decision on a
-        non-finite step (raise, or skip it with `skip_nonfinite_steps`)."""
+    def forward_backward(self, batches: list[ShardedBatch]) -> float:
+        """Gradient accumulation over the micro-batches; returns the global-batch token-mean loss."""
         normalizer = float(max(supervised_tokens(batches), 1))
         loss = 0.0
         for batch in batches:
@@ -250,7 +270,17 @@ class Trainer:
                 micro_loss = micro_loss * float("nan")
             micro_loss.backward()
             loss += scalar(micro_loss)
-        grad_norm = global_grad_norm(self.model)
+        return loss
+
+    def train_step(self, batches: list[ShardedBatch]) -> dict[str, Any]:
+        """One optimizer step. Loss and grad norm are global values, so every rank takes the same decision on a
+        non-finite step (raise, or skip it with `skip_nonfinite_steps`)."""
+        if self.stage is not None:  # pipeline: FThenB over the micro-batches, gradients clipped across stages
+            loss = run_schedule(self.model, self.stage, batches).loss
+            grad_norm = finish_gradients(self.model, self.stage, self.clip_norm)
+        else:
+            loss = self.forward_backward(batches)
+            grad_norm = global_grad_norm(self.model)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.clear_grad()
             problem = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm} is not finite"
@@ -266,7 +296,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.clear_grad()
         self.schedule.step()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "supervised_tokens": normalizer}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self) -> Optional[float]:
         if not self.cfg.eval_meta_path:
@@ -278,7 +308,7 @@ class Trainer:
         self.model.eval()
         with paddle.no_grad():
             for raw in loader:
-                batch = shard_batch(raw, self.mesh, self.model.config)
+                batch = self.shard(raw)
                 with self.autocast():
                     total += scalar(forward_loss(self.model, batch, 1.0))
                 tokens += supervised_tokens([batch])
@@ -297,7 +327,7 @@ class Trainer:
             arm_watchdog(cfg.step_timeout)  # covers this step with its evaluation and checkpoint save
             started = time.time()
             raw = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            sharded = [shard_batch(b, self.mesh, self.model.config) for b in raw]
+            sharded = [self.shard(b) for b in raw]
             record = self.train_step(sharded)
             self.step += 1
             faults.maybe_fail(self.rank, self.step, "train")

@@ -37,6 +37,7 @@ class ParallelDegrees:
     sharding_parallel_degree: int = 1
     sharding_stage: int = 0  # 0: none; 1/2/3: ZeRO stage over the "dp" dim
     pipeline_parallel_degree: int = 1
+    sequence_parallel: bool = False  # decoder activations sequence-sharded over "mp" (autoparallel/sequence_parallel.py)
 
     @property
     def dp(self) -> int:
@@ -76,8 +77,8 @@ def degree_problems(
     if problems:
         return problems
     if d.pipeline_parallel_degree > 1 and not allow_pipeline:
-        problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree}: pipeline parallel is not implemented "
-                        "in this entry point (autoparallel/pipeline.py runs stages; the engine does not call it yet)")
+        problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree}: this entry point does not "
+                        "run pipeline stages (training does: autoparallel/pipeline.py)")
     if config is not None and d.pipeline_parallel_degree > config.num_hidden_layers:
         problems.append(f"pipeline_parallel_degree={d.pipeline_parallel_degree} > num_hidden_layers="
                         f"{config.num_hidden_layers}: every stage needs a decoder layer")

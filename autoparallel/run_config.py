@@ -3,6 +3,7 @@ happens before any worker starts (so a bad config fails fast with exit code 2 an
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,10 +27,17 @@ class ParallelArgs:
     sharding_parallel_degree: int = 1
     pipeline_parallel_degree: int = 1
     sharding: str = ""  # PaddleMIX's --sharding: "", "stage1", "stage2" or "stage3"
+    sequence_parallel: bool = False  # decoder activations sequence-sharded inside the mp group
+    # Decoder layers per pipeline stage (empty: balanced by the cost model in placements/).
+    layers_per_stage: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.sharding not in ("", "stage1", "stage2", "stage3"):
             raise ValueError(f"sharding={self.sharding!r} must be one of stage1, stage2, stage3 (or empty)")
+        if self.sequence_parallel and self.tensor_parallel_degree < 2:
+            raise ValueError("sequence_parallel=true needs tensor_parallel_degree > 1 (it shards within the mp group)")
+        if self.sequence_parallel and self.pipeline_parallel_degree > 1:
+            raise ValueError("sequence_parallel=true with pipeline_parallel_degree > 1 is not supported yet")
 
     def degrees(self) -> ParallelDegrees:
         return ParallelDegrees(
@@ -38,6 +46,7 @@ class ParallelArgs:
             sharding_parallel_degree=self.sharding_parallel_degree,
             sharding_stage=int(self.sharding[-1]) if self.sharding else 0,
             pipeline_parallel_degree=self.pipeline_parallel_degree,
+            sequence_parallel=self.sequence_parallel,
         )
 
 
@@ -67,7 +76,7 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     """Cross-section checks: degrees vs world size and model shape, data and resume paths."""
     config = model_config(cfg.model_name_or_path)
     try:
-        validate_degrees(cfg.parallel.degrees(), config, world_size,
+        validate_degrees(cfg.parallel.degrees(), config, world_size, allow_pipeline=True,
                          per_device_batch_size=cfg.per_device_train_batch_size,
                          gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                          global_batch_size=cfg.global_batch_size)
@@ -85,6 +94,11 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
             load_meta(value)
         except DataError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+    if cfg.pipeline_parallel_degree > 1 and cfg.evaluation_strategy != "no":
+        raise ConfigError("evaluation with pipeline_parallel_degree > 1 is not supported yet: "
+                          "set evaluation_strategy: no (or evaluate the merged model with qwen2vl-ap infer)")
+    if cfg.pipeline_parallel_degree > 1 and "lora" in cfg.sections:
+        raise ConfigError("LoRA with pipeline_parallel_degree > 1 is not supported yet")
     if cfg.evaluation_strategy == "steps" and cfg.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
     return config

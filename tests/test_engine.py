@@ -117,3 +117,31 @@ def test_bad_config_fails_before_workers(meta, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
     assert not (out / "logs").exists()  # no worker was started
+
+
+def test_pipeline_and_sequence_parallel_match_one_process(meta, tmp_path):
+    """pp2 (FThenB over 2 micro-batches) and mp2 + sequence parallel through the CLI: same losses as one
+    process; the pp2 checkpoint (stage-local shards) merges to the single-process weights."""
+    args = ["--meta_path", meta, "--max_steps", "3", "--save_steps", "3", "--gradient_accumulation_steps", "2",
+            *FAST]
+    runs = {"single": ["--data_parallel_degree", "1", "--nproc_per_node", "1"],
+            "pp2": ["--data_parallel_degree", "1", "--pipeline_parallel_degree", "2"],
+            "mp2_sp": ["--data_parallel_degree", "1", "--tensor_parallel_degree", "2", "--sequence_parallel", "true"]}
+    for name, extra in runs.items():
+        assert_ok(sft([*args, "--output_dir", str(tmp_path / name), *extra]), tmp_path / name)
+    reference = losses(tmp_path / "single")
+    for name in ("pp2", "mp2_sp"):
+        for step, value in losses(tmp_path / name).items():
+            assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (name, step, value)
+    from ckpt_tools.merge import merge_dist_checkpoint
+    from network.weights import iter_checkpoint
+
+    merged = {}
+    for name in ("single", "pp2"):
+        merge_dist_checkpoint(str(tmp_path / name / "checkpoint-3"), str(tmp_path / f"{name}_merged"),
+                              format="safetensors", progress=False)
+        merged[name] = {key: array for key, array, _ in iter_checkpoint(str(tmp_path / f"{name}_merged"))}
+    assert merged["pp2"].keys() == merged["single"].keys()
+    for key, value in merged["single"].items():
+        np.testing.assert_allclose(np.asarray(merged["pp2"][key], np.float32), np.asarray(value, np.float32),
+                                   rtol=0, atol=2e-5, err_msg=key)
