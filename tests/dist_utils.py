@@ -62,3 +62,10 @@ def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
     tmp.write_text(json.dumps(result))
     tmp.replace(path)
 
+
+
+def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600) -> LaunchResult:
+    """`run_workers` that fails the test (with the worker logs) unless every rank finished and reported."""
+    run = run_workers(script, nproc, out_dir, args, timeout=timeout)
+    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
+    return run

@@ -98,15 +98,9 @@ def trainable_names(model, train_merger: bool) -> list[str]:
     return [n for n, _ in model.named_parameters() if is_trainable(n, train_merger)]
 
 
-def reference_run(train_merger: bool) -> dict:
-    """Single process, plain model and `causal_lm_loss` with the global token count as normalizer."""
-    from placements.qwen2_vl import is_trainable
-
-    config = tiny_config()
-    model = build_model(config)
-    for name, p in model.named_parameters():
-        p.stop_gradient = not is_trainable(name, train_merger)
-    opt = build_optimizer(model)
+def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
+    """Single-process steps over `micro_batches` with the plain model's `causal_lm_loss` and the global token
+    count as normalizer (what every layout must reproduce); returns the loss of each step."""
     losses = []
     for step in micro_batches(config):
         normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
@@ -117,8 +111,20 @@ def reference_run(train_merger: bool) -> dict:
                         labels=b["labels"], loss_normalizer=normalizer)
             out.loss.backward()
             total += float(out.loss)
-        opt.step()
-        opt.clear_grad()
+        optimizer.step()
+        optimizer.clear_grad()
         losses.append(total)
+    return losses
+
+
+def reference_run(train_merger: bool) -> dict:
+    """Single process, plain model and `causal_lm_loss` with the global token count as normalizer."""
+    from placements.qwen2_vl import is_trainable
+
+    config = tiny_config()
+    model = build_model(config)
+    for name, p in model.named_parameters():
+        p.stop_gradient = not is_trainable(name, train_merger)
+    losses = train_reference(model, build_optimizer(model), config)
     params = {n: p.numpy() for n, p in model.named_parameters()}
     return {"losses": losses, "params": params}

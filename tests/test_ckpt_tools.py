@@ -229,7 +229,7 @@ def test_merge_matches_reference_and_paddle(checkpoints, single_process_state, l
     single, _ = single_process_state
     st = merge_dist_checkpoint(str(ckpt), str(tmp_path / "st"), "safetensors", include_optimizer=True,
                                progress=False)
-    pd = merge_dist_checkpoint(str(ckpt / "dist_ckpt"), str(tmp_path / "pd"), "paddle", progress=False)
+    merge_dist_checkpoint(str(ckpt / "dist_ckpt"), str(tmp_path / "pd"), "paddle", progress=False)
     assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "st"))
     generation = json.loads((tmp_path / "st" / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 500, "eos_token_id": 501, "pad_token_id": 500}

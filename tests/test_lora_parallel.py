@@ -16,7 +16,7 @@ import pytest
 from autoparallel.lora import LoraArgs, apply_lora, load_adapter, read_adapter
 from dist_utils import run_workers
 from lora_worker import LORA_ARGS
-from parallel_cases import build_model, build_optimizer, micro_batches, tiny_config
+from parallel_cases import build_model, build_optimizer, micro_batches, tiny_config, train_reference
 
 WORKER = Path(__file__).with_name("lora_worker.py")
 LAYOUTS_2, LAYOUTS_4 = ["dp2", "mp2", "sharding1"], ["dp2mp2"]
@@ -35,20 +35,7 @@ def reference() -> dict:
     config = tiny_config()
     model = build_model(config)
     apply_lora(model, LoraArgs(**LORA_ARGS))
-    optimizer = build_optimizer(model)
-    losses = []
-    for step in micro_batches(config):
-        normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
-        total = 0.0
-        for b in step:
-            out = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                        pixel_values=paddle.to_tensor(b["pixel_values"]), image_grid_thw=b["image_grid_thw"],
-                        labels=b["labels"], loss_normalizer=normalizer)
-            out.loss.backward()
-            total += float(out.loss)
-        optimizer.step()
-        optimizer.clear_grad()
-        losses.append(total)
+    losses = train_reference(model, build_optimizer(model), config)
     lora = {n: p.numpy() for n, p in model.named_parameters() if not p.stop_gradient}
     return {"losses": losses, "lora": lora, "logits": _logits(model, micro_batches(config)[0][0])}
 

@@ -11,22 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers
+from dist_utils import run_workers, run_workers_ok
 from parallel_cases import _IMAGES, LAYOUTS_2, LAYOUTS_4
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
-def _launch(tmp: Path, nproc: int, args: list[str], timeout: float = 600):
-    run = run_workers(WORKER, nproc, tmp, args, timeout=timeout)
-    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
-    return run
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    run = _launch(out, 1, ["--reference"])
+    run = run_workers_ok(WORKER, 1, out, ["--reference"])
     return {mode: {"losses": run.results[0][mode], "params": dict(np.load(out / f"reference.{mode}.npz"))}
             for mode in ("frozen", "train_merger")}
 
@@ -36,7 +31,7 @@ def launched(tmp_path_factory):
     runs = {}
     for nproc, layouts in ((2, LAYOUTS_2), (4, LAYOUTS_4)):
         out = tmp_path_factory.mktemp(f"np{nproc}")
-        run = _launch(out, nproc, ["--layouts", ",".join(name for name, _, _ in layouts)])
+        run = run_workers_ok(WORKER, nproc, out, ["--layouts", ",".join(name for name, _, _ in layouts)])
         for name, _, train_merger in layouts:
             runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()},
                           "params": dict(np.load(out / f"params.{name}.npz")), "train_merger": train_merger}

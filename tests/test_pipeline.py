@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers
+from dist_utils import run_workers_ok
 from network.config import Qwen2VLConfig
 from test_sequence_parallel import assert_params_close
 
@@ -21,16 +21,11 @@ LAUNCHES = {2: ["pp2", "pp2_m4"], 4: ["pp2mp2"]}
 EXTRA_ARGS = {2: ["--resume-dp2"], 4: []}
 
 
-def _launch(tmp: Path, nproc: int, args: list[str]):
-    run = run_workers(WORKER, nproc, tmp, args, timeout=1200)
-    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
-    return run
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    run = _launch(out, 1, ["--reference"])
+    run = run_workers_ok(WORKER, 1, out, ["--reference"], timeout=1200)
     return {"losses": run.results[0]["losses"], "grad_norm": run.results[0]["grad_norm"],
             "params": dict(np.load(out / "reference.npz"))}
 
@@ -40,7 +35,7 @@ def launched(tmp_path_factory):
     runs = {}
     for nproc, layouts in LAUNCHES.items():
         out = tmp_path_factory.mktemp(f"pp{nproc}")
-        run = _launch(out, nproc, ["--pp", ",".join(layouts), *EXTRA_ARGS[nproc]])
+        run = run_workers_ok(WORKER, nproc, out, ["--pp", ",".join(layouts), *EXTRA_ARGS[nproc]], timeout=1200)
         for name in layouts:
             runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()},
                           "params": {r: dict(np.load(out / f"params.{name}.{r}.npz")) for r in range(nproc)}}

@@ -10,29 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers
+from dist_utils import run_workers_ok
 from parallel_cases import tiny_config
 
 WORKER = Path(__file__).with_name("pp_sp_worker.py")
 
 
-def _launch(tmp: Path, nproc: int, args: list[str]):
-    run = run_workers(WORKER, nproc, tmp, args, timeout=900)
-    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
-    return run
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    run = _launch(out, 1, ["--reference"])
+    run = run_workers_ok(WORKER, 1, out, ["--reference"], timeout=900)
     return {"losses": run.results[0]["losses"], "params": dict(np.load(out / "reference.npz"))}
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    run = _launch(out, 2, ["--sp", "mp2,mp2sp"])
+    run = run_workers_ok(WORKER, 2, out, ["--sp", "mp2,mp2sp"], timeout=900)
     return {"ranks": run.results, "params": {r: dict(np.load(out / f"params.mp2sp.{r}.npz")) for r in (0, 1)}}
 
 
