@@ -179,7 +179,9 @@ class Trainer:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             plan = render_plan(self.model.config, self.degrees.dp, self.degrees.mp, self.degrees.sharding_stage,
-                               train_merger=cfg.train_merger)
+                               pp=self.degrees.pipeline_parallel_degree,
+                               layers_per_stage=cfg.layers_per_stage or None,
+                               sequence_parallel=cfg.sequence_parallel, train_merger=cfg.train_merger)
             (self.output_dir / "plan.txt").write_text(f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{plan}\n")
 
     def autocast(self):

@@ -4,6 +4,9 @@
 Optimizer states are AdamW's moment1/moment2 (+ fp32 master weight for non-fp32 parameters) and its two
 [1]-shaped beta-power accumulators, found in the (inner) optimizer's `_accumulators` / `_master_weights`.
 Gradients are counted as allocated at the time of the call (Paddle's `clear_grad()` keeps zeroed buffers).
+On a pipeline stage model (`pipeline.build_stage_model`) only that stage's parameters exist, so both columns
+are per stage (the tied head's embedding copy included on the last stage), as `planner.state_memory(setup,
+stage)` plans them (tests/test_plan_pp_sp.py).
 """
 from __future__ import annotations
 

@@ -14,6 +14,12 @@ tests/test_planner.py): every parameter's local shape comes from `placements.lay
 Activations: see `activation_estimate`, a sum of the tensors autograd keeps per op (counted from network/,
 autoparallel/step.py and Paddle's kernels) plus the largest transient of each phase of a step; the peak of
 the step is the largest phase. Within 25% of Paddle's allocator peak on CPU (tests/test_planner.py).
+
+Pipeline parallel (pp > 1): a rank holds only its stage's parameters (`placements.parameter_stages`, the rules
+of autoparallel/pipeline.py), so state and activations are planned per stage and the fullest stage is the
+answer (`stage_memory_plans` has each). The schedule is FThenB: every micro-batch's forward runs before the
+first backward, so all `gradient_accumulation_steps` micro-batches' saved activations of the stage are alive
+at once. Sequence parallel: the decoder's RMSNorm activations (residual stream) are split over "mp".
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 from autoparallel.mesh import ParallelDegrees
 from network.config import Qwen2VLConfig
 from placements.lora import adapter_layout, adapter_shapes
-from placements.qwen2_vl import layout, parameter_shapes
+from placements.qwen2_vl import layout, parameter_shapes, parameter_stages, pipeline_layer_split
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -81,6 +87,15 @@ class PlanSetup:
     # Attention kernel: flash (CUDA, half precision) keeps O(S) per layer; the exact math path (CPU, fp32)
     # keeps the [b, heads, S, S] probabilities. network/attention.py picks the same way.
     flash_attention: bool = False
+    layers_per_stage: tuple[int, ...] | None = None  # explicit pipeline split (None: the cost model's)
+
+    @property
+    def pp(self) -> int:
+        return self.degrees.pipeline_parallel_degree
+
+    def stage_split(self) -> list[range]:
+        """Decoder layers of each pipeline stage (one stage holding all when pp = 1)."""
+        return pipeline_layer_split(self.config, self.pp, list(self.layers_per_stage) if self.layers_per_stage else None)
 
 
 @dataclass(frozen=True)
@@ -92,9 +107,10 @@ class Term:
 
 @dataclass
 class StateMemory:
-    """Bytes one rank holds between steps. All ranks of a dp x mp mesh hold the same; where a dim does not
-    divide, shards are rounded up (rank 0 is the fullest)."""
+    """Bytes one rank holds between steps. All ranks of a (stage's) dp x mp mesh hold the same; where a dim does
+    not divide, shards are rounded up (rank 0 is the fullest)."""
 
+    stage: int = 0  # pipeline stage these bytes are for
     param: int = 0
     grad: int = 0
     optimizer: int = 0
@@ -110,9 +126,12 @@ def numel(shape) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def state_memory(setup: PlanSetup) -> StateMemory:
-    """Parameters, gradients and optimizer states per rank (exact for the engine's layouts)."""
-    config, d = setup.config, setup.degrees
+def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
+    """Parameters, gradients and optimizer states per rank of pipeline `stage` (default: the fullest stage;
+    exact for the engine's layouts)."""
+    if stage is None:
+        return max((state_memory(setup, s) for s in range(setup.pp)), key=lambda m: m.total)
+    config, d, split = setup.config, setup.degrees, setup.stage_split()
     size = DTYPE_BYTES[setup.dtype]
     per_state = 2 * 4 + (4 if setup.dtype != "float32" else 0)  # fp32 moments (+ fp32 master weight)
     shapes = parameter_shapes(config)
@@ -124,6 +143,8 @@ def state_memory(setup: PlanSetup) -> StateMemory:
     # Repeated layers share shapes and placements: lay out one per pattern (72B has ~1,400 tensors).
     folded: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
     for name, shape in [*shapes.items(), *adapters.items()]:
+        if stage not in parameter_stages(name, config, split):
+            continue
         key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape))
         first, _, count = folded.get(key, (name, shape, 0))
         folded[key] = (first, shape, count + 1)
@@ -132,8 +153,8 @@ def state_memory(setup: PlanSetup) -> StateMemory:
             lay = adapter_layout(name, shape, config, d.dp, d.mp, d.sharding_stage)
         else:
             # Frozen LoRA base weights are outside the optimizer: ZeRO never shards them.
-            stage = 0 if setup.lora else d.sharding_stage
-            lay = layout(name, shape, config, d.dp, d.mp, stage, train_merger)
+            zero = 0 if setup.lora else d.sharding_stage
+            lay = layout(name, shape, config, d.dp, d.mp, zero, train_merger)
         frozen = lay.dense or (setup.lora is not None and name not in adapters)
         held = n * numel(lay.local_shape) * size
         if lay.dense:
@@ -151,10 +172,10 @@ def state_memory(setup: PlanSetup) -> StateMemory:
             parts["moments"] += state * 8
             parts["master"] += state * (per_state - 8)
             parts["betas"] += n * 2 * 4
-    mem = StateMemory(param=parts["vit"] + parts["base"] + parts["trainable"], grad=parts["grad"],
+    mem = StateMemory(stage=stage, param=parts["vit"] + parts["base"] + parts["trainable"], grad=parts["grad"],
                       optimizer=parts["moments"] + parts["master"] + parts["betas"], largest_grad=largest)
     mem.terms = [
-        Term("frozen ViT (dense, every rank)", parts["vit"], "no gradient, no optimizer state"),
+        *([Term("frozen ViT (dense, every rank)", parts["vit"], "no gradient, no optimizer state")] if stage == 0 else []),
         *([Term("frozen base weights (LoRA)", parts["base"], "mp shard, not ZeRO-sharded")] if setup.lora else []),
         Term("LoRA adapters" if setup.lora else "trainable parameters", parts["trainable"], setup.dtype),
         Term("gradients", parts["grad"], setup.dtype + (", ZeRO-sharded" if d.sharding_stage >= 2 else "")),
@@ -173,6 +194,8 @@ class ActivationEstimate:
 
     saved: list[Term]
     phases: list[Term]
+    stage: int = 0  # pipeline stage
+    micro_batches_alive: int = 1  # FThenB under pp: every micro-batch's `saved` at once
 
     @property
     def peak(self) -> int:
@@ -203,12 +226,17 @@ def local_widths(config: Qwen2VLConfig, mp: int) -> LocalWidths:
                   ffn=config.intermediate_size // mp, vocab=config.vocab_size // mp)
 
 
-def _decoder_layer_saved(setup: PlanSetup, w: LocalWidths) -> tuple[int, int]:
-    """(bytes autograd keeps for one decoder layer, bytes of its largest backward transient)."""
-    wl, e = setup.workload, DTYPE_BYTES[setup.dtype]
+def _decoder_layer_saved(setup: PlanSetup, w: LocalWidths) -> tuple[int, int, int]:
+    """(bytes autograd keeps for one decoder layer's two RMSNorms, for the rest of the layer, bytes of its
+    largest backward transient)."""
+    wl, e, d = setup.workload, DTYPE_BYTES[setup.dtype], setup.degrees
     t, b, s = wl.tokens, wl.batch, wl.seq_len
     # RMSNorm x2: the fp32 input (a cast copy under bf16, the input itself in fp32), x*rsqrt, weight*x.
-    norms = 2 * t * w.h * (4 + 2 * e)
+    # Sequence parallel: they run on S/mp tokens; the norm output all-gathered for the colwise projections
+    # is then a separate full [b, S, H] tensor they keep (without SP it is weight*x itself).
+    sp = d.sequence_parallel and d.mp > 1
+    norms = 2 * t * w.h * (4 + 2 * e) // (d.mp if sp else 1)
+    gathered = 2 * t * w.h * e if sp else 0
     repeated = w.q != w.kv  # GQA: repeat_kv materialises k and v at the query head count
     # q, k: projection, rotate_half, rotated sum; v: projection (its repeat replaces it when GQA).
     qkv = t * e * (3 * w.q + 2 * w.kv + (2 * w.q if repeated else w.kv) + (w.q if repeated else w.kv))
@@ -226,29 +254,38 @@ def _decoder_layer_saved(setup: PlanSetup, w: LocalWidths) -> tuple[int, int]:
         attn_workspace = 2 * b * w.heads * s * s * 4  # gradients of probs and scores
     layer_weights = max(w.h * w.ffn, w.h * w.q) * e  # a weight gradient before it is accumulated
     workspace = max(attn_workspace, 3 * t * w.ffn * e) + layer_weights + 2 * t * w.h * e
-    return norms + qkv + out + mlp + attn, workspace
+    return norms, gathered + qkv + out + mlp + attn, workspace
 
 
-def activation_estimate(setup: PlanSetup) -> ActivationEstimate:
-    """Bytes per rank above the state during a micro-step (see the module docstring)."""
+def activation_estimate(setup: PlanSetup, stage: int | None = None) -> ActivationEstimate:
+    """Bytes per rank of pipeline `stage` (default: the stage with the highest peak) above the state during a
+    step (see the module docstring)."""
+    if stage is None:
+        return max((activation_estimate(setup, s) for s in range(setup.pp)), key=lambda a: a.peak)
     config, d, wl = setup.config, setup.degrees, setup.workload
     v, e = config.vision_config, DTYPE_BYTES[setup.dtype]
     w = local_widths(config, d.mp)
-    t, k, p, layers = wl.tokens, wl.supervised, wl.patches, config.num_hidden_layers
-    layer, layer_workspace = _decoder_layer_saved(setup, w)
+    t, k, p = wl.tokens, wl.supervised, wl.patches
+    first, last, layers = stage == 0, stage == setup.pp - 1, len(setup.stage_split()[stage])
+    alive = wl.gradient_accumulation_steps if setup.pp > 1 else 1
+    sp = d.sequence_parallel and d.mp > 1
+    norms, rest, layer_workspace = _decoder_layer_saved(setup, w)
+    layer = norms + rest
 
     batch = t * 8 * 6 + 2 * t * config.head_dim * e  # ids, labels, mask, [3, B, S] positions (int64); M-RoPE cos/sin
     # Non-reentrant recompute keeps only each layer's input; the layer under backward is recomputed in full.
-    decoder = layers * (t * w.h * e if wl.recompute else layer)
     recomputed = layer if wl.recompute else 0
     merger = 0
-    if setup.train_merger or (setup.lora and any(x.startswith("visual.merger") for x in setup.lora.targets)):
+    if first and (setup.train_merger or
+                  (setup.lora and any(x.startswith("visual.merger") for x in setup.lora.targets))):
         merger = 4 * p * v.embed_dim * e  # LayerNorm input, both Linear inputs, GELU input (run as dist ops)
     # Loss head on the K supervised positions only: vocab-split logits, CE in fp32. Kept for backward: the
     # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
-    head_saved = 3 * k * w.vocab * 4 + k * w.h * e
+    head_saved = 3 * k * w.vocab * 4 + k * w.h * e if last else 0
     head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
     head_backward = 3 * k * w.vocab * 4 + w.vocab * w.h * e  # CE gradients; the head's weight-gradient temp
+    # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
+    boundary = t * w.h * e if setup.pp > 1 and not last else 0
 
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     if setup.flash_attention:
@@ -259,21 +296,33 @@ def activation_estimate(setup: PlanSetup) -> ActivationEstimate:
     vit_block = max(vit_attn, 2 * p * int(v.embed_dim * v.mlp_ratio) * e) + 4 * p * v.embed_dim * e
     vision = p * patch_dim * 4 + vit_block + 3 * t * w.h * e if p else 3 * t * w.h * e
 
-    saved = [
+    sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
+    if wl.recompute:
+        decoder = [Term(f"decoder x{layers} (recompute: layer inputs)", layers * t * w.h * e // (d.mp if sp else 1),
+                        f"{layer / 2**20:.1f} MiB per layer recomputed{sharded}")]
+    else:
+        decoder = [Term(f"decoder RMSNorm activations x{layers}", layers * norms, f"2 norms per layer{sharded}"),
+                   Term(f"decoder x{layers}, rest", layers * rest, f"{layer / 2**20:.1f} MiB per layer in all")]
+    per_micro = [
         Term("batch tensors + M-RoPE cos/sin", batch),
-        Term(f"decoder x{layers}" + (" (recompute: layer inputs)" if wl.recompute else ""), decoder,
-             f"{layer / 2**20:.1f} MiB per layer"),
+        *decoder,
+        *([Term("stage output, kept for its backward", boundary, "[b, S, H]")] if boundary else []),
         *([Term("trainable merger", merger)] if merger else []),
-        Term(f"loss head on {k} supervised positions", head_saved, f"[{k}, {w.vocab}] fp32 x3"),
+        *([Term(f"loss head on {k} supervised positions", head_saved, f"[{k}, {w.vocab}] fp32 x3")] if last else []),
     ]
-    kept = sum(x.bytes for x in saved)
+    times = f"x{alive} micro-batches alive (FThenB)"
+    saved = per_micro if alive == 1 else [Term(x.name, alive * x.bytes, f"{x.note}; {times}" if x.note else times)
+                                          for x in per_micro]
+    kept, one = sum(x.bytes for x in saved), sum(x.bytes for x in per_micro)
     phases = [
-        Term("vision (frozen ViT, no_grad)", batch + vision, "pixels + one ViT block + embedding merge"),
-        Term("loss forward", kept + head_forward),
-        Term("loss backward", kept + head_backward),
-        Term("decoder backward", kept - head_saved + recomputed + layer_workspace, "one layer's gradient workspace"),
+        *([Term("vision (frozen ViT, no_grad)", kept - one + batch + vision,
+                "pixels + one ViT block + embedding merge" + (f", {alive - 1} micro-batches kept" if alive > 1 else
+                                                               ""))] if first else []),
+        *([Term("loss forward", kept + head_forward), Term("loss backward", kept + head_backward)] if last else []),
+        Term("decoder backward", kept - head_saved + recomputed + layer_workspace + boundary,
+             "one layer's gradient workspace" + (", the received output gradient" if boundary else "")),
     ]
-    return ActivationEstimate(saved=saved, phases=phases)
+    return ActivationEstimate(saved=saved, phases=phases, stage=stage, micro_batches_alive=alive)
 
 
 @dataclass
@@ -282,6 +331,10 @@ class MemoryPlan:
     state: StateMemory
     activations: ActivationEstimate
     reserve: int = 0  # CUDA context, communication buffers, allocator slack (assumed, not modelled)
+
+    @property
+    def stage(self) -> int:
+        return self.state.stage
 
     @property
     def step_peak(self) -> int:
@@ -297,5 +350,11 @@ class MemoryPlan:
         return self.total <= device_bytes
 
 
+def stage_memory_plans(setup: PlanSetup, reserve: int = 0) -> list[MemoryPlan]:
+    """One plan per pipeline stage (a single one when pp = 1)."""
+    return [MemoryPlan(setup, state_memory(setup, s), activation_estimate(setup, s), reserve) for s in range(setup.pp)]
+
+
 def memory_plan(setup: PlanSetup, reserve: int = 0) -> MemoryPlan:
-    return MemoryPlan(setup, state_memory(setup), activation_estimate(setup), reserve)
+    """The plan of the fullest pipeline stage (of every rank when pp = 1)."""
+    return max(stage_memory_plans(setup, reserve), key=lambda m: m.total)

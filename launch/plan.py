@@ -23,7 +23,7 @@ from typing import Any
 
 from autoparallel.comm_plan import Collective, communication
 from autoparallel.mesh import degree_problems
-from autoparallel.planner import GiB, LoraSpec, MemoryPlan, PlanSetup, Workload, memory_plan
+from autoparallel.planner import GiB, LoraSpec, MemoryPlan, PlanSetup, Workload, stage_memory_plans
 from launch.config import ConfigError, RunConfig, parse_overrides, read_yaml, resolve_config_path
 from network.config import Qwen2VLConfig
 from network.image_processing import Qwen2VLImageProcessor
@@ -52,9 +52,10 @@ class PlanOptions:
 class Planned:
     cfg: RunConfig
     setup: PlanSetup
-    memory: MemoryPlan
+    memory: MemoryPlan  # the fullest pipeline stage's
     image_note: str
     problems: list[str]  # degree problems: the engine would refuse the config
+    stages: list[MemoryPlan]  # every pipeline stage's (one when pp = 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +91,7 @@ def build(config: str | None, overrides: dict[str, Any], options: PlanOptions) -
     model = _model_config(cfg.model_name_or_path)
     degrees = cfg.parallel.degrees()
     world = options.nproc_per_node * options.nnodes if options.nproc_per_node else None
-    problems = [p for p in degree_problems(degrees, model, world)
+    problems = [p for p in degree_problems(degrees, model, world, allow_pipeline=True)
                 # planning a GPU run on a CPU machine: the CPU build's own limits do not apply
                 if not (options.device == "gpu" and "CPU build" in p)]
     v = model.vision_config
@@ -115,9 +116,11 @@ def build(config: str | None, overrides: dict[str, Any], options: PlanOptions) -
                         supervised_fraction=options.supervised_fraction, recompute=cfg.recompute,
                         gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     setup = PlanSetup(config=model, degrees=degrees, workload=workload, dtype="bfloat16" if half else "float32",
-                      train_merger=cfg.train_merger, lora=lora, flash_attention=half)
+                      train_merger=cfg.train_merger, lora=lora, flash_attention=half,
+                      layers_per_stage=tuple(cfg.layers_per_stage) or None)
     reserve = options.reserve_gb if options.reserve_gb is not None else (1.0 if options.device == "gpu" else 0.0)
-    return Planned(cfg, setup, memory_plan(setup, int(reserve * GiB)), image_note, problems)
+    stages = stage_memory_plans(setup, int(reserve * GiB))
+    return Planned(cfg, setup, max(stages, key=lambda m: m.total), image_note, problems, stages)
 
 
 # ---- what would make it fit ---------------------------------------------------------------------------------
@@ -243,15 +246,29 @@ def render(planned: Planned, collectives: list[Collective], options: PlanOptions
     stage = f" (sharding stage{d.sharding_stage})" if d.sharding_stage else ""
     kind = "lora" if s.lora else "sft"
     lines = [
-        f"plan: {cfg.model_name_or_path} {kind} | {d.world_size} ranks = dp {d.dp}{stage} x mp {d.mp} (pp 1) | "
+        f"plan: {cfg.model_name_or_path} {kind} | {d.world_size} ranks = dp {d.dp}{stage} x mp {d.mp}"
+        f"{' (sequence parallel)' if d.sequence_parallel else ''} x pp {s.pp} | "
         f"{s.dtype}, {'flash' if s.flash_attention else 'math'} attention ({options.device})",
         f"per rank and micro-step: batch {wl.batch} x {wl.seq_len} tokens; {planned.image_note}; "
         f"{wl.supervised_fraction:.0%} supervised -> {wl.supervised} logit rows; recompute "
         f"{'on' if wl.recompute else 'off'}; accumulation {wl.gradient_accumulation_steps}",
         "",
-        "memory per rank (role: every rank - dp x mp ranks hold the same; rank 0 is the fullest if a dim does not "
-        "divide)",
     ]
+    if s.pp > 1:
+        split = s.stage_split()
+        lines += [f"pipeline: {s.pp} stages, FThenB over {wl.gradient_accumulation_steps} micro-batches "
+                  "(all of a stage's micro-batch activations alive at once); per stage and rank:"]
+        lines += [f"  stage {m.stage}: decoder layers {split[m.stage].start}-{split[m.stage].stop - 1}"
+                  f"{' + vision + embeddings' if m.stage == 0 else ''}"
+                  f"{' + norm + head' if m.stage == s.pp - 1 else ''}"
+                  f"{' (tied: embedding copy)' if m.stage == s.pp - 1 and s.config.tie_word_embeddings else ''}: "
+                  f"state {_size(m.state.total)}, activations {_size(m.step_peak)}, total {_size(m.total)}"
+                  for m in planned.stages]
+        lines += ["", f"memory per rank (role: pipeline stage {mem.stage}, the fullest - its dp x mp ranks hold the "
+                      "same; rank 0 is the fullest if a dim does not divide)"]
+    else:
+        lines.append("memory per rank (role: every rank - dp x mp ranks hold the same; rank 0 is the fullest if a "
+                     "dim does not divide)")
     lines += [f"  {t.name:44}{_gib(t.bytes)}  {t.note}" for t in mem.state.terms]
     lines.append(f"  {'state subtotal':44}{_gib(mem.state.total)}")
     act = mem.activations
@@ -268,7 +285,8 @@ def render(planned: Planned, collectives: list[Collective], options: PlanOptions
     lines.append(f"  {'total':44}{_gib(mem.total)}  of {options.device_memory_gb:g} GiB: {verdict}")
     if planned.problems:
         lines += ["", "the engine would refuse this config:"] + [f"  - {p}" for p in planned.problems]
-    lines += ["", "communication per optimizer step, per rank (payload per call)",
+    lines += ["", "communication per optimizer step, per rank" + (f" of stage {mem.stage}" if s.pp > 1 else "")
+              + " (payload per call)",
               f"  {'group':6}{'op':16}{'calls':>7}{'per call':>12}{'total':>12}  phase"]
     for c in collectives:
         lines.append(f"  {c.group:6}{c.op:16}{c.calls:7d}{_size(c.bytes_per_call):>12}{_size(c.total_bytes):>12}  "
@@ -294,7 +312,7 @@ def plan_main(argv: list[str]) -> int:
     if options.device not in ("gpu", "cpu") or not 0 < options.supervised_fraction <= 1:
         raise ConfigError("plan options: --device gpu|cpu, --supervised_fraction in (0, 1]")
     planned = build(config, overrides, options)
-    collectives = communication(planned.setup, cpu=options.device == "cpu")
+    collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
     print(render(planned, collectives, options))
     if planned.problems:
         return 2

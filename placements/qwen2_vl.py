@@ -112,6 +112,26 @@ def pipeline_layer_split(config: Qwen2VLConfig, pp: int, layers_per_stage: list[
     return [range(a, a + size) for a, size in zip(starts, sizes)]
 
 
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def parameter_stages(name: str, config: Qwen2VLConfig, split: list[range]) -> tuple[int, ...]:
+    """Pipeline stages holding parameter `name` under `split` (`pipeline_layer_split`): the rules
+    autoparallel/pipeline.py's `build_stage_model` applies. Two stages only for the tied head's embedding."""
+    last = len(split) - 1
+    if _under(name, "model.layers"):
+        layer = int(name.split(".")[2])
+        return (next(i for i, run in enumerate(split) if layer in run),)
+    if config.tie_word_embeddings and last and _under(name, PP_TIED_HEAD):
+        return (0, last)
+    if any(_under(name, p) for p in PP_FIRST_STAGE):
+        return (0,)
+    if any(_under(name, p) for p in PP_LAST_STAGE):
+        return (last,)
+    raise ValueError(f"{name}: not placed on any pipeline stage (PP_FIRST_STAGE / PP_LAST_STAGE / decoder layers)")
+
+
 def tensor_parallel_plan(config: Qwen2VLConfig, mp: int) -> dict[str, str]:
     """`TP_PLAN` for this model and mp degree (k/v replicated when mp > KV heads; lm_head only if untied)."""
     if mp == 1:

@@ -2,6 +2,9 @@
 
 Computed from `parameter_shapes(config)` without building the model, so it works for 72B. Repeated layers
 are folded ("model.layers.*.mlp.up_proj.weight x28"); byte columns are per rank, summed over the fold.
+With pipeline stages (pp > 1) rows are folded per stage and a "stage" column says where each parameter lives:
+a rank holds only its stage's rows (totals per stage); the tied head's embedding is on the first and the last
+stage. With sequence parallel a section lists the `SP_PLAN` regions (which activations are sequence-sharded).
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from network.config import Qwen2VLConfig
-from placements.qwen2_vl import ParamLayout, layout, parameter_shapes
+from placements.qwen2_vl import (PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, SP_GATHER_OUTPUT, SP_GATHER_REGION,
+                                  SP_PLAN, SP_SCATTER_INPUT, ParamLayout, layout, parameter_shapes, parameter_stages,
+                                  pipeline_layer_split)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -24,23 +29,27 @@ class PlanRow:
     param_bytes: int  # per rank, all `count` parameters
     grad_bytes: int
     optimizer_bytes: int  # AdamW moment1 + moment2 (fp32) + fp32 master weight when params are not fp32
+    stages: tuple[int, ...] = (0,)  # pipeline stages holding these parameters (each such rank holds the bytes)
 
 
 def _numel(shape) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def plan_rows(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *,
-              train_merger: bool = False, dtype: str | None = None) -> list[PlanRow]:
-    """One row per parameter pattern, in model order."""
+def plan_rows(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
+              layers_per_stage: list[int] | None = None, train_merger: bool = False,
+              dtype: str | None = None) -> list[PlanRow]:
+    """One row per parameter pattern (and pipeline stage), in model order."""
     dtype = dtype or config.dtype
     size = _DTYPE_BYTES[dtype]
-    folded: dict[str, list[ParamLayout]] = {}
+    split = pipeline_layer_split(config, pp, layers_per_stage)
+    # Folded by shape too: numbered siblings may differ (the merger's mlp.0 / mlp.2).
+    folded: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[ParamLayout]] = {}
     for name, shape in parameter_shapes(config).items():
-        pattern = re.sub(r"\.\d+\.", ".*.", name)
-        folded.setdefault(pattern, []).append(layout(name, shape, config, dp, mp, sharding_stage, train_merger))
+        key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape), parameter_stages(name, config, split))
+        folded.setdefault(key, []).append(layout(name, shape, config, dp, mp, sharding_stage, train_merger))
     rows = []
-    for pattern, layouts in folded.items():
+    for (pattern, _, stages), layouts in folded.items():
         first, n = layouts[0], len(layouts)
         state = 0 if first.state_local_shape is None else _numel(first.state_local_shape)
         per_state = 2 * 4 + (4 if dtype != "float32" else 0)
@@ -48,7 +57,7 @@ def plan_rows(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: i
             pattern=pattern, count=n, layout=first,
             param_bytes=n * _numel(first.local_shape) * size,
             grad_bytes=0 if first.grad_local_shape is None else n * _numel(first.grad_local_shape) * size,
-            optimizer_bytes=n * state * per_state,
+            optimizer_bytes=n * state * per_state, stages=stages,
         ))
     return rows
 
@@ -57,23 +66,70 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f}"
 
 
-def render_plan(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *,
+def _stage_contents(config: Qwen2VLConfig, split: list[range]) -> list[str]:
+    last, out = len(split) - 1, []
+    for i, run in enumerate(split):
+        parts = [f"decoder layers {run.start}-{run.stop - 1}"]
+        if i == 0:
+            parts += PP_FIRST_STAGE
+        if i == last:
+            parts += PP_LAST_STAGE if not config.tie_word_embeddings else \
+                [*PP_LAST_STAGE[:1], f"tied head = a copy of {PP_TIED_HEAD}, gradient summed with stage 0's"]
+        out.append(f"  stage {i}: " + ", ".join(parts))
+    return out
+
+
+_SP_EFFECT = {
+    SP_SCATTER_INPUT: "decoder input (embeddings) -> Shard(1): the residual stream starts sequence-sharded",
+    SP_GATHER_REGION: "input all-gathered (colwise projections need every token); Partial rowwise output -> Shard(1) "
+                      "(reduce-scatter; all-reduce + slice on CPU)",
+    SP_GATHER_OUTPUT: "output all-gathered to Replicate for the head (supervised positions)",
+}
+
+
+def _sp_section(mp: int) -> list[str]:
+    if mp == 1:
+        return ["sequence parallel: inactive (needs mp > 1)"]
+    width = max(map(len, SP_PLAN))
+    return [f"sequence parallel (SP_PLAN): decoder activations [b, S, H] outside the attention/MLP blocks are Shard(1) "
+            f'on "mp", S/{mp} tokens per rank: the residual stream and the RMSNorm inputs/outputs '
+            "(input_layernorm, post_attention_layernorm)",
+            *(f"  {key:{width}}  {style:13}  {_SP_EFFECT[style]}" for key, style in SP_PLAN.items())]
+
+
+def render_plan(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
+                layers_per_stage: list[int] | None = None, sequence_parallel: bool = False,
                 train_merger: bool = False, dtype: str | None = None) -> str:
-    """Human-readable plan table with per-rank totals (MiB)."""
-    rows = plan_rows(config, dp, mp, sharding_stage, train_merger=train_merger, dtype=dtype)
-    header = ("parameter", "x", "global shape", "[dp, mp]", "local shape", "param MiB", "grad MiB", "optim MiB")
+    """Human-readable plan table with per-rank totals (MiB): per stage when pp > 1, and the SP regions."""
+    rows = plan_rows(config, dp, mp, sharding_stage, pp=pp, layers_per_stage=layers_per_stage,
+                     train_merger=train_merger, dtype=dtype)
+    staged = pp > 1
+    header = ("parameter", "x", *(("stage",) if staged else ()), "global shape", "[dp, mp]", "local shape",
+              "param MiB", "grad MiB", "optim MiB")
+    text_cols = len(header) - 3
     table = [header]
     for r in rows:
         lay = r.layout
         where = "dense (frozen ViT)" if lay.dense else f"[{lay.placements[0]}, {lay.placements[1]}]"
-        table.append((r.pattern, str(r.count), str(list(lay.shape)), where, str(list(lay.local_shape)),
+        stage = (" + ".join(map(str, r.stages)) + (" (tied copy)" if len(r.stages) > 1 else ""),) if staged else ()
+        table.append((r.pattern, str(r.count), *stage, str(list(lay.shape)), where, str(list(lay.local_shape)),
                       _mib(r.param_bytes), _mib(r.grad_bytes), _mib(r.optimizer_bytes)))
-    totals = [sum(getattr(r, k) for r in rows) for k in ("param_bytes", "grad_bytes", "optimizer_bytes")]
-    table.append(("total per rank", "", "", "", "", *map(_mib, totals)))
+    keys = ("param_bytes", "grad_bytes", "optimizer_bytes")
+    blank = ("",) * (text_cols - 1)
+    for s in range(pp):
+        held = [r for r in rows if s in r.stages]
+        label = f"total per rank, stage {s}" if staged else "total per rank"
+        table.append((label, *blank, *(_mib(sum(getattr(r, k) for r in held)) for k in keys)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    title = (f"plan: dp={dp} mp={mp} sharding_stage={sharding_stage} dtype={dtype or config.dtype} "
-             f"train_merger={train_merger}")
-    lines = [title] + ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                       for row in table]
+    title = (f"plan: dp={dp} mp={mp} pp={pp} sharding_stage={sharding_stage} sequence_parallel={sequence_parallel} "
+             f"dtype={dtype or config.dtype} train_merger={train_merger}")
+    lines = [title] + ["  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(2, "-" * len(lines[1]))
+    if staged:
+        lines += [f"pipeline: {pp} stages, each on its own [dp, mp] sub-mesh; a rank holds only its stage's "
+                  "parameters (and their gradients and optimizer states)",
+                  *_stage_contents(config, pipeline_layer_split(config, pp, layers_per_stage))]
+    if sequence_parallel:
+        lines += _sp_section(mp)
     return "\n".join(lines)
