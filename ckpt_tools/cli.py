@@ -38,28 +38,39 @@ def _run(argv: list[str], parser: argparse.ArgumentParser, body: Callable[[argpa
         return 1
 
 
+_FORMAT_HELP = "safetensors: HF layout (transformers/vLLM); paddle: model_state.pdparams (PaddleMIX)"
+_DTYPES = ["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+
+
+def _add_output_options(p: argparse.ArgumentParser, dtype_default_help: str) -> None:
+    """--out/--dtype/--shard_size/--no_progress: the options of every command that writes a model directory."""
+    p.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
+    p.add_argument("--dtype", choices=_DTYPES, default=None,
+                   help=f"cast floating weights (default: {dtype_default_help})")
+    p.add_argument("--shard_size", type=_size, default=None,
+                   help="max bytes per weight file, e.g. 5GB (default: 5GB safetensors, one file paddle)")
+    p.add_argument("--no_progress", action="store_true")
+
+
+def _print_summary(summary: dict) -> int:
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def merge_ckpt_main(argv: list[str]) -> int:
     from ckpt_tools.merge import merge_dist_checkpoint
 
     p = argparse.ArgumentParser(prog="qwen2vl-ap merge-ckpt",
                                 description="Merge a dist checkpoint into one model directory (streaming).")
     p.add_argument("--ckpt", required=True, help="checkpoint-N or checkpoint-N/dist_ckpt")
-    p.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
-    p.add_argument("--format", choices=["safetensors", "paddle"], default="safetensors",
-                   help="safetensors: HF layout (transformers/vLLM); paddle: model_state.pdparams (PaddleMIX)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default=None,
-                   help="cast floating weights (default: as saved)")
+    p.add_argument("--format", choices=["safetensors", "paddle"], default="safetensors", help=_FORMAT_HELP)
     p.add_argument("--prefix", default=None, help="keep only keys under 'PREFIX.' and strip it")
     p.add_argument("--include_optimizer", action="store_true", help="also write optimizer states")
-    p.add_argument("--shard_size", type=_size, default=None,
-                   help="max bytes per weight file, e.g. 5GB (default: 5GB safetensors, one file paddle)")
-    p.add_argument("--no_progress", action="store_true")
+    _add_output_options(p, "as saved")
 
     def body(a: argparse.Namespace) -> int:
-        summary = merge_dist_checkpoint(a.ckpt, a.out, a.format, a.dtype, a.prefix, a.include_optimizer,
-                                        a.shard_size, progress=not a.no_progress)
-        print(json.dumps(summary, indent=2))
-        return 0
+        return _print_summary(merge_dist_checkpoint(a.ckpt, a.out, a.format, a.dtype, a.prefix, a.include_optimizer,
+                                                    a.shard_size, progress=not a.no_progress))
 
     return _run(argv, p, body)
 
@@ -75,19 +86,12 @@ def merge_lora_main(argv: list[str]) -> int:
     p.add_argument("--lora", required=True,
                    help="LoRA checkpoint-N (or its dist_ckpt) of `qwen2vl-ap lora`, or a directory with "
                         "lora_config.json + lora_model_state.pdparams (ours or paddlenlp's)")
-    p.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
-    p.add_argument("--format", choices=["safetensors", "paddle"], default="safetensors",
-                   help="safetensors: HF layout (transformers/vLLM); paddle: model_state.pdparams (PaddleMIX)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default=None,
-                   help="cast floating weights (default: the base dtype)")
-    p.add_argument("--shard_size", type=_size, default=None,
-                   help="max bytes per weight file, e.g. 5GB (default: 5GB safetensors, one file paddle)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--format", choices=["safetensors", "paddle"], default="safetensors", help=_FORMAT_HELP)
+    _add_output_options(p, "the base dtype")
 
     def body(a: argparse.Namespace) -> int:
-        summary = merge_lora(a.base, a.lora, a.out, a.format, a.dtype, a.shard_size, progress=not a.no_progress)
-        print(json.dumps(summary, indent=2))
-        return 0
+        return _print_summary(merge_lora(a.base, a.lora, a.out, a.format, a.dtype, a.shard_size,
+                                         progress=not a.no_progress))
 
     return _run(argv, p, body)
 
@@ -98,16 +102,11 @@ def convert_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qwen2vl-ap convert",
                                 description="Convert HF safetensors <-> PaddleMIX model_state.pdparams.")
     p.add_argument("--in", dest="in_dir", required=True, help="model directory")
-    p.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
-    p.add_argument("--to", choices=["paddle", "safetensors"], required=True)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default=None)
-    p.add_argument("--shard_size", type=_size, default=None)
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--to", choices=["paddle", "safetensors"], required=True, help=_FORMAT_HELP)
+    _add_output_options(p, "as stored")
 
     def body(a: argparse.Namespace) -> int:
-        summary = convert(a.in_dir, a.out, a.to, a.dtype, a.shard_size, progress=not a.no_progress)
-        print(json.dumps(summary, indent=2))
-        return 0
+        return _print_summary(convert(a.in_dir, a.out, a.to, a.dtype, a.shard_size, progress=not a.no_progress))
 
     return _run(argv, p, body)
 
