@@ -34,7 +34,7 @@ from autoparallel.pipeline import (Stage, build_stage_model, finish_gradients, m
                                    run_schedule)
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.run_config import RUN_CONFIG_FILE, load_resolved, model_config
-from autoparallel.step import ShardedBatch, forward_loss, shard_batch, supervised_tokens
+from autoparallel.step import ShardedBatch, clip_gradients_, forward_loss, shard_batch, supervised_tokens
 from launch.config import RunConfig
 from network.config import PRESETS
 from network.log import logger
@@ -112,7 +112,8 @@ def build_optimizer(model: paddle.nn.Layer, cfg: RunConfig, total_steps: int):
         learning_rate=schedule, parameters=model.parameters(), beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
         epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
         apply_decay_param_fun=lambda name: name in decay_names,
-        grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None,
+        # No grad_clip: the engine computes the global norm once per step (for metrics and the non-finite
+        # check) and clips with it (`clip_gradients_`), instead of ClipGradByGlobalNorm computing it again.
         multi_precision=use_bf16(cfg))
     return optimizer, schedule
 
@@ -164,9 +165,9 @@ class Trainer:
         if use_bf16(cfg):  # GPU only, not exercised in this CPU-only project's tests (see README)
             self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
                                                         dtype="bfloat16", master_weight=True)
-        self.clip_norm: Optional[float] = None
+        self.clip_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else None
         if self.stage is not None:
-            self.model, self.optimizer, self.clip_norm = parallelize_stage(
+            self.model, self.optimizer, _ = parallelize_stage(
                 self.model, optimizer, self.stage, self.degrees, train_merger=cfg.train_merger)
         else:
             self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
@@ -283,6 +284,7 @@ class Trainer:
         else:
             loss = self.forward_backward(batches)
             grad_norm = global_grad_norm(self.model)
+            clip_gradients_(self.model.parameters(), grad_norm, self.clip_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.clear_grad()
             problem = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm} is not finite"

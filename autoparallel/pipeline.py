@@ -43,7 +43,8 @@ import paddle.distributed as dist
 from autoparallel import cpu_compat
 from autoparallel.mesh import PP_DIM, ParallelDegrees, mesh_coordinate, stage_mesh
 from autoparallel.parallelize import parallelize
-from autoparallel.step import ShardedBatch, _replicated_value, embed_inputs, supervised_loss, supervised_tokens
+from autoparallel.step import (ShardedBatch, _replicated_value, clip_gradients_, embed_inputs, supervised_loss,
+                               supervised_tokens)
 from network.config import Qwen2VLConfig
 from network.log import logger
 from network.modeling_qwen2_vl import mrope_cos_sin
@@ -233,10 +234,7 @@ def finish_gradients(model: paddle.nn.Layer, stage: Stage, clip_norm: float | No
                 for p in params if p is not skip)
     # Every rank of a stage holds its stage's sum: the world sum counts each stage ranks_per_stage times.
     norm = math.sqrt(_world_sum(local) / stage.ranks_per_stage)
-    if clip_norm is not None and math.isfinite(norm):
-        scale = clip_norm / max(norm, clip_norm)
-        for p in params:
-            p.grad._local_value().scale_(scale)
+    clip_gradients_(params, norm, clip_norm)
     return norm
 
 

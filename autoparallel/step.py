@@ -20,6 +20,7 @@ statistics across "mp"; `F.cross_entropy` would all-gather the full [B, S, V] lo
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -195,6 +196,17 @@ def vocab_parallel_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) 
     target = row_sum(shifted * (targets.unsqueeze(-1) == ids).astype("float32"))
     valid = (targets != IGNORE_INDEX).astype("float32")
     return ((log_sum_exp - target) * valid).sum()
+
+
+def clip_gradients_(params: Sequence[paddle.Tensor], norm: float, clip_norm: float | None) -> None:
+    """Scale gradients in place by clip_norm / max(norm, clip_norm), as ClipGradByGlobalNorm does, given the
+    global norm the caller already computed (scaling every local piece scales sharded and partial grads alike)."""
+    if clip_norm is None or not math.isfinite(norm) or norm <= clip_norm:
+        return
+    scale = clip_norm / norm
+    for p in params:
+        if p.grad is not None:
+            (p.grad._local_value() if p.grad.is_dist() else p.grad).scale_(scale)
 
 
 def supervised_tokens(batches: Sequence[ShardedBatch]) -> int:
