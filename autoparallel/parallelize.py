@@ -1,4 +1,4 @@
-"""Apply the Qwen2-VL plan (placements/) to a plain model and its optimizer with `dist.parallelize`.
+"""Apply the Qwen2-VL plan (placements/, plain data) to a plain model and its optimizer with `dist.parallelize`.
 
 Order: CPU workarounds -> freeze the vision tower -> `dist.parallelize` (tensor-parallel plan, then ZeRO
 stage over "dp", every other parameter replicated). The frozen vision tower (all of it, or all but the merger
@@ -16,10 +16,26 @@ import paddle.distributed as dist
 from paddle.distributed.auto_parallel.intermediate.parallel_base import ParallelOptimizer
 
 from autoparallel import cpu_compat
-from autoparallel.mesh import ParallelDegrees
+from network.config import Qwen2VLConfig
 from network.log import logger
-from placements.qwen2_vl import is_trainable, parallelize_config
+from placements.degrees import ParallelDegrees
+from placements.lora import lora_plan
+from placements.qwen2_vl import COLWISE, ROWWISE, is_trainable, tensor_parallel_plan
 
+
+def paddle_plan(plan: dict[str, str]) -> dict[str, dist.ColWiseParallel | dist.RowWiseParallel]:
+    """Fresh Paddle plan objects for a plan of placements/ (they carry per-model state: never share them)."""
+    styles = {COLWISE: dist.ColWiseParallel, ROWWISE: dist.RowWiseParallel}
+    return {key: styles[style]() for key, style in plan.items()}
+
+
+def parallelize_config(config: Qwen2VLConfig, mp: int, sharding_stage: int) -> dict:
+    """The `config` argument of `dist.parallelize` (with the inert LoRA entries, see placements/lora.py)."""
+    plan = tensor_parallel_plan(config, mp)
+    return {
+        "mp_config": {"parallelize_plan": paddle_plan(plan | lora_plan(plan))},
+        "dp_config": {"sharding_level": sharding_stage},
+    }
 
 
 def freeze(model: paddle.nn.Layer, train_merger: bool = False) -> None:

@@ -22,8 +22,8 @@ whose mesh excludes the current rank: that segfaults on the CPU build. Here noth
   identical bits), so the copies stay identical. (A `new_group` per first/last pair hung in gloo's connect
   on the CPU build with 4 processes; p2p on the default group does not.)
 - Gradient clipping: ClipGradByGlobalNorm over the whole model needs the norm over all stages. The clip is
-  taken off the optimizer (`parallelize_stage`) and applied by `finish_gradients` with a cross-stage norm
-  (the tied copy counted once).
+  taken off the optimizer (`parallelize_stage`); `finish_gradients` returns the cross-stage norm (the tied copy
+  counted once) and `autoparallel.step.train_step` clips with it, as for pp = 1.
 - Checkpoints: each stage's `state_dict()` has global names (and the full model's auto-generated parameter
   names, so optimizer keys match a pp=1 run): `dist.save_state_dict` of it on every rank writes one checkpoint
   that ckpt_tools merges and a pp=1 layout loads (tests/test_pipeline.py); the tied copies are identical.
@@ -41,13 +41,14 @@ import paddle
 import paddle.distributed as dist
 
 from autoparallel import cpu_compat
-from autoparallel.mesh import PP_DIM, ParallelDegrees, mesh_coordinate, stage_mesh
+from autoparallel.batch import ShardedBatch, replicated_value, supervised_tokens
+from autoparallel.forward import embed_inputs, supervised_loss
+from autoparallel.mesh import PP_DIM, mesh_coordinate, stage_mesh
 from autoparallel.parallelize import parallelize
-from autoparallel.step import (ShardedBatch, _replicated_value, clip_gradients_, embed_inputs, supervised_loss,
-                               supervised_tokens)
 from network.config import Qwen2VLConfig
 from network.log import logger
 from network.modeling_qwen2_vl import mrope_cos_sin
+from placements.degrees import ParallelDegrees
 from placements.qwen2_vl import PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, pipeline_layer_split
 
 
@@ -129,7 +130,7 @@ def parallelize_stage(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimi
                       ) -> tuple[paddle.nn.Layer, paddle.optimizer.Optimizer, float | None]:
     """`parallelize` on the stage's sub-mesh; returns (model, optimizer, clip_norm). The optimizer's
     ClipGradByGlobalNorm is removed (its norm would cover one stage) and its clip_norm returned for
-    `train_step_pipeline`."""
+    `autoparallel.step.train_step`."""
     clip = optimizer._grad_clip
     if clip is not None and not isinstance(clip, paddle.nn.ClipGradByGlobalNorm):
         raise ValueError(f"pipeline parallel supports ClipGradByGlobalNorm or no clipping, not {type(clip).__name__}")
@@ -173,7 +174,6 @@ class PipelineStepStats:
     forward_seconds: float  # this rank's forward compute over all micro-batches
     backward_seconds: float  # this rank's backward compute
     wall_seconds: float  # schedule start to end (before the optimizer step)
-    grad_norm: float | None = None  # global, before clipping (`finish_gradients`)
 
     @property
     def bubble(self) -> float:
@@ -221,21 +221,18 @@ def _world_sum(value: float) -> float:
     return float(t)
 
 
-def finish_gradients(model: paddle.nn.Layer, stage: Stage, clip_norm: float | None = None) -> float:
-    """After `run_schedule`: sum the tied-head copies' gradients, return the global gradient norm over all
-    stages (the tied copy counted once; same on every rank) and, with `clip_norm`, scale the gradients in place
-    by clip_norm / max(norm, clip_norm) as ClipGradByGlobalNorm would on the whole model."""
+def finish_gradients(model: paddle.nn.Layer, stage: Stage) -> float:
+    """After `run_schedule`: sum the tied-head copies' gradients and return the global gradient norm over all
+    stages (the tied copy counted once; same on every rank)."""
     params = [p for p in model.parameters() if not p.stop_gradient and p.grad is not None]
     tied = _tied_weight(model, stage)
     if tied is not None:
         _sum_tied_grad(tied.grad, stage)
     skip = tied if stage.last and not stage.first else None
-    local = sum(float(_replicated_value(paddle.square(p.grad.astype("float32")).sum()))
+    local = sum(float(replicated_value(paddle.square(p.grad.astype("float32")).sum()))
                 for p in params if p is not skip)
     # Every rank of a stage holds its stage's sum: the world sum counts each stage ranks_per_stage times.
-    norm = math.sqrt(_world_sum(local) / stage.ranks_per_stage)
-    clip_gradients_(params, norm, clip_norm)
-    return norm
+    return math.sqrt(_world_sum(local) / stage.ranks_per_stage)
 
 
 def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[ShardedBatch]) -> PipelineStepStats:
@@ -267,7 +264,7 @@ def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[S
             grad = _recv(out._local_value().shape, out.dtype, stage.next_rank, stage.mesh)
         t = time.perf_counter()
         if stage.last:
-            total += float(_replicated_value(out))
+            total += float(replicated_value(out))
             out.backward()
         else:
             paddle.autograd.backward([out], [grad])
@@ -278,14 +275,3 @@ def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[S
     # The loss lives on the last stage (replicated over its ranks); share it with every rank.
     loss = _world_sum(total if stage.last else 0.0) / stage.ranks_per_stage
     return PipelineStepStats(loss, forward, backward, wall)
-
-
-def train_step_pipeline(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, stage: Stage,
-                        micro_batches: Sequence[ShardedBatch], clip_norm: float | None = None) -> PipelineStepStats:
-    """One optimizer step: `run_schedule`, `finish_gradients`, step (the engine adds its non-finite checks
-    between the last two)."""
-    stats = run_schedule(model, stage, micro_batches)
-    stats.grad_norm = finish_gradients(model, stage, clip_norm)
-    optimizer.step()
-    optimizer.clear_grad()
-    return stats

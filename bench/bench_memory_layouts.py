@@ -22,8 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the multi-process harness and its workers live there
 
-from autoparallel.mesh import ParallelDegrees  # noqa: E402
-from autoparallel.planner import (DTYPE_BYTES, STAGE2_UNSHARDED_TIED_GRADS, PlanSetup, StateMemory,  # noqa: E402
+from placements.degrees import ParallelDegrees  # noqa: E402
+from autoparallel.planning.memory import (DTYPE_BYTES, STAGE2_UNSHARDED_TIED_GRADS, PlanSetup, StateMemory,  # noqa: E402
                                   Workload, state_memory)
 from dist_utils import run_workers  # noqa: E402
 from network.config import Qwen2VLConfig  # noqa: E402

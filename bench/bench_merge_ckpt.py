@@ -126,7 +126,7 @@ def run_child(side: str, ckpt: Path, out: Path) -> dict:
 
 def read_sampled(path: Path) -> dict[str, bytes]:
     """Raw bytes of the SAMPLED tensors from a .pdparams, read lazily (no full load)."""
-    from ckpt_tools.formats import index_pickle, read_ref
+    from network.formats import index_pickle, read_ref
 
     refs = index_pickle(str(path))
     return {n: np.ascontiguousarray(read_ref(refs[n])).tobytes() for n in SAMPLED}

@@ -23,8 +23,8 @@ import ml_dtypes
 import numpy as np
 import paddle
 
-from autoparallel.lora import PADDLEMIX_TARGETS, LoraArgs, save_adapter, target_names
-from ckpt_tools.writers import PlannedTensor, ShardedWriter
+from network.lora import PADDLEMIX_TARGETS, LoraArgs, save_adapter, target_names
+from network.writers import PlannedTensor, ShardedWriter
 from network.config import Qwen2VLConfig
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.weights import is_linear_weight

@@ -19,9 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the multi-process harness and its model/data builders
 
-from autoparallel.comm_plan import communication  # noqa: E402
-from autoparallel.mesh import ParallelDegrees  # noqa: E402
-from autoparallel.planner import PlanSetup, Workload  # noqa: E402
+from autoparallel.planning.communication import communication  # noqa: E402
+from placements.degrees import ParallelDegrees  # noqa: E402
+from autoparallel.planning.memory import PlanSetup, Workload  # noqa: E402
 
 BENCH = "scaling"
 BENCH_TIMEOUT = 300  # read by run_all: four launches of a few steps each
@@ -48,7 +48,8 @@ def worker(out: Path, names: list[str]) -> None:
 
     from autoparallel.mesh import build_mesh, mesh_coordinate
     from autoparallel.parallelize import parallelize
-    from autoparallel.step import shard_batch, train_step
+    from autoparallel.batch import shard_batch
+from autoparallel.step import train_step
     from dist_utils import write_result
     from parallel_cases import build_model, build_optimizer
     from planner_worker import scaled_config, synthetic_batch

@@ -9,8 +9,7 @@ import argparse
 import json
 from typing import Callable
 
-from ckpt_tools.distckpt import CheckpointError
-from ckpt_tools.formats import FormatError
+from network.formats import CheckpointError, FormatError
 from network.log import logger
 
 _INPUT_ERRORS = (CheckpointError, FormatError, FileNotFoundError, FileExistsError, ValueError)

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ckpt_tools.formats import (PADDLE_DTYPES, ArrayRef, FormatError, Metadata, index_file, load_metadata,
+from network.formats import (CheckpointError, PADDLE_DTYPES, ArrayRef, FormatError, Metadata, index_file, load_metadata,
                                 read_bytes_into)
 
 DIST_DIR = "dist_ckpt"
@@ -31,10 +31,6 @@ _MAX_OPEN_FILES = 64
 # Paddle optimizer state keys: `{param.name}_{accumulator}_{n}` and master weights.
 OPTIMIZER_KEY = re.compile(r"(_(moment1|moment2|moment2_max|beta1_pow_acc|beta2_pow_acc|velocity|"
                            r"mean_square|mean_grad|inf_norm|squared)_\d+$)|^master_weights\.|^optimizer\.")
-
-
-class CheckpointError(ValueError):
-    """An incomplete or inconsistent checkpoint; the message names the tensor(s) and file(s)."""
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global offset, shape)

@@ -8,12 +8,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ckpt_tools.convert import weight_files
 from ckpt_tools.distckpt import DistCheckpoint, is_dist_checkpoint
-from ckpt_tools.formats import FormatError, index_file
 from ckpt_tools.merge import model_dir_of
 from ckpt_tools.model_dir import check_shapes, expected_shapes
-from network.weights import canonical_name, is_linear_weight
+from network.formats import FormatError, index_file
+from network.weights import canonical_name, is_linear_weight, weight_files
 
 
 @dataclass

@@ -35,19 +35,17 @@ from typing import Callable, Optional
 import ml_dtypes
 import numpy as np
 
-from autoparallel.lora import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, LoraArgs
-from ckpt_tools.convert import model_sources
-from ckpt_tools.distckpt import CheckpointError, DistCheckpoint, is_dist_checkpoint
-from ckpt_tools.formats import index_file, read_ref
-from ckpt_tools.merge import (FORMATS, SourceTensor, export_tensors, model_dir_of, normalize_dtype, peak_rss_bytes,
+from ckpt_tools.distckpt import DistCheckpoint, is_dist_checkpoint
+from ckpt_tools.merge import (FORMATS, export_tensors, model_dir_of, normalize_dtype, peak_rss_bytes,
                               validate_against_config)
 from ckpt_tools.model_dir import CONFIG, MODEL_FILES, atomic_output_dir, copy_model_files
+from network.formats import CheckpointError, index_file, read_ref
 from network.log import logger
+from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs
 from network.tokenizer import has_tokenizer_files
-from network.weights import canonical_name, is_linear_weight
+from network.weights import SourceTensor, canonical_name, index_weights, is_linear_weight
 
 PEFT_SAFETENSORS = "peft_model.safetensors"  # paddlenlp's unified-checkpoint adapter file
-LORA_SUFFIXES = (".lora_A", ".lora_B")
 _BLOCK_BYTES = 32 << 20  # fp32 row block of the update
 # paddlenlp LoRAConfig variants whose merged weight is not W + A @ B * scaling.
 _UNSUPPORTED = ("pissa", "loraga", "use_mora", "lora_use_mixer", "do_qat")
@@ -301,7 +299,7 @@ def merge_lora(base: Optional[str], lora: str, out: str, format: str = "safetens
         elif is_dist_checkpoint(base):
             base_sources, base_dir = _dist_sources(stack.enter_context(DistCheckpoint(base))), model_dir_of(base)
         else:
-            base_sources, base_dir = model_sources(base), base
+            base_sources, base_dir = index_weights(base), base
         if not base_sources:
             raise CheckpointError(f"{base or lora}: no base model tensors")
         validate_against_config(base_sources, base_dir)

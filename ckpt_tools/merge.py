@@ -10,39 +10,24 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from ckpt_tools.distckpt import DIST_DIR, CheckpointError, DistCheckpoint, resolve_dist_dir
+from ckpt_tools.distckpt import DIST_DIR, DistCheckpoint, resolve_dist_dir
 from ckpt_tools.model_dir import atomic_output_dir, check_shapes, copy_model_files, expected_shapes
-from ckpt_tools.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
+from network.formats import CheckpointError
 from network.log import logger
-from network.weights import is_linear_weight
+from network.weights import SourceTensor, is_linear_weight
+from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
           "float32": np.dtype(np.float32)}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 FORMATS = ("safetensors", "paddle")
 _FLOAT_KINDS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
-
-
-@dataclass
-class SourceTensor:
-    """One tensor to export: name (Hub/PaddleMIX name), stored shape and dtype, and how to read it."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    layout: str  # "paddle" (Linear [in, out]) or "hf" (Linear [out, in])
-    read: Callable[[], np.ndarray]
-    origin: str  # file shown in messages
-
-    @property
-    def paddle_shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.shape)) if self.layout == "hf" and is_linear_weight(self.name) else self.shape
 
 
 def normalize_dtype(dtype: Optional[str]) -> Optional[np.dtype]:

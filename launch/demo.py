@@ -35,12 +35,12 @@ def _accuracy(model_dir: str | None, config_name: str, synthetic_dir: str, seed:
 
 
 def demo_main(argv: list[str]) -> int:
-    from autoparallel.checkpoint import list_checkpoints
-    from autoparallel.metrics import read_metrics
-    from autoparallel.run_config import RUN_CONFIG_FILE
+    from autoparallel.config import RUN_CONFIG_FILE
+    from autoparallel.engine.checkpoint import list_checkpoints
+    from autoparallel.engine.metrics import read_metrics
     from ckpt_tools.merge import merge_dist_checkpoint
-    from launch.cli import launch_training
     from launch.config import read_yaml
+    from launch.train import launch_training
 
     code, output_dir = launch_training("sft", argv)
     if code != 0:

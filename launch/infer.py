@@ -20,11 +20,8 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -32,6 +29,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import paddle
 
+from launch.launcher import WorkerLaunch
 from network.config import Qwen2VLConfig
 from network.generation import GenerationConfig, GenerationOutput, generate
 from network.log import logger
@@ -151,8 +149,9 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1):
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
     if tensor_parallel_degree == 1:
         return model
-    from autoparallel.mesh import ParallelDegrees, build_mesh
+    from autoparallel.mesh import build_mesh
     from autoparallel.parallelize import parallelize
+    from placements.degrees import ParallelDegrees
 
     degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
     model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
@@ -233,7 +232,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.tensor_parallel_degree < 1:
         raise InferError("--batch_size and --tensor_parallel_degree must be >= 1")
     if args.tensor_parallel_degree > 1:  # checked here, before any process starts
-        from autoparallel.mesh import ParallelDegrees, degree_problems
+        from placements.degrees import ParallelDegrees, degree_problems
 
         degrees = ParallelDegrees(tensor_parallel_degree=args.tensor_parallel_degree)
         problems = degree_problems(degrees, Qwen2VLConfig.from_pretrained(args.model))
@@ -252,34 +251,23 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
     """Run this command on N local processes; relay rank 0's output file to stdout while they run."""
-    log_dir = os.path.abspath(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-infer-"))
-    os.makedirs(log_dir, exist_ok=True)
-    rank0_stdout = os.path.join(log_dir, "rank0_stdout.txt")
-    open(rank0_stdout, "w").close()
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, RANK0_STDOUT_ENV: rank0_stdout,
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(args.tensor_parallel_degree),
-           "--log_dir", log_dir, str(Path(__file__).resolve()), *argv]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-infer-")).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rank0_stdout = log_dir / "rank0_stdout.txt"
+    rank0_stdout.write_text("")
     logger.info("tensor parallel inference on %d processes, logs in %s", args.tensor_parallel_degree, log_dir)
-    with open(os.path.join(log_dir, "launcher.log"), "w") as launcher_log, open(rank0_stdout) as relay:
-        proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            while proc.poll() is None:
-                sys.stdout.write(relay.read())
-                sys.stdout.flush()
-                time.sleep(0.1)
+    job = WorkerLaunch(Path(__file__).resolve(), argv, args.tensor_parallel_degree, log_dir,
+                       env={RANK0_STDOUT_ENV: str(rank0_stdout)})
+    with open(log_dir / "launcher.log", "w") as launcher_log, open(rank0_stdout) as relay:
+        def forward() -> None:
             sys.stdout.write(relay.read())
             sys.stdout.flush()
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-            return 130
-    if proc.returncode != 0:
-        print(f"qwen2vl-ap infer: tensor-parallel workers failed (exit code {proc.returncode}); "
+
+        code = job.run(stdout=launcher_log, poll=forward)
+    if code not in (0, 130):
+        print(f"qwen2vl-ap infer: tensor-parallel workers failed (exit code {code}); "
               f"see {log_dir}/workerlog.*", file=sys.stderr)
-    return proc.returncode
+    return code
 
 
 def _run(args: argparse.Namespace, requests: list[Request], generation_config: GenerationConfig) -> int:

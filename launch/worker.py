@@ -1,4 +1,4 @@
-"""Per-device entry point started by `paddle.distributed.launch` (see launch/cli.py)."""
+"""Per-device entry point started by `paddle.distributed.launch` (see launch/train.py)."""
 import os
 import sys
 
@@ -8,9 +8,10 @@ from network.log import setup_logging
 def main() -> None:
     command, run_config_path = sys.argv[1], sys.argv[2]
     setup_logging()
-    from autoparallel.engine import run_worker
+    from autoparallel.engine.trainer import run_worker
+    from launch.config import load_resolved
 
-    run_worker(command, run_config_path)
+    run_worker(load_resolved(command, run_config_path))
     # Every rank has passed the final barrier. Skip interpreter teardown: Paddle's CPU build sometimes aborts
     # (SIGABRT, exit code 250) while destroying its communication context at exit, after all work is done.
     sys.stdout.flush()

@@ -1,8 +1,15 @@
-"""Checkpoint I/O: the one key/layout table, lazy safetensors reading, `.pdparams`, and writers.
+"""Checkpoint I/O: the one key/layout table and the one reader and writer of every model-directory layout.
 
 Names are HF Hub names everywhere (`visual.*`, `model.*`, `lm_head.weight`), which are also the
 PaddleMIX `model_state.pdparams` names. Layouts differ only for Linear weights: HF stores [out, in],
 Paddle `nn.Linear` holds [in, out]. Conv3d, Embedding and norm weights are stored identically.
+
+A model directory holds one of four weight layouts, found by `weight_files` in this order:
+`model.safetensors.index.json` + shards, `model.safetensors`, `model_state.pdparams.index.json` + shards,
+`model_state.pdparams` (safetensors in HF layout, pdparams in Paddle layout). Every writer of the project
+(`save_weights`, merge-ckpt, merge-lora, convert) writes one of them, and `index_weights` reads all of them
+lazily through `network.formats`: tensor data is read one tensor at a time, and `.pdparams` pickles go through
+its restricted unpickler, so a crafted weight file cannot run code.
 
 In memory every tensor is a numpy array; bf16 uses `ml_dtypes.bfloat16` (a paddlenlp dependency),
 because plain numpy has no bf16 dtype.
@@ -13,17 +20,23 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 import paddle
 
+from network.formats import FormatError, index_file, index_safetensors, read_ref
 from network.log import logger
+from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PADDLE_WEIGHTS = "model_state.pdparams"
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default shard size
+PADDLE_INDEX = "model_state.pdparams.index.json"
+DEFAULT_MAX_SHARD_BYTES = DEFAULT_SHARD_BYTES
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # The table: every Linear weight (transposed between HF [out, in] and Paddle [in, out]).
 LINEAR_WEIGHTS = re.compile(
@@ -38,12 +51,6 @@ LINEAR_WEIGHTS = re.compile(
 _RENAMES = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
 # Non-persistent buffers some old exports contain; never parameters.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$|rotary_pos_emb\.inv_freq$")
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 def canonical_name(name: str) -> str:
@@ -63,58 +70,79 @@ def to_paddle_layout(name: str, array: np.ndarray) -> np.ndarray:
 to_hf_layout = to_paddle_layout  # a 2-D transpose is its own inverse
 
 
-# ---- readers ---------------------------------------------------------------------------------------------
-def read_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) lazily from one safetensors file, in file order.
+# ---- reading ---------------------------------------------------------------------------------------------
+@dataclass
+class SourceTensor:
+    """One stored tensor: Hub name, stored shape and dtype, its layout and how to read it (lazily)."""
 
-    The header is parsed here and tensors are views into a read-only memmap, so nothing is read until
-    used. `safetensors.numpy` is not used because it cannot return BF16 (numpy has no bf16 dtype) and
-    loads whole files at once.
-    """
-    with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len) if header else None
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        yield name, data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layout: str  # "paddle" (Linear [in, out]) or "hf" (Linear [out, in])
+    read: Callable[[], np.ndarray]  # the array as stored (layout above)
+    origin: str  # file(s) shown in messages
 
+    @property
+    def paddle_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape)) if self.layout == "hf" and is_linear_weight(self.name) else self.shape
 
-def _tensor_to_numpy(t: paddle.Tensor) -> np.ndarray:
-    array = t.numpy()
-    # Paddle hands out bf16 as raw uint16 bits.
-    return array.view(ml_dtypes.bfloat16) if t.dtype == paddle.bfloat16 else array
+    def read_paddle(self) -> np.ndarray:
+        """The array in Paddle layout."""
+        array = self.read()
+        return to_paddle_layout(self.name, array) if self.layout == "hf" else array
 
 
-def checkpoint_files(path: str) -> list[str]:
-    """Weight files of a checkpoint directory, by preference: sharded safetensors, single, pdparams."""
-    index = os.path.join(path, SAFE_INDEX)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
-    for name in (SAFE_WEIGHTS, PADDLE_WEIGHTS):
-        if os.path.exists(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    raise FileNotFoundError(f"no {SAFE_INDEX}, {SAFE_WEIGHTS} or {PADDLE_WEIGHTS} in {path}")
+def weight_files(path: str) -> tuple[list[str], str]:
+    """(weight files, layout "hf" | "paddle") of a model directory, in the preference order above."""
+    for single, index, layout in ((SAFE_WEIGHTS, SAFE_INDEX, "hf"), (PADDLE_WEIGHTS, PADDLE_INDEX, "paddle")):
+        index_path = os.path.join(path, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise FormatError(f"{index_path}: not a weight index ({type(exc).__name__}: {exc})") from None
+            return [os.path.join(path, s) for s in shards], layout
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)], layout
+    raise FileNotFoundError(f"no {SAFE_INDEX}, {SAFE_WEIGHTS}, {PADDLE_INDEX} or {PADDLE_WEIGHTS} in {path}")
+
+
+def index_weights(path: str) -> list[SourceTensor]:
+    """Every weight of a model directory as a lazily read `SourceTensor` (Hub names, file order); no tensor data
+    is read. Rotary `inv_freq` buffers of old exports are left out."""
+    files, layout = weight_files(path)
+    sources: dict[str, SourceTensor] = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FormatError(f"{file}: listed in the index but missing")
+        for raw_name, ref in index_file(file).items():
+            name = canonical_name(raw_name)
+            if _IGNORED.search(name):
+                continue
+            if name in sources:
+                raise FormatError(f"tensor '{name}' appears twice: in {sources[name].origin} and {file}")
+            dtype = ref.dtype
+            if layout == "paddle" and dtype == np.uint16:
+                dtype = _BF16  # paddle.save stores bf16 as uint16 bits
+            sources[name] = SourceTensor(name, ref.shape, dtype, layout,
+                                         lambda ref=ref, dtype=dtype: read_ref(ref).view(dtype), file)
+    return list(sources.values())
 
 
 def iter_checkpoint(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (Hub name, array in Paddle layout, source file) tensor by tensor."""
-    for file in checkpoint_files(path):
-        if file.endswith(".pdparams"):
-            state = paddle.load(file)
-            for name in list(state):
-                value = state.pop(name)
-                array = _tensor_to_numpy(value) if isinstance(value, paddle.Tensor) else np.asarray(value)
-                yield canonical_name(name), array, file  # already Paddle layout
-        else:
-            for name, array in read_safetensors(file):
-                name = canonical_name(name)
-                yield name, to_paddle_layout(name, array), file
+    for source in index_weights(path):
+        yield source.name, source.read_paddle(), source.origin
+
+
+def read_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) from one safetensors file in file order, as views into a read-only memmap (nothing is
+    read until used)."""
+    refs = sorted(index_safetensors(file).items(), key=lambda kv: kv[1].offset)
+    data = np.memmap(file, dtype=np.uint8, mode="r") if refs else None
+    for name, ref in refs:
+        yield name, data[ref.offset: ref.offset + ref.nbytes].view(ref.dtype).reshape(ref.shape)
 
 
 def load_weights(model: paddle.nn.Layer, path: str) -> None:
@@ -122,23 +150,24 @@ def load_weights(model: paddle.nn.Layer, path: str) -> None:
     params = model.state_dict()
     tied = model.config.tie_word_embeddings
     seen, problems = set(), []
-    for name, array, file in iter_checkpoint(path):
-        if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
+    for source in index_weights(path):
+        name, file = source.name, source.origin
+        if tied and name == "lm_head.weight":
             continue  # tied heads reuse model.embed_tokens.weight
         if name not in params:
             problems.append(f"unexpected key '{name}' in {file}")
             continue
         target = params[name]
-        if list(array.shape) != list(target.shape):
+        if list(source.paddle_shape) != list(target.shape):
             problems.append(
                 f"shape mismatch for '{name}' in {file}: model expects {list(target.shape)}, "
-                f"checkpoint has {list(array.shape)} (both in Paddle layout)"
+                f"checkpoint has {list(source.paddle_shape)} (both in Paddle layout)"
             )
             continue
-        target.set_value(_to_paddle(array, target.dtype))
+        target.set_value(_to_paddle(source.read_paddle(), target.dtype))
         seen.add(name)
     missing = [n for n in params if n not in seen]
-    files = ", ".join(checkpoint_files(path))
+    files = ", ".join(weight_files(path)[0])
     problems += [f"missing key '{n}' (not found in {files})" for n in missing]
     if problems:
         raise ValueError(f"cannot load {path}:\n  " + "\n  ".join(problems))
@@ -146,91 +175,79 @@ def load_weights(model: paddle.nn.Layer, path: str) -> None:
 
 
 def _to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
-    if array.dtype == ml_dtypes.bfloat16:
+    if array.dtype == _BF16:
         if dtype == paddle.bfloat16:  # keep the bits, no fp32 round trip
             return paddle.to_tensor(np.ascontiguousarray(array).view(np.uint16), dtype="bfloat16")
         array = array.astype(np.float32)
     return paddle.to_tensor(np.ascontiguousarray(array)).astype(dtype)
 
 
-# ---- writers ---------------------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------------------
+def _tensor_to_numpy(t: paddle.Tensor) -> np.ndarray:
+    array = t.numpy()
+    # Paddle hands out bf16 as raw uint16 bits.
+    return array.view(_BF16) if t.dtype == paddle.bfloat16 else array
+
+
+_NUMPY_DTYPES = {paddle.float32: np.dtype(np.float32), paddle.float16: np.dtype(np.float16), paddle.bfloat16: _BF16,
+                 paddle.float64: np.dtype(np.float64), paddle.int64: np.dtype(np.int64),
+                 paddle.int32: np.dtype(np.int32)}
+
+
 def iter_hf_state(model: paddle.nn.Layer) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (Hub name, array in HF layout) one parameter at a time, in the model's parameter order."""
     for name, tensor in model.state_dict().items():
         yield name, to_hf_layout(name, _tensor_to_numpy(tensor))
 
 
-def _write_safetensors_file(file: str, tensors: list[tuple[str, np.ndarray]]) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0  # "pt" so transformers accepts the file
-    for name, array in tensors:
-        size = array.nbytes
-        header[name] = {
-            "dtype": _ST_NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + size]
-        }
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    with open(file, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for _, array in tensors:
-            f.write(np.ascontiguousarray(array).tobytes())
+def _write(directory: str, fmt: str, tensors: list[tuple[PlannedTensor, Callable[[], np.ndarray]]],
+           max_shard_bytes: int | None) -> list[str]:
+    writer = ShardedWriter(directory, fmt, "model" if fmt == "safetensors" else "model_state",
+                           [p for p, _ in tensors], max_shard_bytes)
+    try:
+        for planned, read in tensors:
+            writer.write(planned.name, read())
+        return [os.path.join(directory, f) for f in writer.finish()]
+    finally:
+        writer.abort()
 
 
-def write_safetensors(
-    tensors: Iterable[tuple[str, np.ndarray]], path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-) -> list[str]:
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write HF-layout tensors as `model.safetensors`, or as shards plus `model.safetensors.index.json`
-    once they exceed `max_shard_bytes`. Holds at most one shard in memory. Returns the files written."""
+    once they exceed `max_shard_bytes`. Returns the files written."""
     os.makedirs(path, exist_ok=True)
-    temp_files, shard, shard_bytes, weight_map, total = [], [], 0, {}, 0
-
-    def flush() -> None:
-        temp = os.path.join(path, f".shard-{len(temp_files):05d}.tmp")
-        _write_safetensors_file(temp, shard)
-        temp_files.append((temp, [n for n, _ in shard]))
-
-    for name, array in tensors:
-        if shard and shard_bytes + array.nbytes > max_shard_bytes:
-            flush()
-            shard, shard_bytes = [], 0
-        shard.append((name, array))
-        shard_bytes += array.nbytes
-        total += array.nbytes
-    if shard or not temp_files:
-        flush()
-
-    if len(temp_files) == 1:
-        final = os.path.join(path, SAFE_WEIGHTS)
-        os.replace(temp_files[0][0], final)
-        return [final]
-    written = []
-    for i, (temp, names) in enumerate(temp_files, start=1):
-        final = f"model-{i:05d}-of-{len(temp_files):05d}.safetensors"
-        os.replace(temp, os.path.join(path, final))
-        weight_map.update({n: final for n in names})
-        written.append(os.path.join(path, final))
-    with open(os.path.join(path, SAFE_INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return written + [os.path.join(path, SAFE_INDEX)]
+    items = list(tensors)
+    planned = [(PlannedTensor(n, tuple(a.shape), a.dtype), lambda a=a: a) for n, a in items]
+    return _write(path, "safetensors", planned, max_shard_bytes)
 
 
 def _remove_stale_weights(path: str) -> None:
-    # Loading prefers the index, then model.safetensors, then pdparams: old files would shadow new ones.
-    stale = [n for n in os.listdir(path) if n in (SAFE_WEIGHTS, SAFE_INDEX, PADDLE_WEIGHTS)
-             or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)]
+    # Loading prefers the safetensors index, then model.safetensors, then pdparams: old files would shadow new ones.
+    stale = [n for n in os.listdir(path) if n in (SAFE_WEIGHTS, SAFE_INDEX, PADDLE_WEIGHTS, PADDLE_INDEX)
+             or re.fullmatch(r"model(_state)?-\d{5}-of-\d{5}\.(safetensors|pdparams)", n)]
     for name in stale:
         os.remove(os.path.join(path, name))
 
 
 def save_weights(model: paddle.nn.Layer, path: str, format: str = "safetensors",
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Save as HF safetensors (HF layout) or PaddleMIX-style `model_state.pdparams` (Paddle layout)."""
+                 max_shard_bytes: int | None = None) -> list[str]:
+    """Save as HF safetensors (HF layout; shards of `max_shard_bytes`, default 5 GB) or PaddleMIX-style
+    `model_state.pdparams` (Paddle layout; one file unless `max_shard_bytes` is given). One tensor is converted
+    at a time. Returns the files written."""
+    if format not in ("safetensors", "paddle"):
+        raise ValueError(f"format must be 'safetensors' or 'paddle', got {format!r}")
     os.makedirs(path, exist_ok=True)
     _remove_stale_weights(path)
-    if format == "safetensors":
-        write_safetensors(iter_hf_state(model), path, max_shard_bytes)
-    elif format == "paddle":
-        paddle.save(model.state_dict(), os.path.join(path, PADDLE_WEIGHTS))
-    else:
-        raise ValueError(f"format must be 'safetensors' or 'paddle', got {format!r}")
+    if format == "safetensors" and max_shard_bytes is None:
+        max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
+    transpose = format == "safetensors"
+    planned = []
+    for name, tensor in model.state_dict().items():
+        flip = transpose and is_linear_weight(name)
+        dtype = _NUMPY_DTYPES[tensor.dtype]
+        shape = tuple(tensor.shape)
+        planned.append((PlannedTensor(name, tuple(reversed(shape)) if flip else shape, dtype, flip),
+                        lambda t=tensor: _tensor_to_numpy(t)))
+    return _write(path, format, planned, max_shard_bytes)
+

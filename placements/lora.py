@@ -19,13 +19,13 @@ from __future__ import annotations
 import re
 
 from network.config import Qwen2VLConfig
-from placements.qwen2_vl import COLWISE, ROWWISE, ParamLayout, _split, _style_for, is_dense_vision, \
+from network.lora import LORA_PARAMS
+from placements.qwen2_vl import COLWISE, ROWWISE, ParamLayout, is_dense_vision, split_shape, style_for, \
     tensor_parallel_plan
 
 # Which adapter matrix is split, and with which style, per base style: the one whose dim the base splits
 # (colwise splits W's output dim = B's dim 1; rowwise splits W's input dim = A's dim 0).
 LORA_SHARDED_PARAM: dict[str, tuple[str, str]] = {COLWISE: ("lora_B", COLWISE), ROWWISE: ("lora_A", ROWWISE)}
-LORA_PARAMS = ("lora_A", "lora_B")
 
 
 def lora_plan(plan: dict[str, str]) -> dict[str, str]:
@@ -60,15 +60,15 @@ def adapter_layout(name: str, shape: tuple[int, ...], config: Qwen2VLConfig, dp:
     """Placement of one adapter matrix: follows its base layer on "mp" (table above); ZeRO over "dp" on the
     first dim "mp" does not split, as for any trainable parameter (placements.qwen2_vl.layout)."""
     layer, _, param = name.rpartition(".")
-    base_style = _style_for(f"{layer}.weight", tensor_parallel_plan(config, mp))
+    base_style = style_for(f"{layer}.weight", tensor_parallel_plan(config, mp))
     mp_dim = None
     if base_style is not None and LORA_SHARDED_PARAM[base_style][0] == param:
         mp_dim = 1 if base_style == COLWISE else 0
     dp_dim = None
     if sharding_stage and shape[0] != 1:
         dp_dim = next(d for d in range(len(shape)) if d != mp_dim)
-    mp_local = _split(tuple(shape), mp_dim, mp)
-    zero_local = _split(mp_local, dp_dim, dp)
+    mp_local = split_shape(tuple(shape), mp_dim, mp)
+    zero_local = split_shape(mp_local, dp_dim, dp)
     return ParamLayout(
         name=name, shape=tuple(shape),
         placements=(f"S({dp_dim})" if sharding_stage == 3 and dp_dim is not None else "R",

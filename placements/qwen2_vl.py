@@ -26,8 +26,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import paddle.distributed as dist
-
 from network.config import Qwen2VLConfig
 
 COLWISE, ROWWISE = "colwise", "rowwise"
@@ -145,23 +143,6 @@ def tensor_parallel_plan(config: Qwen2VLConfig, mp: int) -> dict[str, str]:
     return plan
 
 
-def paddle_plan(plan: dict[str, str]) -> dict[str, dist.ColWiseParallel | dist.RowWiseParallel]:
-    """Fresh Paddle plan objects (they carry per-model state, so never share them between models)."""
-    styles = {COLWISE: dist.ColWiseParallel, ROWWISE: dist.RowWiseParallel}
-    return {key: styles[style]() for key, style in plan.items()}
-
-
-def parallelize_config(config: Qwen2VLConfig, mp: int, sharding_stage: int) -> dict:
-    """The `config` argument of `dist.parallelize` (with the inert LoRA entries, see placements/lora.py)."""
-    from placements.lora import lora_plan  # placements.lora builds on this module's styles
-
-    plan = tensor_parallel_plan(config, mp)
-    return {
-        "mp_config": {"parallelize_plan": paddle_plan(plan | lora_plan(plan))},
-        "dp_config": {"sharding_level": sharding_stage},
-    }
-
-
 def is_trainable(name: str, train_merger: bool = False) -> bool:
     """Everything but the vision tower; the merger too when `train_merger`."""
     if name.startswith(MERGER_PREFIX):
@@ -220,7 +201,7 @@ class ParamLayout:
     dense: bool  # kept out of the dist model (frozen vision tower)
 
 
-def _style_for(name: str, plan: dict[str, str]) -> str | None:
+def style_for(name: str, plan: dict[str, str]) -> str | None:
     layer, _, attr = name.rpartition(".")
     for key, style in plan.items():
         if re.fullmatch(key, layer) and (attr == "weight" or (attr == "bias" and style == COLWISE)):
@@ -228,7 +209,7 @@ def _style_for(name: str, plan: dict[str, str]) -> str | None:
     return None
 
 
-def _split(shape: tuple[int, ...], dim: int | None, ways: int) -> tuple[int, ...]:
+def split_shape(shape: tuple[int, ...], dim: int | None, ways: int) -> tuple[int, ...]:
     if dim is None or ways == 1:
         return shape
     return tuple(-(-n // ways) if i == dim else n for i, n in enumerate(shape))
@@ -239,14 +220,14 @@ def layout(name: str, shape: tuple[int, ...], config: Qwen2VLConfig, dp: int, mp
     """The plan's placement of one parameter (same rules as `dist.parallelize` + `shard_optimizer`)."""
     shape = tuple(shape)
     dense = is_dense_vision(name, train_merger)
-    style = None if dense else _style_for(name, tensor_parallel_plan(config, mp))
+    style = None if dense else style_for(name, tensor_parallel_plan(config, mp))
     mp_dim = None if style is None else (1 if style == COLWISE and len(shape) == 2 else 0)
     # ZeRO shards over dp on the first tensor dim mp does not split; dim-0 size 1 stays whole.
     dp_dim = None
     if sharding_stage and not dense and shape[0] != 1:
         dp_dim = next((d for d in range(len(shape)) if d != mp_dim), None)
-    mp_local = _split(shape, mp_dim, mp)
-    zero_local = _split(mp_local, dp_dim, dp)
+    mp_local = split_shape(shape, mp_dim, mp)
+    zero_local = split_shape(mp_local, dp_dim, dp)
     on_dp = f"S({dp_dim})" if sharding_stage == 3 and dp_dim is not None else "R"
     on_mp = "R" if mp_dim is None else f"S({mp_dim})"
     trainable = is_trainable(name, train_merger)

@@ -3,7 +3,7 @@ use the same sgemm kernels (cpu_compat switches MKL to AVX2 on AMD CPUs, which c
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 from autoparallel.cpu_compat import prefer_mkl_avx2  # noqa: E402
 

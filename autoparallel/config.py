@@ -1,0 +1,306 @@
+"""A training run's configuration: typed dataclass sections behind one flat key space.
+
+Keys are flat and unique across sections, as in PaddleMIX's shell scripts, so `--learning_rate 1e-5` works
+whichever section holds it; code reads them typed, through their section (`cfg.train.learning_rate`,
+`cfg.lora.lora_rank`), so a section name can never stand for a key. Unknown keys and values of the wrong type
+are errors naming the key and where it came from. Files and the command line are parsed by `launch/config.py`;
+this module owns the schema and turns (source, flat dict) layers into a `RunConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from autoparallel.data.config import DataConfig
+from network.config import PRESETS, Qwen2VLConfig
+from network.lora import LoraArgs
+from placements.degrees import ParallelDegrees
+
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key and its source."""
+
+
+# ---- sections ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    # A preset name (`tiny`, `qwen2-vl-2b`, ...) builds random weights; a directory loads a checkpoint
+    # (HF safetensors or PaddleMIX `model_state.pdparams`).
+    model_name_or_path: str = "tiny"
+    freeze_vit: bool = True
+    train_merger: bool = False
+    recompute: bool = False
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.freeze_vit:
+            raise ValueError("freeze_vit=false (training the vision tower) is not supported yet: the ViT is frozen "
+                             "and runs dense per rank; set freeze_vit: true (train_merger: true trains the merger)")
+
+
+@dataclass
+class TrainingArgs:
+    output_dir: str = "output/tiny_sft"
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    save_steps: int = 0
+    save_total_limit: int = 0
+    logging_steps: int = 1
+    seed: int = 42
+    resume_from_checkpoint: Optional[str] = None
+    eval_meta_path: Optional[str] = None
+    eval_steps: int = 0
+    evaluation_strategy: Literal["no", "steps"] = "no"
+    per_device_eval_batch_size: int = 1
+    # Optional cross-check (PaddleMIX has no such key): when set it must equal per_device_train_batch_size x
+    # gradient_accumulation_steps x dp; it never changes the accumulation.
+    global_batch_size: Optional[int] = None
+    # A step whose loss or global grad norm is NaN/Inf stops training (NonFiniteError naming the step), or with
+    # true is skipped: no weight update, gradients cleared, LR schedule and AdamW step count not advanced.
+    skip_nonfinite_steps: bool = False
+    # Seconds a rank may spend in one step, checkpoint save or resume before it dumps its stacks to its worker log
+    # and exits, so the launcher stops the job (0 = off). Also the NCCL process-group timeout on GPU.
+    step_timeout: int = 1800
+
+    def __post_init__(self) -> None:
+        checks = {
+            "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+            "learning_rate": self.learning_rate >= 0,
+            "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "max_grad_norm": self.max_grad_norm >= 0,
+            "logging_steps": self.logging_steps >= 1,
+            "save_steps": self.save_steps >= 0,
+            "save_total_limit": self.save_total_limit >= 0,
+            "num_train_epochs": self.num_train_epochs > 0,
+            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
+            "adam_beta1": 0.0 <= self.adam_beta1 < 1.0,
+            "adam_beta2": 0.0 <= self.adam_beta2 < 1.0,
+            "adam_epsilon": self.adam_epsilon > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "max_steps": self.max_steps == -1 or self.max_steps >= 1,
+            "eval_steps": self.eval_steps >= 0,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size >= 1,
+            "global_batch_size": self.global_batch_size is None or self.global_batch_size >= 1,
+            "step_timeout": self.step_timeout >= 0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+
+    def num_warmup_steps(self, total: int) -> int:
+        # PaddleNLP semantics: an explicit warmup_steps wins over warmup_ratio.
+        return self.warmup_steps if self.warmup_steps > 0 else int(math.ceil(total * self.warmup_ratio))
+
+
+@dataclass
+class ParallelArgs:
+    data_parallel_degree: int = 1
+    tensor_parallel_degree: int = 1
+    sharding_parallel_degree: int = 1
+    pipeline_parallel_degree: int = 1
+    sharding: str = ""  # PaddleMIX's --sharding: "", "stage1", "stage2" or "stage3"
+    sequence_parallel: bool = False  # decoder activations sequence-sharded inside the mp group
+    # Decoder layers per pipeline stage (empty: balanced by the cost model in placements/).
+    layers_per_stage: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.sharding not in ("", "stage1", "stage2", "stage3"):
+            raise ValueError(f"sharding={self.sharding!r} must be one of stage1, stage2, stage3 (or empty)")
+        if self.sequence_parallel and self.tensor_parallel_degree < 2:
+            raise ValueError("sequence_parallel=true needs tensor_parallel_degree > 1 (it shards within the mp group)")
+        if self.sequence_parallel and self.pipeline_parallel_degree > 1:
+            raise ValueError("sequence_parallel=true with pipeline_parallel_degree > 1 is not supported yet")
+
+    def degrees(self) -> ParallelDegrees:
+        return ParallelDegrees(
+            data_parallel_degree=self.data_parallel_degree,
+            tensor_parallel_degree=self.tensor_parallel_degree,
+            sharding_parallel_degree=self.sharding_parallel_degree,
+            sharding_stage=int(self.sharding[-1]) if self.sharding else 0,
+            pipeline_parallel_degree=self.pipeline_parallel_degree,
+            sequence_parallel=self.sequence_parallel,
+        )
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,
+                             "parallel": ParallelArgs}
+COMMANDS = ("sft", "lora")
+
+
+def section_classes(command: str) -> dict[str, type]:
+    """The sections a command accepts (`lora` adds the LoRA keys)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown training command {command!r}")
+    return SECTIONS | ({"lora": LoraArgs} if command == "lora" else {})
+
+
+# ---- values -----------------------------------------------------------------------------------------------
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Coerce a YAML or command-line value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")) and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} ({source}): must be one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} ({source}): expected a list")
+        item = args[0] if args else Any
+        return [_convert(v, item, key, source) for v in value]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r} ({source}): expected true/false")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} ({source}): expected a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} ({source}): expected {annotation.__name__}") from None
+        if annotation is int:
+            if number != int(number):
+                raise ConfigError(f"{key}={value!r} ({source}): expected an integer")
+            return int(number)
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} ({source}): expected a string")
+        return str(value)
+    return value
+
+
+def _owners(classes: dict[str, type]) -> dict[str, tuple[str, Any]]:
+    """Flat key -> (section name, annotation)."""
+    owner: dict[str, tuple[str, Any]] = {}
+    for name, section_cls in classes.items():
+        for key, annotation in _field_types(section_cls).items():
+            if key in owner:
+                raise RuntimeError(f"config key {key!r} defined in two sections")  # programming error
+            owner[key] = (name, annotation)
+    return owner
+
+
+# ---- the run config ---------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Typed sections of one run; `lora` is None for `sft`."""
+
+    command: str
+    model: ModelArgs
+    data: DataConfig
+    train: TrainingArgs
+    parallel: ParallelArgs
+    lora: Optional[LoraArgs] = None
+    sources: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, command: str, sources: list[tuple[str, dict[str, Any]]]) -> "RunConfig":
+        """Instantiate every section of `command` from (source name, flat dict) layers; later layers win."""
+        classes = section_classes(command)
+        owner = _owners(classes)
+        values: dict[str, dict[str, Any]] = {name: {} for name in classes}
+        for source, layer in sources:
+            for key, raw in layer.items():
+                if key not in owner:
+                    close = difflib.get_close_matches(key, owner, n=3)
+                    hint = f"; did you mean {', '.join(close)}?" if close else ""
+                    raise ConfigError(f"unknown config key {key!r} ({source}){hint}")
+                section, annotation = owner[key]
+                values[section][key] = _convert(raw, annotation, key, source)
+        built = {}
+        for name, section_cls in classes.items():
+            try:
+                built[name] = section_cls(**values[name])
+            except TypeError as exc:  # a required field without a default
+                raise ConfigError(f"section {name}: {exc}") from None
+            except ValueError as exc:  # __post_init__ range checks
+                raise ConfigError(str(exc)) from None
+        return cls(command=command, sources=list(sources), **built)
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> "RunConfig":
+        """The same sources plus one more layer (e.g. a planner's candidate change)."""
+        return RunConfig.build(self.command, [*self.sources, (source, overrides)])
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.lora
+
+    def section_items(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in section_classes(self.command)}
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in self.section_items().values():
+            flat.update(dataclasses.asdict(section))
+        return flat
+
+    def save_yaml(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_flat_dict(), sort_keys=False))
+
+
+def model_config(model_name_or_path: str) -> Qwen2VLConfig:
+    """A preset name, or a local directory holding config.json (nothing is downloaded)."""
+    if model_name_or_path in PRESETS:
+        return Qwen2VLConfig.preset(model_name_or_path)
+    path = Path(model_name_or_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model_name_or_path={model_name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+            "local directory with config.json (models are never downloaded: copy the checkpoint locally)")
+    return Qwen2VLConfig.from_pretrained(str(path))

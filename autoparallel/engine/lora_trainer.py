@@ -1,0 +1,84 @@
+"""LoRA on the auto-parallel engine: `qwen2vl-ap lora` = the SFT engine with adapters (network/lora.py) added
+before `dist.parallelize`.
+
+Adapters work on distributed tensors unchanged: LoRALinear's forward is plain matmuls, `dist.parallelize` shards
+its base weight with the layer's ColWise/RowWise style and its adapters through the "layer.lora_X" plan entries
+of placements/lora.py (checked: placements, logits and gradients match one process).
+
+Optimizer. Only adapters reach the optimizer (autoparallel/parallelize.py), so frozen weights have no state
+and ZeRO-2/3 accept the model; ZeRO-3 therefore shards only the adapters over "dp" — split the frozen base
+weights with tensor parallel. With lora_dropout > 0 runs are not bit-comparable across layouts (the masks depend
+on how each tensor is split); PaddleMIX's presets use 0.
+
+Export. Every checkpoint gets the adapter next to its dist checkpoint (which keeps serving resume), and the
+final one is also written to `output_dir`. Gathering sharded adapters is a collective, while checkpoint extras
+are written by rank 0 only: `LoraTrainer.save` gathers on every rank first, `write_adapter` then writes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import paddle
+import paddle.distributed as dist
+
+from autoparallel.config import RunConfig
+from autoparallel.engine.trainer import Trainer
+from network.log import logger
+from network.lora import LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, save_adapter
+from placements.qwen2_vl import MERGER_PREFIX
+
+
+def gather_adapter(model: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
+    """Full (unsharded) adapter tensors by plain-model name. A collective: every rank must call it."""
+    state = {}
+    with paddle.no_grad():
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] not in LORA_PARAMS:
+                continue
+            if param.is_dist():
+                mesh = param.process_mesh
+                param = dist.reshard(param, mesh, [dist.Replicate()] * len(mesh.shape))._local_value()
+            state[name] = param.detach().clone()
+    return state
+
+
+class LoraTrainer(Trainer):
+    """The SFT engine with adapters added before `dist.parallelize` and exported with every checkpoint."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self._gathered: dict[str, paddle.Tensor] | None = None
+        super().__init__(cfg)
+
+    @property
+    def lora_args(self) -> LoraArgs:
+        return self.cfg.lora
+
+    def prepare_model(self) -> None:
+        if not self.cfg.uses_lora:
+            logger.info("lora: false: full fine-tuning")
+            return
+        names = apply_lora(self.model, self.lora_args)
+        # Under lora, train_merger means "the merger trains through its adapters" (the adapter files carry
+        # only LoRA weights); parallelize then runs the merger as dist ops, its base weights stay frozen.
+        on_merger = any(n.startswith(MERGER_PREFIX) for n in names)
+        if self.cfg.model.train_merger and not on_merger:
+            raise ValueError("train_merger: true with lora trains the merger through adapters: add "
+                             "'visual.merger.mlp.*' to lora_target_modules (or set train_merger: false)")
+        self.cfg.model.train_merger = on_merger
+
+    def save(self) -> Path:
+        if self.cfg.uses_lora:
+            self._gathered = gather_adapter(self.model)
+        try:
+            return super().save()
+        finally:
+            self._gathered = None
+
+    def write_adapter(self, directory: Path) -> None:
+        if self._gathered is None:
+            return
+        base = self.cfg.model.model_name_or_path
+        save_adapter(directory, self._gathered, self.lora_args, base)
+        if self.step == self.total_steps:
+            save_adapter(self.output_dir, self._gathered, self.lora_args, base)
+            logger.info("adapter written to %s (%s, %s)", self.output_dir, LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)

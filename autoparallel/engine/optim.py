@@ -1,0 +1,49 @@
+"""The optimizer of a run: AdamW with the weight-decay rule, and the warmup + decay learning-rate schedule."""
+from __future__ import annotations
+
+import functools
+import math
+
+import paddle
+
+from autoparallel.config import RunConfig
+
+
+def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: float = 0.0) -> float:
+    """Linear warmup then cosine/linear decay to `min_ratio`, or constant; `step` counts from 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def no_weight_decay(name: str) -> bool:
+    """Biases and norm weights are not decayed (HF/PaddleNLP rule)."""
+    return name.endswith(".bias") or "norm" in name or "ln_q" in name
+
+
+def use_bf16(cfg: RunConfig) -> bool:
+    """bf16 O2 (bf16 weights and activations, fp32 master weights and moments) needs a GPU build."""
+    return cfg.model.bf16 and paddle.is_compiled_with_cuda()
+
+
+def build_optimizer(model: paddle.nn.Layer, cfg: RunConfig, total_steps: int
+                    ) -> tuple[paddle.optimizer.AdamW, paddle.optimizer.lr.LambdaDecay]:
+    train = cfg.train
+    warmup = train.num_warmup_steps(total_steps)
+    schedule = paddle.optimizer.lr.LambdaDecay(
+        train.learning_rate,
+        functools.partial(lr_multiplier, warmup=warmup, total=total_steps, kind=train.lr_scheduler_type,
+                          min_ratio=train.min_lr_ratio))
+    decay_names = {p.name for n, p in model.named_parameters() if not no_weight_decay(n)}
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=schedule, parameters=model.parameters(), beta1=train.adam_beta1, beta2=train.adam_beta2,
+        epsilon=train.adam_epsilon, weight_decay=train.weight_decay,
+        apply_decay_param_fun=lambda name: name in decay_names,
+        # No grad_clip: autoparallel.step.train_step computes the global norm once per step (for metrics and the
+        # non-finite check) and clips with it, instead of ClipGradByGlobalNorm computing it again.
+        multi_precision=use_bf16(cfg))
+    return optimizer, schedule

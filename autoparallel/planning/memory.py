@@ -1,0 +1,360 @@
+"""Will it fit? Per-rank memory of a training run, from the plan data alone: no model, no workers.
+
+State (exact, checked against `autoparallel.memory_report.memory_report` after real engine steps in
+tests/test_planner.py): every parameter's local shape comes from `placements.layout` (LoRA adapters from
+`placements.lora.adapter_layout`) over `parameter_shapes(config)`, the same rules `dist.parallelize` applies.
+
+- parameters in the model dtype; the frozen ViT dense and whole on every rank (no gradient, no state).
+- gradients in the model dtype, only for trainable tensors; ZeRO-2/3 shard them over "dp".
+- AdamW: moment1 + moment2 in fp32, an fp32 master weight for bf16/fp16 parameters (O2), two [1] fp32
+  beta-power accumulators per parameter (never sharded). ZeRO-1/2/3 shard moments and master weights.
+- LoRA: only adapters train. Base weights stay in the model dtype on their mp shard and, since only
+  optimizer parameters are ZeRO-sharded, are never split over "dp", not even at stage 3.
+
+Activations: see `activation_estimate`, a sum of the tensors autograd keeps per op (counted from network/,
+autoparallel/step.py and Paddle's kernels) plus the largest transient of each phase of a step; the peak of
+the step is the largest phase. Within 25% of Paddle's allocator peak on CPU (tests/test_planner.py).
+
+Pipeline parallel (pp > 1): a rank holds only its stage's parameters (`placements.parameter_stages`, the rules
+of autoparallel/pipeline.py), so state and activations are planned per stage and the fullest stage is the
+answer (`stage_memory_plans` has each). The schedule is FThenB: every micro-batch's forward runs before the
+first backward, so all `gradient_accumulation_steps` micro-batches' saved activations of the stage are alive
+at once. Sequence parallel: the decoder's RMSNorm activations (residual stream) are split over "mp".
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from network.config import Qwen2VLConfig
+from placements.degrees import ParallelDegrees
+from placements.lora import adapter_layout, adapter_shapes
+from placements.qwen2_vl import layout, parameter_shapes, parameter_stages, pipeline_layer_split
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30
+# Paddle 3.3.1, tied embeddings: the embedding's weight gradient (lookup + tied head) arrives already
+# all-reduced (Replicate over "dp") and ShardingStage2's gradient hook only shards Partial gradients, so at
+# stage 2 it stays whole (measured; an untied model's embedding gradient is sharded).
+STAGE2_UNSHARDED_TIED_GRADS = ("model.embed_tokens.weight",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one rank processes per micro-step. Every sample is assumed to fill `seq_len` (the collator pads
+    to the longest sample of the global batch) and to carry `images_per_sample` images of `image_grid`."""
+
+    batch: int  # per_device_train_batch_size
+    seq_len: int  # max_seq_length
+    image_grid: tuple[int, int, int] = (1, 0, 0)  # (t, h, w) in patches per image
+    images_per_sample: int = 1
+    # Share of positions whose next token is supervised: the engine computes logits only there.
+    supervised_fraction: float = 0.25
+    recompute: bool = False
+    gradient_accumulation_steps: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def patches(self) -> int:
+        t, h, w = self.image_grid
+        return self.batch * self.images_per_sample * t * h * w
+
+    @property
+    def supervised(self) -> int:
+        return max(1, math.ceil(self.supervised_fraction * self.tokens))
+
+
+@dataclass(frozen=True)
+class PlanSetup:
+    config: Qwen2VLConfig
+    degrees: ParallelDegrees
+    workload: Workload
+    dtype: str = "float32"  # parameters and activations (bf16: O2 with fp32 master weights)
+    train_merger: bool = False
+    lora: LoraSpec | None = None
+    # Attention kernel: flash (CUDA, half precision) keeps O(S) per layer; the exact math path (CPU, fp32)
+    # keeps the [b, heads, S, S] probabilities. network/attention.py picks the same way.
+    flash_attention: bool = False
+    layers_per_stage: tuple[int, ...] | None = None  # explicit pipeline split (None: the cost model's)
+
+    @property
+    def pp(self) -> int:
+        return self.degrees.pipeline_parallel_degree
+
+    def stage_split(self) -> list[range]:
+        """Decoder layers of each pipeline stage (one stage holding all when pp = 1)."""
+        return pipeline_layer_split(self.config, self.pp, list(self.layers_per_stage) if self.layers_per_stage else None)
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class StateMemory:
+    """Bytes one rank holds between steps. All ranks of a (stage's) dp x mp mesh hold the same; where a dim does
+    not divide, shards are rounded up (rank 0 is the fullest)."""
+
+    stage: int = 0  # pipeline stage these bytes are for
+    param: int = 0
+    grad: int = 0
+    optimizer: int = 0
+    largest_grad: int = 0  # one local gradient: the most the optimizer update allocates (measured under mp)
+    terms: list[Term] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.param + self.grad + self.optimizer
+
+
+def numel(shape) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
+    """Parameters, gradients and optimizer states per rank of pipeline `stage` (default: the fullest stage;
+    exact for the engine's layouts)."""
+    if stage is None:
+        return max((state_memory(setup, s) for s in range(setup.pp)), key=lambda m: m.total)
+    config, d, split = setup.config, setup.degrees, setup.stage_split()
+    size = DTYPE_BYTES[setup.dtype]
+    per_state = 2 * 4 + (4 if setup.dtype != "float32" else 0)  # fp32 moments (+ fp32 master weight)
+    shapes = parameter_shapes(config)
+    adapters = adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank) if setup.lora else {}
+    on_merger = any(n.startswith("visual.merger.") for n in adapters)
+    train_merger = on_merger if setup.lora else setup.train_merger
+    parts = dict.fromkeys(("vit", "base", "trainable", "grad", "moments", "master", "betas"), 0)
+    largest = 0
+    # Repeated layers share shapes and placements: lay out one per pattern (72B has ~1,400 tensors).
+    folded: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
+    for name, shape in [*shapes.items(), *adapters.items()]:
+        if stage not in parameter_stages(name, config, split):
+            continue
+        key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape))
+        first, _, count = folded.get(key, (name, shape, 0))
+        folded[key] = (first, shape, count + 1)
+    for name, shape, n in folded.values():
+        if name in adapters:
+            lay = adapter_layout(name, shape, config, d.dp, d.mp, d.sharding_stage)
+        else:
+            # Frozen LoRA base weights are outside the optimizer: ZeRO never shards them.
+            zero = 0 if setup.lora else d.sharding_stage
+            lay = layout(name, shape, config, d.dp, d.mp, zero, train_merger)
+        frozen = lay.dense or (setup.lora is not None and name not in adapters)
+        held = n * numel(lay.local_shape) * size
+        if lay.dense:
+            parts["vit"] += held
+        elif frozen:
+            parts["base"] += held
+        else:
+            parts["trainable"] += held
+            grad_shape = lay.grad_local_shape
+            if d.sharding_stage == 2 and config.tie_word_embeddings and name in STAGE2_UNSHARDED_TIED_GRADS:
+                grad_shape = layout(name, shape, config, d.dp, d.mp, 0, train_merger).grad_local_shape
+            parts["grad"] += n * numel(grad_shape) * size
+            largest = max(largest, numel(grad_shape) * size)
+            state = n * numel(lay.state_local_shape)
+            parts["moments"] += state * 8
+            parts["master"] += state * (per_state - 8)
+            parts["betas"] += n * 2 * 4
+    mem = StateMemory(stage=stage, param=parts["vit"] + parts["base"] + parts["trainable"], grad=parts["grad"],
+                      optimizer=parts["moments"] + parts["master"] + parts["betas"], largest_grad=largest)
+    mem.terms = [
+        *([Term("frozen ViT (dense, every rank)", parts["vit"], "no gradient, no optimizer state")] if stage == 0 else []),
+        *([Term("frozen base weights (LoRA)", parts["base"], "mp shard, not ZeRO-sharded")] if setup.lora else []),
+        Term("LoRA adapters" if setup.lora else "trainable parameters", parts["trainable"], setup.dtype),
+        Term("gradients", parts["grad"], setup.dtype + (", ZeRO-sharded" if d.sharding_stage >= 2 else "")),
+        Term("AdamW moment1 + moment2", parts["moments"], "fp32" + (", ZeRO-sharded" if d.sharding_stage else "")),
+        *([Term("fp32 master weights", parts["master"], "O2")] if parts["master"] else []),
+        Term("beta1/beta2 powers", parts["betas"], "2 x [1] fp32 per parameter"),
+    ]
+    return mem
+
+
+# ---- activations ------------------------------------------------------------------------------------------
+@dataclass
+class ActivationEstimate:
+    """Per-rank bytes above the state during one micro-step: `saved` are alive from the forward into the
+    backward; each phase adds its own largest transient; `peak` is the largest phase."""
+
+    saved: list[Term]
+    phases: list[Term]
+    stage: int = 0  # pipeline stage
+    micro_batches_alive: int = 1  # FThenB under pp: every micro-batch's `saved` at once
+
+    @property
+    def peak(self) -> int:
+        return max(p.bytes for p in self.phases)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: p.bytes).name
+
+
+@dataclass(frozen=True)
+class LocalWidths:
+    """Per-rank widths under tensor parallel (dist tensor shapes are global; these are the local pieces)."""
+
+    h: int
+    q: int  # local query heads x head_dim
+    kv: int  # local key/value heads x head_dim (all of them when replicated, mp > KV heads)
+    heads: int
+    ffn: int
+    vocab: int
+
+
+def local_widths(config: Qwen2VLConfig, mp: int) -> LocalWidths:
+    heads = config.num_attention_heads // mp
+    kv_heads = config.num_key_value_heads // mp if config.num_key_value_heads % mp == 0 else \
+        config.num_key_value_heads
+    return LocalWidths(h=config.hidden_size, q=heads * config.head_dim, kv=kv_heads * config.head_dim, heads=heads,
+                  ffn=config.intermediate_size // mp, vocab=config.vocab_size // mp)
+
+
+def _decoder_layer_saved(setup: PlanSetup, w: LocalWidths) -> tuple[int, int, int]:
+    """(bytes autograd keeps for one decoder layer's two RMSNorms, for the rest of the layer, bytes of its
+    largest backward transient)."""
+    wl, e, d = setup.workload, DTYPE_BYTES[setup.dtype], setup.degrees
+    t, b, s = wl.tokens, wl.batch, wl.seq_len
+    # RMSNorm x2: the fp32 input (a cast copy under bf16, the input itself in fp32), x*rsqrt, weight*x.
+    # Sequence parallel: they run on S/mp tokens; the norm output all-gathered for the colwise projections
+    # is then a separate full [b, S, H] tensor they keep (without SP it is weight*x itself).
+    sp = d.sequence_parallel and d.mp > 1
+    norms = 2 * t * w.h * (4 + 2 * e) // (d.mp if sp else 1)
+    gathered = 2 * t * w.h * e if sp else 0
+    repeated = w.q != w.kv  # GQA: repeat_kv materialises k and v at the query head count
+    # q, k: projection, rotate_half, rotated sum; v: projection (its repeat replaces it when GQA).
+    qkv = t * e * (3 * w.q + 2 * w.kv + (2 * w.q if repeated else w.kv) + (w.q if repeated else w.kv))
+    out = t * w.q * e  # attention output made contiguous for o_proj
+    mlp = 4 * t * w.ffn * e  # gate, silu(gate), up, silu*up
+    if setup.flash_attention:
+        # flash_attn keeps q, k, v (counted), out, the log-sum-exp, and SDPA's additive [b, 1, S, S] mask:
+        # step.py always passes a padding mask, which Paddle turns into a dense mask in the model dtype.
+        attn = b * w.heads * s * 4 + b * s * s * e
+        attn_workspace = b * s * s * e
+    else:
+        # Exact math path: fp32 probabilities [b, heads, S, S] (+ a model-dtype copy under bf16) and the
+        # boolean causal+padding map, built per layer.
+        attn = b * w.heads * s * s * (4 + (e if e < 4 else 0)) + b * s * s
+        attn_workspace = 2 * b * w.heads * s * s * 4  # gradients of probs and scores
+    layer_weights = max(w.h * w.ffn, w.h * w.q) * e  # a weight gradient before it is accumulated
+    workspace = max(attn_workspace, 3 * t * w.ffn * e) + layer_weights + 2 * t * w.h * e
+    return norms, gathered + qkv + out + mlp + attn, workspace
+
+
+def activation_estimate(setup: PlanSetup, stage: int | None = None) -> ActivationEstimate:
+    """Bytes per rank of pipeline `stage` (default: the stage with the highest peak) above the state during a
+    step (see the module docstring)."""
+    if stage is None:
+        return max((activation_estimate(setup, s) for s in range(setup.pp)), key=lambda a: a.peak)
+    config, d, wl = setup.config, setup.degrees, setup.workload
+    v, e = config.vision_config, DTYPE_BYTES[setup.dtype]
+    w = local_widths(config, d.mp)
+    t, k, p = wl.tokens, wl.supervised, wl.patches
+    first, last, layers = stage == 0, stage == setup.pp - 1, len(setup.stage_split()[stage])
+    alive = wl.gradient_accumulation_steps if setup.pp > 1 else 1
+    sp = d.sequence_parallel and d.mp > 1
+    norms, rest, layer_workspace = _decoder_layer_saved(setup, w)
+    layer = norms + rest
+
+    batch = t * 8 * 6 + 2 * t * config.head_dim * e  # ids, labels, mask, [3, B, S] positions (int64); M-RoPE cos/sin
+    # Non-reentrant recompute keeps only each layer's input; the layer under backward is recomputed in full.
+    recomputed = layer if wl.recompute else 0
+    merger = 0
+    if first and (setup.train_merger or
+                  (setup.lora and any(x.startswith("visual.merger") for x in setup.lora.targets))):
+        merger = 4 * p * v.embed_dim * e  # LayerNorm input, both Linear inputs, GELU input (run as dist ops)
+    # Loss head on the K supervised positions only: vocab-split logits, CE in fp32. Kept for backward: the
+    # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
+    head_saved = 3 * k * w.vocab * 4 + k * w.h * e if last else 0
+    head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
+    head_backward = 3 * k * w.vocab * 4 + w.vocab * w.h * e  # CE gradients; the head's weight-gradient temp
+    # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
+    boundary = t * w.h * e if setup.pp > 1 and not last else 0
+
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    if setup.flash_attention:
+        vit_attn = 6 * p * v.embed_dim * e  # varlen flash: q, k, v, out and fp32 rotary copies
+    else:
+        # The math path runs all of this rank's patches as one block-diagonal [heads, P, P] problem.
+        vit_attn = 3 * v.num_heads * p * p * 4 + 2 * p * p
+    vit_block = max(vit_attn, 2 * p * int(v.embed_dim * v.mlp_ratio) * e) + 4 * p * v.embed_dim * e
+    vision = p * patch_dim * 4 + vit_block + 3 * t * w.h * e if p else 3 * t * w.h * e
+
+    sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
+    if wl.recompute:
+        decoder = [Term(f"decoder x{layers} (recompute: layer inputs)", layers * t * w.h * e // (d.mp if sp else 1),
+                        f"{layer / 2**20:.1f} MiB per layer recomputed{sharded}")]
+    else:
+        decoder = [Term(f"decoder RMSNorm activations x{layers}", layers * norms, f"2 norms per layer{sharded}"),
+                   Term(f"decoder x{layers}, rest", layers * rest, f"{layer / 2**20:.1f} MiB per layer in all")]
+    per_micro = [
+        Term("batch tensors + M-RoPE cos/sin", batch),
+        *decoder,
+        *([Term("stage output, kept for its backward", boundary, "[b, S, H]")] if boundary else []),
+        *([Term("trainable merger", merger)] if merger else []),
+        *([Term(f"loss head on {k} supervised positions", head_saved, f"[{k}, {w.vocab}] fp32 x3")] if last else []),
+    ]
+    times = f"x{alive} micro-batches alive (FThenB)"
+    saved = per_micro if alive == 1 else [Term(x.name, alive * x.bytes, f"{x.note}; {times}" if x.note else times)
+                                          for x in per_micro]
+    kept, one = sum(x.bytes for x in saved), sum(x.bytes for x in per_micro)
+    phases = [
+        *([Term("vision (frozen ViT, no_grad)", kept - one + batch + vision,
+                "pixels + one ViT block + embedding merge" + (f", {alive - 1} micro-batches kept" if alive > 1 else
+                                                               ""))] if first else []),
+        *([Term("loss forward", kept + head_forward), Term("loss backward", kept + head_backward)] if last else []),
+        Term("decoder backward", kept - head_saved + recomputed + layer_workspace + boundary,
+             "one layer's gradient workspace" + (", the received output gradient" if boundary else "")),
+    ]
+    return ActivationEstimate(saved=saved, phases=phases, stage=stage, micro_batches_alive=alive)
+
+
+@dataclass
+class MemoryPlan:
+    setup: PlanSetup
+    state: StateMemory
+    activations: ActivationEstimate
+    reserve: int = 0  # CUDA context, communication buffers, allocator slack (assumed, not modelled)
+
+    @property
+    def stage(self) -> int:
+        return self.state.stage
+
+    @property
+    def step_peak(self) -> int:
+        """Largest increase above the state: a micro-step's activations, or the optimizer update (measured on
+        CPU: a few hundred bytes at mp 1, one local gradient-sized temporary under mp)."""
+        return max(self.activations.peak, self.state.largest_grad)
+
+    @property
+    def total(self) -> int:
+        return self.state.total + self.step_peak + self.reserve
+
+    def fits(self, device_bytes: int) -> bool:
+        return self.total <= device_bytes
+
+
+def stage_memory_plans(setup: PlanSetup, reserve: int = 0) -> list[MemoryPlan]:
+    """One plan per pipeline stage (a single one when pp = 1)."""
+    return [MemoryPlan(setup, state_memory(setup, s), activation_estimate(setup, s), reserve) for s in range(setup.pp)]
+
+
+def memory_plan(setup: PlanSetup, reserve: int = 0) -> MemoryPlan:
+    """The plan of the fullest pipeline stage (of every rank when pp = 1)."""
+    return max(stage_memory_plans(setup, reserve), key=lambda m: m.total)

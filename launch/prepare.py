@@ -1,0 +1,110 @@
+"""Parent side of `qwen2vl-ap sft|lora`: cross-section checks and the preparation that happens before any worker
+starts (so a bad config fails fast with exit code 2 and no process left behind)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
+from autoparallel.data.records import DataError, load_meta
+from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
+from launch.config import load_run_config, parse_overrides
+from network.config import Qwen2VLConfig
+from network.formats import CheckpointError
+from placements.degrees import DegreeError, validate_degrees
+
+
+def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
+    """Cross-section checks: degrees vs world size and model shape, data and resume paths."""
+    config = model_config(cfg.model.model_name_or_path)
+    try:
+        validate_degrees(cfg.parallel.degrees(), config, world_size, allow_pipeline=True,
+                         per_device_batch_size=cfg.train.per_device_train_batch_size,
+                         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                         global_batch_size=cfg.train.global_batch_size)
+    except DegreeError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.data.meta_path is None and cfg.data.synthetic_data_dir is None:
+        raise ConfigError("meta_path is not set (or set synthetic_data_dir for the generated demo dataset)")
+    for key, value in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
+        if value is None:
+            continue
+        if not Path(value).is_file():
+            raise ConfigError(f"{key}={value!r}: file not found")
+        try:  # the meta file and the annotation/root paths it names (cheap: annotations are not parsed here)
+            load_meta(value)
+        except DataError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    if cfg.parallel.pipeline_parallel_degree > 1 and cfg.train.evaluation_strategy != "no":
+        raise ConfigError("evaluation with pipeline_parallel_degree > 1 is not supported yet: "
+                          "set evaluation_strategy: no (or evaluate the merged model with qwen2vl-ap infer)")
+    if cfg.parallel.pipeline_parallel_degree > 1 and cfg.uses_lora:
+        raise ConfigError("LoRA with pipeline_parallel_degree > 1 is not supported yet")
+    if cfg.train.evaluation_strategy == "steps" and cfg.train.eval_steps <= 0:
+        raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
+    return config
+
+
+def _ensure_synthetic_data(cfg: RunConfig) -> None:
+    """The demo dataset is generated on first use and referenced from the config."""
+    if cfg.data.meta_path is not None or cfg.data.synthetic_data_dir is None:
+        return
+    from autoparallel.data.synthetic import eval_meta_path, make_synthetic_dataset
+
+    cfg.data.meta_path = str(make_synthetic_dataset(cfg.data.synthetic_data_dir))
+    if cfg.train.evaluation_strategy != "no" and cfg.train.eval_meta_path is None:
+        cfg.train.eval_meta_path = str(eval_meta_path(cfg.data.synthetic_data_dir))
+
+
+def check_launch_options(launch: dict[str, str]) -> None:
+    """Launcher options are checked here too, so a typo fails before paddle.distributed.launch waits for peers."""
+    problems = []
+    for key in ("nproc_per_node", "rank"):
+        if key in launch and not launch[key].isdigit():
+            problems.append(f"--{key} {launch[key]!r} must be a non-negative integer")
+    if launch.get("nproc_per_node") == "0":
+        problems.append("--nproc_per_node must be >= 1")
+    nnodes = launch.get("nnodes", "1")
+    parts = nnodes.split(":")
+    if len(parts) > 2 or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        problems.append(f"--nnodes {nnodes!r} must be N or MIN:MAX with N >= 1")
+    else:
+        max_nodes = int(parts[-1])
+        if launch.get("rank", "").isdigit() and int(launch["rank"]) >= max_nodes:
+            problems.append(f"--rank {launch['rank']} must be < --nnodes {nnodes}")
+        if max_nodes > 1 and "master" not in launch:
+            problems.append(f"--nnodes {nnodes} needs --master HOST:PORT (an address of node 0 every node reaches)")
+    master = launch.get("master")
+    if master is not None:
+        host, _, port = master.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"--master {master!r} must be HOST:PORT")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def prepare_run(command: str, config: Optional[str], argv_overrides: list[str],
+                launch: dict[str, str]) -> tuple[Path, int, str]:
+    """Parent side of `qwen2vl-ap sft|lora`: resolve, validate and write the run config.
+
+    Returns (run config path, processes per node, output_dir)."""
+    cfg = load_run_config(command, config, parse_overrides(argv_overrides))
+    check_launch_options(launch)
+    nnodes = int(launch.get("nnodes", "1").split(":")[0])
+    degrees = cfg.parallel.degrees()
+    nproc = int(launch.get("nproc_per_node", max(1, degrees.world_size // nnodes)))
+    _ensure_synthetic_data(cfg)
+    validate(cfg, nproc * nnodes)
+    try:
+        check_writable(cfg.train.output_dir)
+        resolve_resume_path(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    path = Path(cfg.train.output_dir) / RUN_CONFIG_FILE
+    # Atomic: on several nodes sharing output_dir, every node's parent writes this file while workers read it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    cfg.save_yaml(tmp)
+    os.replace(tmp, path)
+    return path, nproc, cfg.train.output_dir
+

@@ -1,0 +1,65 @@
+"""Launch N Paddle workers, collect their results as JSON/npz files, clean up by PID, with a timeout.
+
+A worker script gets `--out DIR` and writes `DIR/result.{rank}.json` (and optional npz files) itself; an
+exception caught inside a worker still exits 0, so `run_workers` trusts only the result files and the exit
+code, and attaches the worker-log tails to any failure.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.launcher import WorkerLaunch, stop
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    results: dict[int, dict]  # rank -> parsed result.{rank}.json
+    log_dir: Path
+
+    def log_tail(self, rank: int, lines: int = 40) -> str:
+        path = self.log_dir / f"workerlog.{rank}"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "<no log>"
+
+    def logs(self, lines: int = 40) -> str:
+        ranks = sorted(int(p.suffix[1:]) for p in self.log_dir.glob("workerlog.*"))
+        return "\n".join(f"--- workerlog.{r} ---\n{self.log_tail(r, lines)}" for r in ranks)
+
+
+def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 480) -> LaunchResult:
+    """Run `script --out out_dir *args` on `nproc` local workers with the project's launcher."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = out_dir / "log"
+    job = WorkerLaunch(Path(script), ["--out", str(out_dir), *map(str, args)], nproc, log_dir)
+    proc = job.start(cwd=out_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)  # the launcher's session: exactly its workers
+        raise TimeoutError(f"{Path(script).name} x{nproc} exceeded {timeout}s\n"
+                           + LaunchResult(-1, {}, log_dir).logs()) from None
+    results = {}
+    for path in out_dir.glob("result.*.json"):
+        results[int(path.stem.split(".")[1])] = json.loads(path.read_text())
+    return LaunchResult(proc.returncode, results, log_dir)
+
+
+def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
+    """Worker side: atomically publish this rank's result."""
+    path = Path(out_dir) / f"result.{rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+
+
+
+def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600) -> LaunchResult:
+    """`run_workers` that fails the test (with the worker logs) unless every rank finished and reported."""
+    run = run_workers(script, nproc, out_dir, args, timeout=timeout)
+    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
+    return run

@@ -1,0 +1,132 @@
+"""Shared by the parallel tests and their launched workers: synthetic data, layouts, training loops.
+
+Every layout trains on the same GLOBAL micro-batches (4 samples each, 2 micro-steps per step, 5 AdamW steps
+with ClipGradByGlobalNorm), so one single-process reference run serves all layouts. A dp rank takes a
+contiguous slice of each global micro-batch. Samples carry 0, 1 or 2 images of different sizes, so dp ranks
+hold different image and patch counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+from network.config import Qwen2VLConfig
+from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from network.rope_index import get_rope_index_for_config
+
+STEPS, ACCUMULATION, GLOBAL_MICRO_BATCH, SEQ = 5, 2, 4, 40
+LR, CLIP = 1e-3, 1.0
+SEED = 1234
+# (name, degrees kwargs, train_merger); nproc = product of degrees.
+LAYOUTS_2 = [
+    ("dp2", dict(data_parallel_degree=2), False),
+    ("mp2", dict(tensor_parallel_degree=2), False),
+    ("sharding1", dict(sharding_parallel_degree=2, sharding_stage=1), False),
+    ("sharding2", dict(sharding_parallel_degree=2, sharding_stage=2), False),
+    ("sharding3", dict(sharding_parallel_degree=2, sharding_stage=3), False),
+    ("dp2_train_merger", dict(data_parallel_degree=2), True),
+]
+LAYOUTS_4 = [
+    ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), False),
+    ("mp4_kv_replicated", dict(tensor_parallel_degree=4), False),
+]
+# image grids (t, h, w) in patches, per sample of the 4 * ACCUMULATION * STEPS samples (cycled)
+_IMAGES = [[(1, 4, 4)], [], [(1, 4, 4), (1, 4, 8)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [], []]
+
+
+def tiny_config() -> Qwen2VLConfig:
+    return Qwen2VLConfig.preset("tiny")
+
+
+def build_model(config: Qwen2VLConfig) -> Qwen2VLForConditionalGeneration:
+    paddle.seed(SEED)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def build_optimizer(model, paddle_clip: bool = False) -> paddle.optimizer.AdamW:
+    """AdamW. Layouts clip through the engine's step (`autoparallel.step.train_step(clip_norm=CLIP)`); the
+    single-process reference clips with Paddle's own ClipGradByGlobalNorm (`paddle_clip`), an independent oracle."""
+    clip = paddle.nn.ClipGradByGlobalNorm(CLIP) if paddle_clip else None
+    return paddle.optimizer.AdamW(LR, parameters=model.parameters(), weight_decay=0.01, grad_clip=clip)
+
+
+def _sample(config: Qwen2VLConfig, rng: np.random.RandomState, grids) -> dict:
+    merge = config.vision_config.spatial_merge_size ** 2
+    v = config.vision_config
+    ids = list(rng.randint(0, 1000, 4))
+    for t, h, w in grids:
+        ids += [config.vision_start_token_id] + [config.image_token_id] * (t * h * w // merge)
+        ids += [config.vision_end_token_id] + list(rng.randint(0, 1000, 2))
+    prompt = len(ids)
+    ids += list(rng.randint(0, 1000, SEQ - prompt))
+    ids = np.asarray(ids[:SEQ], np.int64)
+    labels = ids.copy()
+    labels[:prompt] = -100
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pixels = [rng.randn(t * h * w, patch_dim).astype(np.float32) for t, h, w in grids]
+    return {"ids": ids, "labels": labels, "pixels": pixels, "grids": list(grids)}
+
+
+def _batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
+    ids = np.stack([s["ids"] for s in samples])
+    grids = np.asarray([g for s in samples for g in s["grids"]], np.int64).reshape(-1, 3)
+    batch = {"input_ids": ids, "labels": np.stack([s["labels"] for s in samples]),
+             "attention_mask": np.ones_like(ids)}
+    batch["position_ids"], _ = get_rope_index_for_config(config, ids, grids if len(grids) else None, None)
+    if len(grids):
+        batch["pixel_values"] = np.concatenate([p for s in samples for p in s["pixels"]])
+        batch["image_grid_thw"] = grids
+    return batch
+
+
+def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0) -> list[list[dict[str, np.ndarray]]]:
+    """[step][micro] -> this dp rank's numpy batch (dp=1: the whole global micro-batch)."""
+    rng = np.random.RandomState(SEED)
+    per_rank = GLOBAL_MICRO_BATCH // dp
+    out, k = [], 0
+    for _ in range(STEPS):
+        step = []
+        for _ in range(ACCUMULATION):
+            samples = [_sample(config, rng, _IMAGES[(k + i) % len(_IMAGES)]) for i in range(GLOBAL_MICRO_BATCH)]
+            k += GLOBAL_MICRO_BATCH
+            step.append(_batch(config, samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]))
+        out.append(step)
+    return out
+
+
+def trainable_names(model, train_merger: bool) -> list[str]:
+    from placements.qwen2_vl import is_trainable
+
+    return [n for n, _ in model.named_parameters() if is_trainable(n, train_merger)]
+
+
+def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
+    """Single-process steps over `micro_batches` with the plain model's `causal_lm_loss` and the global token
+    count as normalizer (what every layout must reproduce); returns the loss of each step."""
+    losses = []
+    for step in micro_batches(config):
+        normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
+        total = 0.0
+        for b in step:
+            out = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                        pixel_values=paddle.to_tensor(b["pixel_values"]), image_grid_thw=b["image_grid_thw"],
+                        labels=b["labels"], loss_normalizer=normalizer)
+            out.loss.backward()
+            total += float(out.loss)
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(total)
+    return losses
+
+
+def reference_run(train_merger: bool) -> dict:
+    """Single process, plain model and `causal_lm_loss` with the global token count as normalizer."""
+    from placements.qwen2_vl import is_trainable
+
+    config = tiny_config()
+    model = build_model(config)
+    for name, p in model.named_parameters():
+        p.stop_gradient = not is_trainable(name, train_merger)
+    losses = train_reference(model, build_optimizer(model, paddle_clip=True), config)
+    params = {n: p.numpy() for n, p in model.named_parameters()}
+    return {"losses": losses, "params": params}

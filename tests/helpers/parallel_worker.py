@@ -1,0 +1,126 @@
+"""Launched by tests/test_parallel_*.py: train several layouts in one launch, or check degree validation.
+
+    --layouts dp2,mp2,...   train each (same data as the single-process reference), write result.{rank}.json
+                            after every layout and rank 0's full trainable parameters as params.{layout}.npz
+    --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
+    --reference             single-process reference (launched with nproc 1 for the launcher's thread pinning):
+                            result.0.json {"frozen": losses, "train_merger": losses} + reference.{mode}.npz
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from autoparallel.mesh import build_mesh, mesh_coordinate
+from placements.degrees import DegreeError, ParallelDegrees
+from autoparallel.memory_report import memory_report
+from autoparallel.parallelize import parallelize
+from autoparallel.batch import shard_batch
+from autoparallel.step import train_step
+from dist_utils import write_result
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, build_model, build_optimizer, micro_batches, reference_run,
+                            tiny_config)
+from placements.qwen2_vl import is_trainable
+
+LAYOUTS = {name: (kw, train_merger) for name, kw, train_merger in LAYOUTS_2 + LAYOUTS_4}
+
+
+def _full(p: paddle.Tensor) -> np.ndarray:
+    if not p.is_dist():
+        return p.numpy()
+    return dist.reshard(p, p.process_mesh, [dist.Replicate()] * len(p.process_mesh.shape))._local_value().numpy()
+
+
+def _local_bytes(t) -> int:
+    t = t._local_value() if t.is_dist() else t
+    return int(np.prod(t.shape)) * t.element_size()
+
+
+def run_layout(name: str, out: str) -> dict:
+    kw, train_merger = LAYOUTS[name]
+    config = tiny_config()
+    degrees = ParallelDegrees(**kw)
+    mesh = build_mesh(degrees, config)
+    model = build_model(config)
+    optimizer = build_optimizer(model)
+    frozen_before = {n: p.numpy().copy() for n, p in model.named_parameters() if n.startswith("visual.")
+                     and not is_trainable(n, train_merger)}
+    model, optimizer = parallelize(model, optimizer, mesh, degrees, train_merger=train_merger)
+    dp_rank = mesh_coordinate(mesh, "dp")
+    start = time.time()
+    losses = [train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss
+              for step in micro_batches(config, degrees.dp, dp_rank)]
+    seconds = time.time() - start
+
+    params = dict(model.named_parameters())
+    report = memory_report(model, optimizer, degrees, train_merger=train_merger)
+    inner = getattr(optimizer, "_inner_opt", optimizer)
+    state_keys = {k for per in inner._accumulators.values() for k in per}
+    direct = {  # independent of memory.py: every local tensor this rank holds
+        "param": sum(_local_bytes(p) for p in params.values()),
+        "grad": sum(_local_bytes(p.grad) for p in params.values() if p.grad is not None),
+        "optimizer": sum(_local_bytes(t) for per in inner._accumulators.values() for t in per.values()),
+    }
+    full = {n: _full(p) for n, p in params.items() if is_trainable(n, train_merger)}
+    if dist.get_rank() == 0:
+        np.savez(os.path.join(out, f"params.{name}.npz"), **full)
+    dist.barrier()
+    return {
+        "losses": losses,
+        "seconds": seconds,
+        "frozen_identical": all(np.array_equal(params[n].numpy() if not params[n].is_dist()
+                                               else params[n]._local_value().numpy(), v)
+                                for n, v in frozen_before.items()),
+        "frozen_dense": all(not params[n].is_dist() for n in frozen_before),
+        "frozen_with_state": sorted(n for n in frozen_before if params[n].name in state_keys),
+        "memory": report,
+        "direct": direct,
+        "local_shapes": {n: list((p._local_value() if p.is_dist() else p).shape) for n, p in params.items()},
+        "placements": {n: str(p.placements) if p.is_dist() else "dense" for n, p in params.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layouts", default="")
+    parser.add_argument("--bad-degrees", default="")
+    parser.add_argument("--reference", action="store_true")
+    args = parser.parse_args()
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    if args.reference:
+        losses = {}
+        for mode, train_merger in (("frozen", False), ("train_merger", True)):
+            ref = reference_run(train_merger)
+            np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
+            losses[mode] = ref["losses"]
+        write_result(args.out, rank, losses)
+        return
+    if args.bad_degrees:
+        # Validation must come before any work: no process group, no model.
+        world = int(os.environ["PADDLE_TRAINERS_NUM"])
+        try:
+            build_mesh(ParallelDegrees(**json.loads(args.bad_degrees)), tiny_config(), world_size=world)
+        except DegreeError as e:
+            write_result(args.out, rank, {"error": str(e), "initialized": dist.is_initialized()})
+            print(e, file=sys.stderr)
+            sys.exit(3)
+        write_result(args.out, rank, {"error": None})
+        return
+    dist.init_parallel_env()
+    results = {}
+    for name in args.layouts.split(","):
+        results[name] = run_layout(name, args.out)
+        write_result(args.out, rank, results)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
