@@ -26,7 +26,7 @@ whose mesh excludes the current rank: that segfaults on the CPU build. Here noth
   counted once) and `autoparallel.step.train_step` clips with it, as for pp = 1.
 - Checkpoints: each stage's `state_dict()` has global names (and the full model's auto-generated parameter
   names, so optimizer keys match a pp=1 run): `dist.save_state_dict` of it on every rank writes one checkpoint
-  that ckpt_tools merges and a pp=1 layout loads (tests/test_pipeline.py); the tied copies are identical.
+  that ckpt_tools merges and a pp=1 layout loads (tests/dist/test_pipeline.py); the tied copies are identical.
 """
 from __future__ import annotations
 

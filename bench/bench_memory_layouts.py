@@ -1,11 +1,11 @@
 """Issue 10 item 2: state memory per rank (parameters, gradients, AdamW states) for each parallel layout.
 
 2B: the Qwen2-VL-2B preset's real shapes (bf16 O2: bf16 parameters and gradients, fp32 moments and master
-weights; frozen ViT dense on every rank), planned by `autoparallel.planner.state_memory` — too big to
+weights; frozen ViT dense on every rank), planned by `autoparallel.planning.memory.state_memory` — too big to
 allocate 4-7 times over on this machine. Each layout's held bytes are set against its ideal: what the
 layout should hold by `placements.layout` (the same numbers as `memory_report`'s ideal_* columns).
 
-Validation: the planner is only worth printing if it equals what the engine allocates. tests/planner_worker.py
+Validation: the planner is only worth printing if it equals what the engine allocates. tests/helpers/planner_worker.py
 runs one real engine step (`parallelize` + `train_step`) of the tiny preset per layout — dp2, mp2,
 sharding 1/2/3 on 2 processes, dp2 x mp2 on 4 — and returns `memory_report`'s held bytes per rank, which
 must equal the plan byte for byte.
@@ -33,7 +33,7 @@ from planner_worker import DEGREES  # noqa: E402
 BENCH = "memory_layouts"
 BENCH_TIMEOUT = 360  # read by run_all: two launches (2 and 4 processes) of one tiny step per layout
 WORKER = REPO / "tests" / "planner_worker.py"
-LAYOUTS_2 = ["dp2", "mp2", "sharding1", "sharding2", "sharding3"]  # ZeRO-3 last (see tests/test_planner.py)
+LAYOUTS_2 = ["dp2", "mp2", "sharding1", "sharding2", "sharding3"]  # ZeRO-3 last (see tests/dist/test_planner.py)
 LAYOUTS_4 = ["dp2mp2"]
 KINDS = ("param", "grad", "optimizer")
 GiB = 2**30
@@ -94,7 +94,7 @@ def main() -> None:
         extra={"checks": checks, "seconds": round(seconds, 1)},
         note=f"one engine step per layout (tiny preset, fp32; {', '.join(LAYOUTS_2)} on 2 processes, "
              f"{', '.join(LAYOUTS_4)} on 4), then memory_report's held bytes per rank vs "
-             f"autoparallel.planner.state_memory: {matched}/{len(checks)} equal byte for byte on every rank "
+             f"autoparallel.planning.memory.state_memory: {matched}/{len(checks)} equal byte for byte on every rank "
              f"({seconds:.0f} s)"))
 
     single = plan(big, ParallelDegrees())

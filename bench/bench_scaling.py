@@ -1,12 +1,12 @@
 """Issue 10 item 7: scaling overhead on this machine — dp2 and mp2 step time vs one process, same global batch.
 
-Model: tests/planner_worker.py's "scaled" config (tiny preset widened: hidden 256, FFN 512, vocab 16384,
+Model: tests/helpers/planner_worker.py's "scaled" config (tiny preset widened: hidden 256, FFN 512, vocab 16384,
 untied head), so matmuls and not the 151k-row embedding set the step time. Global batch: GLOBAL_BATCH samples
 of SEQ tokens, one 16x16-patch image each, last quarter supervised. Every layout runs the engine's path
 (`build_mesh` + `parallelize` + `shard_batch` + `train_step`, AdamW) in its own launch of
 `paddle.distributed.launch` (1 or 2 processes, 1 BLAS thread each; dp2 and mp2 share a launch), in the order
 single | dp2, mp2 | mp2, dp2 | single so load drift on the shared machine hits each layout alike.
-Bytes per step come from `autoparallel.comm_plan.communication` (computed from shapes, not measured).
+Bytes per step come from `autoparallel.planning.communication.communication` (computed from shapes, not measured).
 """
 import common  # noqa: I001  (first: pins BLAS threads)
 
@@ -133,7 +133,7 @@ def main() -> None:
             note=f"{name}: {ratio:.2f}x the single-process step ({step:.3f} vs {single:.3f} s, medians of "
                  f"{len(samples[name])} steps from 2 launches in alternating order, 1 BLAS thread per process): "
                  f"{verdict}. "
-                 f"Collective payload per rank per step (autoparallel.comm_plan, computed from shapes, not "
+                 f"Collective payload per rank per step (autoparallel.planning.communication, computed from shapes, not "
                  f"measured): {moved_text}; {why}"))
 
 

@@ -1,7 +1,7 @@
 """Issue 10 item 1: training-step throughput, our Paddle network vs HF transformers Qwen2-VL (torch CPU, eager).
 
 Both sides: the same "small" config (real vocab 151936, tied embeddings, hidden 512, 4 layers, GQA 8/2 heads,
-2-layer ViT of width 256), the same weights (HF model saved, loaded into ours as in tests/test_modeling_parity.py),
+2-layer ViT of width 256), the same weights (HF model saved, loaded into ours as in tests/unit/test_modeling_parity.py),
 the same batch (2 samples x 256 tokens, one 224x224 image each = 64 vision tokens), fp32, every parameter
 trained, forward + backward + AdamW step. Tokens/s = batch tokens / median step time; steps interleaved.
 

@@ -11,7 +11,7 @@ padding included) gets position i + rope_deltas on all three axes. For a left-pa
 unpadded row's position, so a prompt produces the same tokens alone or inside a padded batch.
 HF 4.55 `prepare_inputs_for_generation` instead adds rope_deltas to the count of non-padding tokens, which
 shifts a row with P padding tokens by -P: its batched output differs from its own single-prompt output
-(measured in tests/test_generation.py; identical once that formula is swapped in).
+(measured in tests/dist/test_generation.py; identical once that formula is swapped in).
 
 Attention masks. The key mask grows by a 1 per step; left padding stays masked for every later query.
 """

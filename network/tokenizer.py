@@ -4,7 +4,7 @@ Backend: paddlenlp `Qwen2TokenizerFast` (HF `tokenizers` Rust core, a paddlenlp 
 `Qwen2Tokenizer` is not used because it strips whitespace next to special tokens that were registered as plain
 strings: "<|im_start|>user\\n<|vision_start|>" loses the "\\n" (id 198) and "<|im_end|>\\n<|im_start|>" loses it too,
 so chat-templated ids differ from the reference. The fast tokenizer reads `tokenizer.json` (whose added tokens carry
-lstrip/rstrip=False), matches HF ids exactly, and is ~2x faster (measured in tests/test_processor.py).
+lstrip/rstrip=False), matches HF ids exactly, and is ~2x faster (measured in tests/unit/test_processor.py).
 """
 from __future__ import annotations
 

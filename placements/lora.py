@@ -40,7 +40,7 @@ def lora_plan(plan: dict[str, str]) -> dict[str, str]:
 def adapter_shapes(parameter_shapes: dict[str, tuple[int, ...]], targets: list[str],
                    rank: int) -> dict[str, tuple[int, ...]]:
     """"<layer>.lora_A" [in, r] and "<layer>.lora_B" [r, out] for every Linear matching a target regex
-    (`re.fullmatch` on the layer name, as autoparallel.lora does); rejects frozen-ViT layers like it."""
+    (`re.fullmatch` on the layer name, as network.lora does); rejects frozen-ViT layers like it."""
     shapes = {}
     for name, shape in parameter_shapes.items():
         layer, _, attr = name.rpartition(".")

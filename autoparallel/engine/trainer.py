@@ -30,11 +30,13 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_rng
 from autoparallel.engine.metrics import MetricsLogger
 from autoparallel.engine.optim import build_optimizer, use_bf16
 from autoparallel.forward import forward_loss
-from autoparallel.memory_report import memory_report, render_memory_report
+from autoparallel.planning.memory_report import memory_report, render_memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.parallelize import parallelize
 from autoparallel.pipeline import Stage, build_stage_model, make_stage, parallelize_stage
-from autoparallel.planning.render import render_plan
+from autoparallel.planning.communication import communication
+from autoparallel.planning.render import render_plan_table, render_report
+from autoparallel.planning.setup import PlanOptions, plan_run
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
@@ -136,12 +138,15 @@ class Trainer:
         self.skipped_nonfinite = 0
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            plan = render_plan(self.model.config, self.degrees.dp, self.degrees.mp, self.degrees.sharding_stage,
-                               pp=self.degrees.pipeline_parallel_degree,
-                               layers_per_stage=cfg.parallel.layers_per_stage or None,
-                               sequence_parallel=cfg.parallel.sequence_parallel,
-                               train_merger=cfg.model.train_merger)
-            (self.output_dir / "plan.txt").write_text(f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{plan}\n")
+            (self.output_dir / "plan.txt").write_text(self.plan_text())
+
+    def plan_text(self) -> str:
+        """plan.txt: the mesh, the plan table and the `qwen2vl-ap plan` report of this run (one planner)."""
+        options = PlanOptions(device="gpu" if paddle.is_compiled_with_cuda() else "cpu", nproc_per_node=self.world)
+        planned = plan_run(self.cfg, options)
+        collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
+        return (f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{render_plan_table(planned.setup)}\n\n"
+                f"{render_report(planned, collectives, options)}\n")
 
     def autocast(self):
         return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16")
@@ -322,13 +327,3 @@ class Trainer:
         (self.output_dir / f"memory_rank{self.rank}.txt").write_text(text + "\n")
         if self.rank == 0:
             logger.info("memory per rank after step 1:\n%s", text)
-
-
-def run_worker(cfg: RunConfig) -> None:
-    """Train `cfg` on this worker (the LoRA trainer for `lora`)."""
-    trainer_cls = Trainer
-    if cfg.command == "lora":
-        from autoparallel.engine.lora_trainer import LoraTrainer
-
-        trainer_cls = LoraTrainer
-    trainer_cls(cfg).train()

@@ -1,7 +1,7 @@
 """Will it fit? Per-rank memory of a training run, from the plan data alone: no model, no workers.
 
-State (exact, checked against `autoparallel.memory_report.memory_report` after real engine steps in
-tests/test_planner.py): every parameter's local shape comes from `placements.layout` (LoRA adapters from
+State (exact, checked against `autoparallel.planning.memory_report.memory_report` after real engine steps in
+tests/dist/test_planner.py): every parameter's local shape comes from `placements.layout` (LoRA adapters from
 `placements.lora.adapter_layout`) over `parameter_shapes(config)`, the same rules `dist.parallelize` applies.
 
 - parameters in the model dtype; the frozen ViT dense and whole on every rank (no gradient, no state).
@@ -12,8 +12,8 @@ tests/test_planner.py): every parameter's local shape comes from `placements.lay
   optimizer parameters are ZeRO-sharded, are never split over "dp", not even at stage 3.
 
 Activations: see `activation_estimate`, a sum of the tensors autograd keeps per op (counted from network/,
-autoparallel/step.py and Paddle's kernels) plus the largest transient of each phase of a step; the peak of
-the step is the largest phase. Within 25% of Paddle's allocator peak on CPU (tests/test_planner.py).
+autoparallel/forward.py and Paddle's kernels) plus the largest transient of each phase of a step; the peak of
+the step is the largest phase. Within 25% of Paddle's allocator peak on CPU (tests/dist/test_planner.py).
 
 Pipeline parallel (pp > 1): a rank holds only its stage's parameters (`placements.parameter_stages`, the rules
 of autoparallel/pipeline.py), so state and activations are planned per stage and the fullest stage is the
@@ -32,7 +32,7 @@ import numpy as np
 from network.config import Qwen2VLConfig
 from placements.degrees import ParallelDegrees
 from placements.lora import adapter_layout, adapter_shapes
-from placements.qwen2_vl import layout, parameter_shapes, parameter_stages, pipeline_layer_split
+from placements.qwen2_vl import ParamLayout, layout, parameter_shapes, parameter_stages, pipeline_layer_split
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -126,62 +126,101 @@ def numel(shape) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
-    """Parameters, gradients and optimizer states per rank of pipeline `stage` (default: the fullest stage;
-    exact for the engine's layouts)."""
-    if stage is None:
-        return max((state_memory(setup, s) for s in range(setup.pp)), key=lambda m: m.total)
+MOMENT_BYTES = 2 * 4  # AdamW moment1 + moment2, fp32, per element
+MASTER_BYTES = 4  # fp32 master weight per element, for bf16/fp16 parameters (O2)
+BETA_POW_BYTES = 2 * 4  # beta1/beta2 power accumulators: two [1] fp32 tensors per parameter, never sharded
+
+
+def optimizer_state_bytes(state_numel: int, param_dtype: str) -> tuple[int, int, int]:
+    """The AdamW byte rule for one trainable tensor with `state_numel` local state elements:
+    (moments, master weight, beta powers) bytes."""
+    master = MASTER_BYTES if param_dtype != "float32" else 0
+    return state_numel * MOMENT_BYTES, state_numel * master, BETA_POW_BYTES
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """One folded parameter pattern (repeated layers share shapes and placements) and what one rank holds of it,
+    summed over its `count` tensors."""
+
+    pattern: str  # "model.layers.*.mlp.up_proj.weight"
+    count: int
+    layout: ParamLayout
+    stages: tuple[int, ...]  # pipeline stages holding these tensors (each such rank holds the bytes)
+    kind: str  # "vit" (frozen, dense), "base" (frozen LoRA base), "trainable" (incl. LoRA adapters)
+    param_bytes: int
+    grad_bytes: int
+    moment_bytes: int
+    master_bytes: int
+    beta_bytes: int
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return self.moment_bytes + self.master_bytes + self.beta_bytes
+
+
+def parameter_rows(setup: PlanSetup) -> list[ParamRow]:
+    """Every parameter of the planned model (LoRA adapters included), folded by pattern, shape and stages, in
+    model order, with its per-rank bytes: the one fold and byte rule behind `state_memory`, the plan table of
+    plan.txt and the ideal column of `memory_report`."""
     config, d, split = setup.config, setup.degrees, setup.stage_split()
     size = DTYPE_BYTES[setup.dtype]
-    per_state = 2 * 4 + (4 if setup.dtype != "float32" else 0)  # fp32 moments (+ fp32 master weight)
     shapes = parameter_shapes(config)
     adapters = adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank) if setup.lora else {}
     on_merger = any(n.startswith("visual.merger.") for n in adapters)
     train_merger = on_merger if setup.lora else setup.train_merger
-    parts = dict.fromkeys(("vit", "base", "trainable", "grad", "moments", "master", "betas"), 0)
-    largest = 0
-    # Repeated layers share shapes and placements: lay out one per pattern (72B has ~1,400 tensors).
-    folded: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
+    folded: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for name, shape in [*shapes.items(), *adapters.items()]:
-        if stage not in parameter_stages(name, config, split):
-            continue
-        key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape))
-        first, _, count = folded.get(key, (name, shape, 0))
-        folded[key] = (first, shape, count + 1)
-    for name, shape, n in folded.values():
+        key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape), parameter_stages(name, config, split))
+        folded.setdefault(key, []).append(name)
+    rows = []
+    for (pattern, shape, stages), names in folded.items():
+        name, n = names[0], len(names)
         if name in adapters:
             lay = adapter_layout(name, shape, config, d.dp, d.mp, d.sharding_stage)
         else:
             # Frozen LoRA base weights are outside the optimizer: ZeRO never shards them.
             zero = 0 if setup.lora else d.sharding_stage
             lay = layout(name, shape, config, d.dp, d.mp, zero, train_merger)
-        frozen = lay.dense or (setup.lora is not None and name not in adapters)
-        held = n * numel(lay.local_shape) * size
-        if lay.dense:
-            parts["vit"] += held
-        elif frozen:
-            parts["base"] += held
-        else:
-            parts["trainable"] += held
+        kind = "vit" if lay.dense else "base" if setup.lora is not None and name not in adapters else "trainable"
+        grad = moments = master = betas = 0
+        if kind == "trainable":
             grad_shape = lay.grad_local_shape
             if d.sharding_stage == 2 and config.tie_word_embeddings and name in STAGE2_UNSHARDED_TIED_GRADS:
                 grad_shape = layout(name, shape, config, d.dp, d.mp, 0, train_merger).grad_local_shape
-            parts["grad"] += n * numel(grad_shape) * size
-            largest = max(largest, numel(grad_shape) * size)
-            state = n * numel(lay.state_local_shape)
-            parts["moments"] += state * 8
-            parts["master"] += state * (per_state - 8)
-            parts["betas"] += n * 2 * 4
-    mem = StateMemory(stage=stage, param=parts["vit"] + parts["base"] + parts["trainable"], grad=parts["grad"],
-                      optimizer=parts["moments"] + parts["master"] + parts["betas"], largest_grad=largest)
+            grad = numel(grad_shape) * size
+            moments, master, betas = optimizer_state_bytes(numel(lay.state_local_shape), setup.dtype)
+        rows.append(ParamRow(pattern, n, lay, stages, kind, n * numel(lay.local_shape) * size, n * grad,
+                             n * moments, n * master, n * betas))
+    return rows
+
+
+def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
+    """Parameters, gradients and optimizer states per rank of pipeline `stage` (default: the fullest stage;
+    exact for the engine's layouts)."""
+    if stage is None:
+        return max((state_memory(setup, s) for s in range(setup.pp)), key=lambda m: m.total)
+    d = setup.degrees
+    rows = [r for r in parameter_rows(setup) if stage in r.stages]
+
+    def total(attr: str, kind: str | None = None) -> int:
+        return sum(getattr(r, attr) for r in rows if kind is None or r.kind == kind)
+
+    largest = max((r.grad_bytes // r.count for r in rows if r.kind == "trainable"), default=0)
+    mem = StateMemory(stage=stage, param=total("param_bytes"), grad=total("grad_bytes"),
+                      optimizer=total("optimizer_bytes"), largest_grad=largest)
+    master = total("master_bytes")
     mem.terms = [
-        *([Term("frozen ViT (dense, every rank)", parts["vit"], "no gradient, no optimizer state")] if stage == 0 else []),
-        *([Term("frozen base weights (LoRA)", parts["base"], "mp shard, not ZeRO-sharded")] if setup.lora else []),
-        Term("LoRA adapters" if setup.lora else "trainable parameters", parts["trainable"], setup.dtype),
-        Term("gradients", parts["grad"], setup.dtype + (", ZeRO-sharded" if d.sharding_stage >= 2 else "")),
-        Term("AdamW moment1 + moment2", parts["moments"], "fp32" + (", ZeRO-sharded" if d.sharding_stage else "")),
-        *([Term("fp32 master weights", parts["master"], "O2")] if parts["master"] else []),
-        Term("beta1/beta2 powers", parts["betas"], "2 x [1] fp32 per parameter"),
+        *([Term("frozen ViT (dense, every rank)", total("param_bytes", "vit"), "no gradient, no optimizer state")]
+          if stage == 0 else []),
+        *([Term("frozen base weights (LoRA)", total("param_bytes", "base"), "mp shard, not ZeRO-sharded")]
+          if setup.lora else []),
+        Term("LoRA adapters" if setup.lora else "trainable parameters", total("param_bytes", "trainable"),
+             setup.dtype),
+        Term("gradients", mem.grad, setup.dtype + (", ZeRO-sharded" if d.sharding_stage >= 2 else "")),
+        Term("AdamW moment1 + moment2", total("moment_bytes"), "fp32" + (", ZeRO-sharded" if d.sharding_stage else "")),
+        *([Term("fp32 master weights", master, "O2")] if master else []),
+        Term("beta1/beta2 powers", total("beta_bytes"), "2 x [1] fp32 per parameter"),
     ]
     return mem
 

@@ -1,4 +1,5 @@
-"""Render a plan for a config as a table: parameter -> placements -> local shape -> bytes per rank.
+"""Every rendering of a plan. The plan table (plan.txt): parameter -> placements -> local shape -> bytes per rank;
+and the `qwen2vl-ap plan` report (memory terms, verdict, collectives).
 
 Computed from `parameter_shapes(config)` without building the model, so it works for 72B. Repeated layers
 are folded ("model.layers.*.mlp.up_proj.weight x28"); byte columns are per rank, summed over the fold.
@@ -8,61 +9,28 @@ stage. With sequence parallel a section lists the `SP_PLAN` regions (which activ
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
-import numpy as np
-
 from autoparallel.planning.communication import Collective
-from autoparallel.planning.memory import GiB
+from autoparallel.planning.memory import GiB, LoraSpec, ParamRow, PlanSetup, Workload, parameter_rows
 from autoparallel.planning.setup import PlanOptions, Planned
 from network.config import Qwen2VLConfig
+from placements.degrees import ParallelDegrees
 from placements.qwen2_vl import (PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, SP_GATHER_OUTPUT, SP_GATHER_REGION,
-                                  SP_PLAN, SP_SCATTER_INPUT, ParamLayout, layout, parameter_shapes, parameter_stages,
-                                  pipeline_layer_split)
+                                  SP_PLAN, SP_SCATTER_INPUT)
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    pattern: str
-    count: int
-    layout: ParamLayout
-    param_bytes: int  # per rank, all `count` parameters
-    grad_bytes: int
-    optimizer_bytes: int  # AdamW moment1 + moment2 (fp32) + fp32 master weight when params are not fp32
-    stages: tuple[int, ...] = (0,)  # pipeline stages holding these parameters (each such rank holds the bytes)
+def table_setup(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
+                layers_per_stage: list[int] | None = None, sequence_parallel: bool = False,
+                train_merger: bool = False, dtype: str | None = None, lora: LoraSpec | None = None) -> PlanSetup:
+    """A `PlanSetup` for the plan table alone (state bytes do not depend on the workload)."""
+    degrees = ParallelDegrees(data_parallel_degree=1 if sharding_stage else dp, tensor_parallel_degree=mp,
+                              sharding_parallel_degree=dp if sharding_stage else 1, sharding_stage=sharding_stage,
+                              pipeline_parallel_degree=pp, sequence_parallel=sequence_parallel)
+    return PlanSetup(config, degrees, Workload(1, 1), dtype=dtype or config.dtype, train_merger=train_merger,
+                     lora=lora, layers_per_stage=tuple(layers_per_stage) if layers_per_stage else None)
 
 
-def _numel(shape) -> int:
-    return int(np.prod(shape)) if shape else 1
-
-
-def plan_rows(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
-              layers_per_stage: list[int] | None = None, train_merger: bool = False,
-              dtype: str | None = None) -> list[PlanRow]:
-    """One row per parameter pattern (and pipeline stage), in model order."""
-    dtype = dtype or config.dtype
-    size = _DTYPE_BYTES[dtype]
-    split = pipeline_layer_split(config, pp, layers_per_stage)
-    # Folded by shape too: numbered siblings may differ (the merger's mlp.0 / mlp.2).
-    folded: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[ParamLayout]] = {}
-    for name, shape in parameter_shapes(config).items():
-        key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape), parameter_stages(name, config, split))
-        folded.setdefault(key, []).append(layout(name, shape, config, dp, mp, sharding_stage, train_merger))
-    rows = []
-    for (pattern, _, stages), layouts in folded.items():
-        first, n = layouts[0], len(layouts)
-        state = 0 if first.state_local_shape is None else _numel(first.state_local_shape)
-        per_state = 2 * 4 + (4 if dtype != "float32" else 0)
-        rows.append(PlanRow(
-            pattern=pattern, count=n, layout=first,
-            param_bytes=n * _numel(first.local_shape) * size,
-            grad_bytes=0 if first.grad_local_shape is None else n * _numel(first.grad_local_shape) * size,
-            optimizer_bytes=n * state * per_state, stages=stages,
-        ))
-    return rows
+def plan_rows(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, **kwargs) -> list[ParamRow]:
+    """One row per parameter pattern (and pipeline stage), in model order (`parameter_rows`)."""
+    return parameter_rows(table_setup(config, dp, mp, sharding_stage, **kwargs))
 
 
 def _mib(n: int) -> str:
@@ -100,12 +68,16 @@ def _sp_section(mp: int) -> list[str]:
             *(f"  {key:{width}}  {style:13}  {_SP_EFFECT[style]}" for key, style in SP_PLAN.items())]
 
 
-def render_plan(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
-                layers_per_stage: list[int] | None = None, sequence_parallel: bool = False,
-                train_merger: bool = False, dtype: str | None = None) -> str:
-    """Human-readable plan table with per-rank totals (MiB): per stage when pp > 1, and the SP regions."""
-    rows = plan_rows(config, dp, mp, sharding_stage, pp=pp, layers_per_stage=layers_per_stage,
-                     train_merger=train_merger, dtype=dtype)
+def render_plan(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, **kwargs) -> str:
+    """The plan table of a layout given by its degrees (keywords as `table_setup`)."""
+    return render_plan_table(table_setup(config, dp, mp, sharding_stage, **kwargs))
+
+
+def render_plan_table(setup: PlanSetup) -> str:
+    """Human-readable plan table with per-rank totals (MiB): per stage when pp > 1, and the SP regions. The rows
+    and totals are `parameter_rows(setup)`, the numbers `state_memory` (and so `qwen2vl-ap plan`) adds up."""
+    config, d, pp = setup.config, setup.degrees, setup.pp
+    rows = parameter_rows(setup)
     staged = pp > 1
     header = ("parameter", "x", *(("stage",) if staged else ()), "global shape", "[dp, mp]", "local shape",
               "param MiB", "grad MiB", "optim MiB")
@@ -124,17 +96,18 @@ def render_plan(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage:
         label = f"total per rank, stage {s}" if staged else "total per rank"
         table.append((label, *blank, *(_mib(sum(getattr(r, k) for r in held)) for k in keys)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    title = (f"plan: dp={dp} mp={mp} pp={pp} sharding_stage={sharding_stage} sequence_parallel={sequence_parallel} "
-             f"dtype={dtype or config.dtype} train_merger={train_merger}")
+    title = (f"plan: dp={d.dp} mp={d.mp} pp={pp} sharding_stage={d.sharding_stage} "
+             f"sequence_parallel={d.sequence_parallel} dtype={setup.dtype} train_merger={setup.train_merger}"
+             + (f" lora_rank={setup.lora.rank}" if setup.lora else ""))
     lines = [title] + ["  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(2, "-" * len(lines[1]))
     if staged:
         lines += [f"pipeline: {pp} stages, each on its own [dp, mp] sub-mesh; a rank holds only its stage's "
                   "parameters (and their gradients and optimizer states)",
-                  *_stage_contents(config, pipeline_layer_split(config, pp, layers_per_stage))]
-    if sequence_parallel:
-        lines += _sp_section(mp)
+                  *_stage_contents(config, setup.stage_split())]
+    if d.sequence_parallel:
+        lines += _sp_section(d.mp)
     return "\n".join(lines)
 
 

@@ -63,6 +63,11 @@ def test_sft_writes_metrics_checkpoint_and_loss_falls(meta, tmp_path):
     fields = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "grad_norm", "tokens", "samples", "step_time_s"} <= set(fields)
     assert (out / "loss.png").stat().st_size > 0 and (out / "plan.txt").is_file()
+    # plan.txt carries the same report `qwen2vl-ap plan` prints for this run config (one planner, one byte rule).
+    plan = subprocess.run([*CLI, "plan", "--config", str(out / "run_config.yaml"), "--device", "cpu",
+                           "--nproc_per_node", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.strip() in (out / "plan.txt").read_text()
 
 
 @pytest.mark.parametrize("first, second", [

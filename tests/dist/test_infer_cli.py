@@ -151,3 +151,26 @@ def test_answer_accuracy(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_answers, "answer_batch", fake_answers)
     assert evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2) == 3 / 5
     assert batches == [2, 2, 1]
+
+
+@pytest.mark.parametrize("fmt, shard_size", [("safetensors", None), ("safetensors", 20 * 10**6),
+                                             ("paddle", None), ("paddle", 20 * 10**6)],
+                         ids=["safetensors", "safetensors-sharded", "pdparams", "pdparams-sharded"])
+def test_every_written_layout_loads_in_infer_and_inspect(setup, tmp_path, capsys, fmt, shard_size):
+    """Every model-directory layout our writers produce (here through `convert`, which shares the writer with
+    merge-ckpt and merge-lora) is read by the one weight reader: `infer`, `inspect` and `from_pretrained`."""
+    from ckpt_tools.convert import convert
+    from ckpt_tools.inspect import inspect_path
+
+    out = tmp_path / "model"
+    summary = convert(str(setup / "st"), str(out), fmt, shard_size=shard_size, progress=False)
+    weight_files = [f for f in summary["files"] if f.endswith((".safetensors", ".pdparams"))]
+    assert (len(weight_files) == 1) == (shard_size is None), weight_files
+    report = inspect_path(str(out))
+    assert report.complete, report.problems
+    args = ["--image", setup / "media/img0.png", "--prompt", "What colour is it?", "--max_new_tokens", MAX_NEW,
+            "--no-stream"]
+    code, expected, _ = _run(capsys, "--model", setup / "st", *args)
+    code_out, answer, err = _run(capsys, "--model", out, *args)
+    assert code == code_out == 0, err
+    assert answer == expected

@@ -2,7 +2,7 @@
 losses, frozen base weights, optimizer state only for adapters, adapter placements under mp, and the exported
 adapter reproducing the trained distributed model on a plain single-process model.
 
-One 2-process launch trains dp2, mp2 and sharding stage 1 back to back (tests/lora_worker.py); one 4-process
+One 2-process launch trains dp2, mp2 and sharding stage 1 back to back (tests/helpers/lora_worker.py); one 4-process
 launch trains dp2 x mp2.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Layouts train like one process: 2- and 4-process launches vs a single-process reference (tiny, fp32).
 
-Each launch trains all its layouts back to back (tests/parallel_worker.py); the reference runs once for a
+Each launch trains all its layouts back to back (tests/helpers/parallel_worker.py); the reference runs once for a
 frozen ViT and once with a trainable merger. 5 AdamW steps, ClipGradByGlobalNorm, accumulation 2.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pipeline parallel (send/recv stages, FThenB) vs a single-process run (tiny, fp32, tied head).
 
 pp2 (2 processes) and pp2 x mp2 (4 processes): 5 AdamW steps, ClipGradByGlobalNorm across stages, accumulation
-2 (= micro-batches), same data as tests/test_parallel_layouts.py. Each stage's weights are compared with the
+2 (= micro-batches), same data as tests/dist/test_parallel_layouts.py. Each stage's weights are compared with the
 reference; the tied embedding lives on both stages and must stay identical to it on both. The pp2 run saves
 stage-local model + optimizer state with dist.save_state_dict; ckpt_tools merges it and a dp2 model resumes it.
 """

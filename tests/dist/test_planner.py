@@ -2,7 +2,7 @@
 steps, `memory_report`), activation peak within 25% of Paddle's allocator peak on CPU, presets instant,
 communication counts, and the fit advice re-planned.
 
-Activation measurement (tests/planner_worker.py): Paddle's host allocator keeps exact counters
+Activation measurement (tests/helpers/planner_worker.py): Paddle's host allocator keeps exact counters
 (`core.host_memory_stat_{current,peak}_value("Allocated", 0)`, peak resettable). After two warm-up steps
 (gradients and AdamW states exist, `clear_grad` keeps the buffers), the peak is reset and the increase over
 the bytes allocated before the forward is read after the backward: that is the step's activations and

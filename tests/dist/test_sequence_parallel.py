@@ -1,6 +1,6 @@
 """Sequence parallel inside mp regions (mp2 + SP, 2 processes) vs a single-process run (tiny, fp32).
 
-Same data and optimizer as tests/test_parallel_layouts.py: 5 AdamW steps, ClipGradByGlobalNorm, accumulation 2.
+Same data and optimizer as tests/dist/test_parallel_layouts.py: 5 AdamW steps, ClipGradByGlobalNorm, accumulation 2.
 Forward and backward run on the CPU build (the reduce-scatter is all-reduce + slice, autoparallel/cpu_compat.py).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def assert_params_close(params: dict, ref: dict, what: str, tol: float = 1e-5) -
     for key, value in params.items():
         err = np.linalg.norm(value - ref[key]) / np.linalg.norm(ref[key])
         # k_proj.bias: ~0 true gradient (M-RoPE low-frequency channels), AdamW amplifies rounding: see
-        # tests/test_parallel_layouts.py.
+        # tests/dist/test_parallel_layouts.py.
         assert err < (1e-2 if key.endswith("k_proj.bias") else tol), f"{what} {key}: relative error {err:.2e}"
 
 

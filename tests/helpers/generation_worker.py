@@ -1,4 +1,4 @@
-"""Launched by tests/test_generation.py: greedy generation with the tensor-parallel model of `qwen2vl-ap infer`.
+"""Launched by tests/dist/test_generation.py: greedy generation with the tensor-parallel model of `qwen2vl-ap infer`.
 
     --model DIR --inputs NPZ (keys "{case}.{input name}") --new_tokens N  ->  result.{rank}.json {case: tokens}
 """

@@ -1,4 +1,4 @@
-"""Hostile media and records for tests/test_hostile_inputs.py (see the table in docs/RELIABILITY.md).
+"""Hostile media and records for tests/dist/test_hostile_inputs.py (see the table in docs/RELIABILITY.md).
 
 `write_hostile_dataset(root)` writes one record per per-record case plus plain good records into
 `root/ann.json` + `root/meta.json` and returns the meta path; `CASES` maps each case to its expected outcome.

@@ -1,4 +1,4 @@
-"""Launched by tests/test_lora_parallel.py: LoRA training in several layouts (same data as the single-process
+"""Launched by tests/dist/test_lora_parallel.py: LoRA training in several layouts (same data as the single-process
 reference of parallel_cases), one launch.
 
     --layouts dp2,mp2,...   per layout: result.{rank}.json (losses, placements, frozen/optimizer checks) and, from

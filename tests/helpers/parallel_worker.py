@@ -1,4 +1,4 @@
-"""Launched by tests/test_parallel_*.py: train several layouts in one launch, or check degree validation.
+"""Launched by tests/dist/test_parallel_*.py: train several layouts in one launch, or check degree validation.
 
     --layouts dp2,mp2,...   train each (same data as the single-process reference), write result.{rank}.json
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
@@ -20,7 +20,7 @@ import paddle.distributed as dist
 
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from placements.degrees import DegreeError, ParallelDegrees
-from autoparallel.memory_report import memory_report
+from autoparallel.planning.memory_report import memory_report
 from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch
 from autoparallel.step import train_step

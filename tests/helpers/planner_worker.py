@@ -1,4 +1,4 @@
-"""Launched by tests/test_planner.py: what the engine actually holds, for the planner to be checked against.
+"""Launched by tests/dist/test_planner.py: what the engine actually holds, for the planner to be checked against.
 
     --layouts tiny-dp2,scaled-mp2,...   per layout: build, parallelize, one training step (the engine's path:
                                         `parallelize` + `step.train_step`), then `memory_report` totals per rank
@@ -21,7 +21,7 @@ from paddle.base import core
 
 from autoparallel.engine.trainer import apply_recompute
 from network.lora import LoraArgs, apply_lora
-from autoparallel.memory_report import memory_report
+from autoparallel.planning.memory_report import memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from placements.degrees import ParallelDegrees
 from autoparallel.parallelize import parallelize

@@ -1,4 +1,4 @@
-"""Launched by tests/test_sequence_parallel.py and tests/test_pipeline.py (same data as parallel_cases).
+"""Launched by tests/dist/test_sequence_parallel.py and tests/dist/test_pipeline.py (same data as parallel_cases).
 
     --reference         single process: result.0.json {"losses", "grad_norm"} + reference.npz (trainable
                         parameters); grad_norm: global gradient norm of step 1 before clipping

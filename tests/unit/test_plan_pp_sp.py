@@ -6,7 +6,7 @@ import paddle
 import pytest
 
 from autoparallel.planning.communication import communication
-from autoparallel.memory_report import memory_report
+from autoparallel.planning.memory_report import memory_report
 from placements.degrees import ParallelDegrees
 from autoparallel.pipeline import Stage, build_stage_model
 from autoparallel.planning.memory import PlanSetup, Workload, activation_estimate, state_memory

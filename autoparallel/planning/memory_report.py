@@ -1,25 +1,31 @@
 """Per-rank memory report: bytes of parameters, gradients and optimizer states actually held by this rank
-(read from the local tensors, `_local_value()`), next to the ideal for the layout (`placements.layout`).
+(read from the local tensors, `_local_value()`), next to the ideal for the layout (`placements.layout` and the
+planner's byte rule, `planning.memory.optimizer_state_bytes`).
 
 Optimizer states are AdamW's moment1/moment2 (+ fp32 master weight for non-fp32 parameters) and its two
 [1]-shaped beta-power accumulators, found in the (inner) optimizer's `_accumulators` / `_master_weights`.
 Gradients are counted as allocated at the time of the call (Paddle's `clear_grad()` keeps zeroed buffers).
 On a pipeline stage model (`pipeline.build_stage_model`) only that stage's parameters exist, so both columns
 are per stage (the tied head's embedding copy included on the last stage), as `planner.state_memory(setup,
-stage)` plans them (tests/test_plan_pp_sp.py).
+stage)` plans them (tests/unit/test_plan_pp_sp.py).
 """
 from __future__ import annotations
 
-import numpy as np
-import paddle
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from autoparallel.planning.memory import optimizer_state_bytes
 from placements.degrees import ParallelDegrees
 from placements.qwen2_vl import layout
+
+if TYPE_CHECKING:
+    import paddle
 
 _KINDS = ("param", "grad", "optimizer")
 
 
-def _local_bytes(tensor: paddle.Tensor | None) -> int:
+def _local_bytes(tensor: "paddle.Tensor | None") -> int:
     if tensor is None:
         return 0
     local = tensor._local_value() if tensor.is_dist() else tensor
@@ -32,10 +38,10 @@ def _numel(shape) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def _optimizer_states(optimizer) -> dict[str, list[paddle.Tensor]]:
+def _optimizer_states(optimizer) -> dict[str, list["paddle.Tensor"]]:
     """Parameter tensor name -> its optimizer state tensors."""
     inner = getattr(optimizer, "_inner_opt", optimizer)
-    by_name: dict[str, list[paddle.Tensor]] = {}
+    by_name: dict[str, list["paddle.Tensor"]] = {}
     masters = getattr(inner, "_master_weights", {})
     master_to_param = {m.name: p for p, m in masters.items()}
     for p, master in masters.items():
@@ -46,7 +52,7 @@ def _optimizer_states(optimizer) -> dict[str, list[paddle.Tensor]]:
     return by_name
 
 
-def memory_report(model: paddle.nn.Layer, optimizer, degrees: ParallelDegrees, *,
+def memory_report(model: "paddle.nn.Layer", optimizer, degrees: ParallelDegrees, *,
                   train_merger: bool = False) -> dict:
     """{"params": {name: {"param"|"grad"|"optimizer": bytes, "ideal_param"|...: bytes}}, "total": {...}}."""
     states = _optimizer_states(optimizer) if optimizer is not None else {}
@@ -57,8 +63,7 @@ def memory_report(model: paddle.nn.Layer, optimizer, degrees: ParallelDegrees, *
         size = p.element_size()
         ideal_opt = 0
         if lay.state_local_shape is not None:
-            master = 4 if p.dtype != paddle.float32 else 0
-            ideal_opt = _numel(lay.state_local_shape) * (2 * 4 + master) + 2 * 4  # moments (+master) + beta pows
+            ideal_opt = sum(optimizer_state_bytes(_numel(lay.state_local_shape), str(p.dtype).split(".")[-1]))
         row = {
             "param": _local_bytes(p),
             "grad": _local_bytes(p.grad),
