@@ -68,6 +68,15 @@ def test_sft_writes_metrics_checkpoint_and_loss_falls(meta, tmp_path):
                            "--nproc_per_node", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.strip() in (out / "plan.txt").read_text()
+    # A sharded pdparams merge (PaddleMIX layout + PaddleNLP-style index) is a model directory `infer` loads.
+    from ckpt_tools.merge import merge_dist_checkpoint
+    from launch.infer import infer_main
+
+    merged = tmp_path / "merged_pd"
+    summary = merge_dist_checkpoint(str(out / "checkpoint-8"), str(merged), format="paddle", shard_size=20 * 10**6,
+                                    progress=False)
+    assert "model_state.pdparams.index.json" in summary["files"] and len(summary["files"]) > 2
+    assert infer_main(["--model", str(merged), "--prompt", "hello", "--max_new_tokens", "2", "--no-stream"]) == 0
 
 
 @pytest.mark.parametrize("first, second", [
