@@ -1,10 +1,16 @@
-"""Qwen2-VL configuration: dataclasses, HF `config.json` reader/writer and the published presets."""
+"""Qwen2-VL / Qwen2.5-VL configuration: dataclasses, HF `config.json` reader/writer and the published presets.
+
+One `Qwen2VLConfig` describes both families: the decoder is the same, the vision tower differs and is described
+by `Qwen2VLVisionConfig` or `Qwen2_5_VLVisionConfig` (which one is `model_type` in config.json). Vision fields
+use the Qwen2-VL names everywhere (`embed_dim` = ViT width, `hidden_size` = merger output = LLM width); the
+Qwen2.5-VL names (`hidden_size` = ViT width, `out_hidden_size`) are translated when reading and writing.
+"""
 from __future__ import annotations
 
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 CONFIG_NAME = "config.json"
@@ -13,18 +19,55 @@ _OPTIONAL = ("hidden_act", "attention_dropout", "image_token_id", "video_token_i
              "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-@dataclass
-class Qwen2VLVisionConfig:
+@dataclass(kw_only=True)
+class VisionConfig:
+    """Fields every Qwen-VL vision tower has."""
+
     depth: int
     embed_dim: int
     hidden_size: int  # merger output width == LLM hidden size
     num_heads: int
-    mlp_ratio: float
     in_channels: int = 3
     patch_size: int = 14
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
+
+
+@dataclass(kw_only=True)
+class Qwen2VLVisionConfig(VisionConfig):
+    mlp_ratio: float
     hidden_act: str = "quick_gelu"
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+@dataclass(kw_only=True)
+class Qwen2_5_VLVisionConfig(VisionConfig):
+    """Qwen2.5-VL ViT: RMSNorm, SwiGLU MLP of `intermediate_size`, attention inside windows of `window_size`
+    pixels except in `fullatt_block_indexes`; video M-RoPE time advances `tokens_per_second` per second."""
+
+    intermediate_size: int
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    window_size: int = 112
+    tokens_per_second: float = 2
+    hidden_act: str = "silu"
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return self.intermediate_size
+
+    def __post_init__(self) -> None:
+        self.fullatt_block_indexes = [int(i) for i in self.fullatt_block_indexes]
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit:
+            raise ValueError(f"vision_config.window_size {self.window_size} must be a multiple of "
+                             f"patch_size * spatial_merge_size = {unit}")
+
+
+MODEL_TYPES = {"qwen2_vl": Qwen2VLVisionConfig, "qwen2_5_vl": Qwen2_5_VLVisionConfig}
+_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 @dataclass
@@ -40,7 +83,7 @@ class Qwen2VLConfig:
     rope_theta: float
     mrope_section: list[int]
     tie_word_embeddings: bool
-    vision_config: Qwen2VLVisionConfig
+    vision_config: Qwen2VLVisionConfig | Qwen2_5_VLVisionConfig
     hidden_act: str = "silu"
     attention_dropout: float = 0.0
     image_token_id: int = 151655
@@ -56,9 +99,15 @@ class Qwen2VLConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def model_type(self) -> str:
+        """"qwen2_vl" or "qwen2_5_vl", from the vision tower."""
+        return "qwen2_5_vl" if isinstance(self.vision_config, Qwen2_5_VLVisionConfig) else "qwen2_vl"
+
     def __post_init__(self) -> None:
-        if isinstance(self.vision_config, dict):
-            self.vision_config = Qwen2VLVisionConfig(**self.vision_config)
+        if isinstance(self.vision_config, dict):  # asdict() round trip: the 2.5 tower has intermediate_size
+            cls = Qwen2_5_VLVisionConfig if "intermediate_size" in self.vision_config else Qwen2VLVisionConfig
+            self.vision_config = cls(**self.vision_config)
         self.mrope_section = [int(s) for s in self.mrope_section]
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -89,19 +138,37 @@ class Qwen2VLConfig:
         if rope_theta is None:
             raise KeyError(f"{source}: required config field 'rope_theta' is missing")
 
+        model_type = d.get("model_type", "qwen2_vl")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(MODEL_TYPES)}")
         vis = need(d, "vision_config")
-        vision = Qwen2VLVisionConfig(
+        common = dict(
             depth=need(vis, "depth", "vision_config."),
-            embed_dim=need(vis, "embed_dim", "vision_config."),
-            hidden_size=vis.get("hidden_size", need(text, "hidden_size")),
             num_heads=need(vis, "num_heads", "vision_config."),
-            mlp_ratio=need(vis, "mlp_ratio", "vision_config."),
             in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
             patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
             spatial_merge_size=vis.get("spatial_merge_size", 2),
             temporal_patch_size=vis.get("temporal_patch_size", 2),
-            hidden_act=vis.get("hidden_act", "quick_gelu"),
         )
+        if model_type == "qwen2_vl":
+            vision = Qwen2VLVisionConfig(
+                embed_dim=need(vis, "embed_dim", "vision_config."),
+                hidden_size=vis.get("hidden_size", need(text, "hidden_size")),
+                mlp_ratio=need(vis, "mlp_ratio", "vision_config."),
+                hidden_act=vis.get("hidden_act", "quick_gelu"),
+                **common,
+            )
+        else:  # Qwen2.5-VL names: hidden_size is the ViT width, out_hidden_size the merger output
+            vision = Qwen2_5_VLVisionConfig(
+                embed_dim=need(vis, "hidden_size", "vision_config."),
+                hidden_size=vis.get("out_hidden_size", need(text, "hidden_size")),
+                intermediate_size=need(vis, "intermediate_size", "vision_config."),
+                fullatt_block_indexes=need(vis, "fullatt_block_indexes", "vision_config."),
+                window_size=need(vis, "window_size", "vision_config."),
+                tokens_per_second=need(vis, "tokens_per_second", "vision_config."),
+                hidden_act=vis.get("hidden_act", "silu"),
+                **common,
+            )
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "max_position_embeddings", "rms_norm_eps")
         kwargs: dict[str, Any] = {k: need(text, k) for k in required}
@@ -129,18 +196,26 @@ class Qwen2VLConfig:
 
     # ---- writing -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Flat Hub layout (what Qwen/Qwen2-VL-* ship), loadable by transformers 4.55 `Qwen2VLConfig`."""
+        """Flat Hub layout (what Qwen/Qwen2-VL-* and Qwen/Qwen2.5-VL-* ship), loadable by transformers 4.55
+        `Qwen2VLConfig` / `Qwen2_5_VLConfig`."""
         out = {k: v for k, v in asdict(self).items() if k not in ("vision_config", "mrope_section", "dtype")}
         out.update(
-            architectures=["Qwen2VLForConditionalGeneration"],
-            model_type="qwen2_vl",
+            architectures=[_ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
             rope_scaling={"type": "mrope", "mrope_section": list(self.mrope_section)},
             torch_dtype=self.dtype,
             use_sliding_window=False,
             max_window_layers=self.num_hidden_layers,
-            vision_config=asdict(self.vision_config),
+            vision_config=self._vision_dict(),
         )
         return dict(sorted(out.items()))
+
+    def _vision_dict(self) -> dict[str, Any]:
+        vision = asdict(self.vision_config)
+        if self.model_type == "qwen2_5_vl":
+            vision["out_hidden_size"] = vision.pop("hidden_size")
+            vision["hidden_size"] = vision.pop("embed_dim")
+        return dict(sorted(vision.items()))
 
     def save_pretrained(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -160,21 +235,35 @@ def _vision(hidden_size: int) -> Qwen2VLVisionConfig:
     return Qwen2VLVisionConfig(depth=32, embed_dim=1280, hidden_size=hidden_size, num_heads=16, mlp_ratio=4)
 
 
-def _published(**overrides: Any) -> Qwen2VLConfig:
+def _vision_2_5(hidden_size: int) -> Qwen2_5_VLVisionConfig:
+    # Likewise one window-attention ViT for every published Qwen2.5-VL size.
+    return Qwen2_5_VLVisionConfig(depth=32, embed_dim=1280, hidden_size=hidden_size, num_heads=16,
+                                  intermediate_size=3420)
+
+
+def _published(vision: Callable[[int], VisionConfig] = _vision, **overrides: Any) -> Qwen2VLConfig:
     base: dict[str, Any] = dict(
         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=[16, 24, 24],
         dtype="bfloat16",
     )
     base.update(overrides)
-    base.setdefault("vision_config", _vision(base["hidden_size"]))
+    base.setdefault("vision_config", vision(base["hidden_size"]))
     return Qwen2VLConfig(**base)
 
 
+def _published_2_5(**overrides: Any) -> Qwen2VLConfig:
+    return _published(_vision_2_5, max_position_embeddings=128000, **overrides)
+
+
+_TINY_TEXT: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
+    mrope_section=[4, 6, 6], tie_word_embeddings=True,
+)
+
 PRESETS: dict[str, Callable[[], Qwen2VLConfig]] = {
     "tiny": lambda: Qwen2VLConfig(
-        vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
-        mrope_section=[4, 6, 6], tie_word_embeddings=True,
+        **_TINY_TEXT,
         vision_config=Qwen2VLVisionConfig(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2),
     ),
     "qwen2-vl-2b": lambda: _published(
@@ -193,5 +282,28 @@ PRESETS: dict[str, Callable[[], Qwen2VLConfig]] = {
     "qvq-72b-preview": lambda: _published(
         vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=128000,
+    ),
+    # Three ViT blocks: windowed, full, windowed; 56-pixel windows (2 x 2 merged tokens) so that small test
+    # images already span several windows, some of them cut by the image border.
+    "tiny-qwen2.5-vl": lambda: Qwen2VLConfig(
+        **_TINY_TEXT,
+        vision_config=Qwen2_5_VLVisionConfig(depth=3, embed_dim=64, hidden_size=128, num_heads=4,
+                                             intermediate_size=96, fullatt_block_indexes=[1], window_size=56),
+    ),
+    "qwen2.5-vl-3b": lambda: _published_2_5(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "qwen2.5-vl-7b": lambda: _published_2_5(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, tie_word_embeddings=False,
+    ),
+    "qwen2.5-vl-32b": lambda: _published_2_5(
+        vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, tie_word_embeddings=False,
+    ),
+    "qwen2.5-vl-72b": lambda: _published_2_5(
+        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, tie_word_embeddings=False,
     ),
 }

@@ -152,6 +152,7 @@ def generate(
     image_grid_thw: Array | None = None,
     pixel_values_videos: Array | None = None,
     video_grid_thw: Array | None = None,
+    second_per_grid_ts: Array | None = None,
     generation_config: GenerationConfig | None = None,
     streamer: Callable[[np.ndarray], None] | None = None,
 ) -> GenerationOutput:
@@ -169,7 +170,8 @@ def generate(
     if (mask[:, -1] == 0).any():
         raise ValueError("generation needs left padding: every row must end with a real token")
     image_grid_thw, video_grid_thw = _as_numpy(image_grid_thw), _as_numpy(video_grid_thw)
-    position_ids, rope_deltas = get_rope_index_for_config(config, ids, image_grid_thw, video_grid_thw, mask)
+    position_ids, rope_deltas = get_rope_index_for_config(
+        config, ids, image_grid_thw, video_grid_thw, mask, _as_numpy(second_per_grid_ts))
     stop_ids = np.asarray(cfg.stop_token_ids or (config.eos_token_id,), np.int64)
     rng = np.random.default_rng(cfg.seed)
     cache = KVCache(config.num_hidden_layers)

@@ -1,4 +1,8 @@
-"""Qwen2-VL for conditional generation in plain Paddle (no distributed code).
+"""Qwen2-VL and Qwen2.5-VL for conditional generation in plain Paddle (no distributed code).
+
+The two share this file: the decoder, the vision-feature scatter and the loss are the same; `config.model_type`
+picks the vision tower (network/modeling_vision.py, network/modeling_vision_window.py) and whether video
+M-RoPE time follows `second_per_grid_ts` (network/rope_index.py).
 
 Reads like the HF file: parameter names equal the Hub checkpoint keys (`visual.*`, `model.*`,
 `lm_head.weight`), so a weight name points at the code that uses it. Paddle `nn.Linear` weights are
@@ -18,6 +22,8 @@ import paddle.nn.functional as F
 from network.attention import attention
 from network.config import Qwen2VLConfig
 from network.modeling_vision import Qwen2VisionTransformer, as_numpy, rotate_half
+from network.modeling_vision_window import Qwen2_5_VisionTransformer
+from network.rms_norm import Qwen2RMSNorm
 from network.rope_index import get_rope_index_for_config
 from network.weights import load_weights, save_weights
 
@@ -33,19 +39,6 @@ class Qwen2VLOutput:
     loss: paddle.Tensor | None
     logits: paddle.Tensor
     rope_deltas: np.ndarray | None
-
-
-class Qwen2RMSNorm(nn.Layer):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        # Normalise in fp32, cast back before the weight multiply (reference order; matters in bf16).
-        x32 = x.astype("float32")
-        x32 = x32 * paddle.rsqrt(paddle.square(x32).mean(-1, keepdim=True) + self.eps)  # pow(2) is ~60x slower on CPU
-        return self.weight * x32.astype(x.dtype)
 
 
 def mrope_cos_sin(config: Qwen2VLConfig, position_ids: paddle.Tensor, dtype) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -175,11 +168,14 @@ def _scatter_features(inputs_embeds, input_ids, token_id: int, features, kind: s
     return paddle.where(mask[..., None], placed, inputs_embeds)
 
 
+VISION_TOWERS = {"qwen2_vl": Qwen2VisionTransformer, "qwen2_5_vl": Qwen2_5_VisionTransformer}
+
+
 class Qwen2VLForConditionalGeneration(nn.Layer):
     def __init__(self, config: Qwen2VLConfig):
         super().__init__()
         self.config = config
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = VISION_TOWERS[config.model_type](config.vision_config)
         self.model = Qwen2VLTextModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
@@ -222,6 +218,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         image_grid_thw: Array | None = None,
         pixel_values_videos: Array | None = None,
         video_grid_thw: Array | None = None,
+        second_per_grid_ts: Array | None = None,
         labels: Array | None = None,
         inputs_embeds: paddle.Tensor | None = None,
         loss_normalizer: paddle.Tensor | float | None = None,
@@ -229,7 +226,8 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         logits_to_keep: int = 0,
     ) -> Qwen2VLOutput:
         """Logits [B, S, vocab] and, with `labels`, the causal-LM loss. Grids may be numpy (host metadata).
-        Without `position_ids`, 3-D M-RoPE positions are computed from `input_ids` on the host.
+        Without `position_ids`, 3-D M-RoPE positions are computed from `input_ids` on the host (Qwen2.5-VL:
+        video time from `second_per_grid_ts` [n_videos], seconds per temporal patch; default 1).
 
         Decoding (see network.generation): `past_key_values` is extended in place with this call's keys/values;
         `input_ids` are then only the new tokens, `attention_mask` spans cached + new positions, and
@@ -247,6 +245,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                 None if image_grid_thw is None else as_numpy(image_grid_thw),
                 None if video_grid_thw is None else as_numpy(video_grid_thw),
                 None if attention_mask is None else as_numpy(attention_mask),
+                None if second_per_grid_ts is None else as_numpy(second_per_grid_ts),
             )
         position_ids = _tensor(position_ids)
         if position_ids.ndim != 3 or position_ids.shape[0] != 3:

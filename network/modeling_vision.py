@@ -1,4 +1,5 @@
-"""Qwen2-VL vision tower (ViT with 2-D rotary, block-diagonal attention per image/frame, PatchMerger).
+"""Qwen2-VL vision tower (ViT with 2-D rotary, block-diagonal attention per image/frame, PatchMerger), and the
+pieces the Qwen2.5-VL tower (network/modeling_vision_window.py) shares with it.
 
 Submodule names equal the HF Hub checkpoint keys under `visual.`.
 """
@@ -9,8 +10,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from typing import Callable
+
 from network.attention import attention
-from network.config import Qwen2VLVisionConfig
+from network.config import VisionConfig
 
 _LN_EPS = 1e-6
 
@@ -19,7 +22,7 @@ def quick_gelu(x: paddle.Tensor) -> paddle.Tensor:
     return x * F.sigmoid(1.702 * x)
 
 
-_ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
 def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
@@ -49,8 +52,12 @@ def vision_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
+def layer_norm(dim: int) -> nn.Layer:
+    return nn.LayerNorm(dim, epsilon=_LN_EPS)
+
+
 class PatchEmbed(nn.Layer):
-    def __init__(self, config: Qwen2VLVisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         kernel = [config.temporal_patch_size, config.patch_size, config.patch_size]
@@ -63,7 +70,7 @@ class PatchEmbed(nn.Layer):
 
 
 class VisionAttention(nn.Layer):
-    def __init__(self, config: Qwen2VLVisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
         # Fused output columns are [q | k | v], each [heads * head_dim] (the checkpoint's order).
@@ -81,24 +88,25 @@ class VisionAttention(nn.Layer):
 
 
 class VisionMlp(nn.Layer):
-    def __init__(self, config: Qwen2VLVisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
-        hidden = int(config.embed_dim * config.mlp_ratio)
+        hidden = config.mlp_hidden_size
         self.fc1 = nn.Linear(config.embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, config.embed_dim)
-        self.act = _ACT[config.hidden_act]
+        self.act = VISION_ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Qwen2VLVisionBlock(nn.Layer):
-    def __init__(self, config: Qwen2VLVisionConfig):
+    def __init__(self, config: VisionConfig, norm: Callable[[int], nn.Layer] = layer_norm,
+                 mlp: Callable[[VisionConfig], nn.Layer] = VisionMlp):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
-        self.norm2 = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
+        self.norm1 = norm(config.embed_dim)
+        self.norm2 = norm(config.embed_dim)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMlp(config)
+        self.mlp = mlp(config)
 
     def forward(self, x, cu_seqlens, cos, sin) -> paddle.Tensor:
         x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
@@ -106,12 +114,12 @@ class Qwen2VLVisionBlock(nn.Layer):
 
 
 class PatchMerger(nn.Layer):
-    """LayerNorm per patch, concatenate each merge x merge window, MLP to the LLM width."""
+    """Norm per patch, concatenate each merge x merge window, MLP to the LLM width."""
 
-    def __init__(self, config: Qwen2VLVisionConfig):
+    def __init__(self, config: VisionConfig, norm: Callable[[int], nn.Layer] = layer_norm):
         super().__init__()
         self.merged_dim = config.embed_dim * config.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(config.embed_dim, epsilon=_LN_EPS)
+        self.ln_q = norm(config.embed_dim)
         self.mlp = nn.Sequential(
             nn.Linear(self.merged_dim, self.merged_dim),
             nn.GELU(),  # exact erf GELU, as the reference
@@ -123,12 +131,17 @@ class PatchMerger(nn.Layer):
 
 
 class Qwen2VisionTransformer(nn.Layer):
-    def __init__(self, config: Qwen2VLVisionConfig):
+    # What a variant tower swaps (see Qwen2_5_VisionTransformer): the norm and MLP of blocks and merger.
+    norm: Callable[[int], nn.Layer] = staticmethod(layer_norm)
+    mlp: Callable[[VisionConfig], nn.Layer] = VisionMlp
+
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.LayerList([Qwen2VLVisionBlock(config) for _ in range(config.depth)])
-        self.merger = PatchMerger(config)
+        self.blocks = nn.LayerList(
+            [Qwen2VLVisionBlock(config, self.norm, self.mlp) for _ in range(config.depth)])
+        self.merger = PatchMerger(config, self.norm)
 
     def rotary_cos_sin(self, grid_thw: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
         """cos/sin [N, head_dim]: half the rotary channels encode the patch row, half the column."""

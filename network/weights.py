@@ -43,7 +43,7 @@ LINEAR_WEIGHTS = re.compile(
     r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj"
     r"|model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
     r"|visual\.blocks\.\d+\.attn\.(qkv|proj)"
-    r"|visual\.blocks\.\d+\.mlp\.fc[12]"
+    r"|visual\.blocks\.\d+\.mlp\.(fc[12]|(gate|up|down)_proj)"  # Qwen2-VL fc1/fc2, Qwen2.5-VL SwiGLU
     r"|visual\.merger\.mlp\.[02]"
     r"|lm_head)\.weight$"
 )

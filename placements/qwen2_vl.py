@@ -159,17 +159,22 @@ def parameter_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     """Paddle parameter name -> shape of `Qwen2VLForConditionalGeneration(config)`, without building it
     (so 72B plans render on a laptop). tests check it against the real model."""
     v, h, e = config.vision_config, config.hidden_size, config.vision_config.embed_dim
-    mlp, merged, hd = int(e * v.mlp_ratio), e * v.spatial_merge_size**2, config.head_dim
+    mlp, merged, hd = v.mlp_hidden_size, e * v.spatial_merge_size**2, config.head_dim
+    # Qwen2.5-VL: RMSNorm (no bias) and a SwiGLU MLP with biases; Qwen2-VL: LayerNorm and fc1/fc2.
+    rms = config.model_type == "qwen2_5_vl"
+    norm = (lambda p: {p + "weight": (e,)}) if rms else (lambda p: {p + "weight": (e,), p + "bias": (e,)})
+    mlp_names = (("gate_proj", "up_proj"), "down_proj") if rms else (("fc1",), "fc2")
     shapes = {"visual.patch_embed.proj.weight": (e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
     for i in range(v.depth):
         p = f"visual.blocks.{i}."
-        shapes |= {p + "norm1.weight": (e,), p + "norm1.bias": (e,), p + "norm2.weight": (e,), p + "norm2.bias": (e,),
-                   p + "attn.qkv.weight": (e, 3 * e), p + "attn.qkv.bias": (3 * e,),
-                   p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,),
-                   p + "mlp.fc1.weight": (e, mlp), p + "mlp.fc1.bias": (mlp,),
-                   p + "mlp.fc2.weight": (mlp, e), p + "mlp.fc2.bias": (e,)}
-    shapes |= {"visual.merger.ln_q.weight": (e,), "visual.merger.ln_q.bias": (e,),
-               "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
+        shapes |= norm(p + "norm1.") | norm(p + "norm2.")
+        shapes |= {p + "attn.qkv.weight": (e, 3 * e), p + "attn.qkv.bias": (3 * e,),
+                   p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,)}
+        for up in mlp_names[0]:
+            shapes |= {p + f"mlp.{up}.weight": (e, mlp), p + f"mlp.{up}.bias": (mlp,)}
+        shapes |= {p + f"mlp.{mlp_names[1]}.weight": (mlp, e), p + f"mlp.{mlp_names[1]}.bias": (e,)}
+    shapes |= norm("visual.merger.ln_q.")
+    shapes |= {"visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
                "visual.merger.mlp.2.weight": (merged, v.hidden_size), "visual.merger.mlp.2.bias": (v.hidden_size,),
                "model.embed_tokens.weight": (config.vocab_size, h)}
     q, kv, ffn = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size

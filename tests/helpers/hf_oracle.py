@@ -1,4 +1,5 @@
-"""Tiny random HF Qwen2-VL models and matching inputs, for parity tests (torch/transformers only here)."""
+"""Tiny random HF Qwen2-VL / Qwen2.5-VL models and matching inputs, for parity tests (torch/transformers only
+here)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,22 +19,29 @@ SMALL_VOCAB = dict(
 TEXT_TOKENS = 480  # random text ids are drawn below this, away from the special ids
 
 
-def tiny_config(tied: bool = True, small_vocab: bool = True) -> Qwen2VLConfig:
-    config = Qwen2VLConfig.preset("tiny")
+HF_CLASSES = {
+    "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+}
+
+
+def tiny_config(tied: bool = True, small_vocab: bool = True, preset: str = "tiny") -> Qwen2VLConfig:
+    config = Qwen2VLConfig.preset(preset)
     config = dataclasses.replace(config, tie_word_embeddings=tied, **(SMALL_VOCAB if small_vocab else {}))
     return config
 
 
-def hf_model(config: Qwen2VLConfig, seed: int = 0) -> transformers.Qwen2VLForConditionalGeneration:
-    """HF model with our config (through our flat `to_dict`) and O(1)-scale random weights.
+def hf_model(config: Qwen2VLConfig, seed: int = 0) -> transformers.PreTrainedModel:
+    """HF model of `config.model_type` with our config (through our flat `to_dict`) and O(1)-scale random weights.
 
     HF's own init (N(0, 0.02), zero biases, unit norms) would leave biases and norms untested and the
     logits tiny, so every parameter is redrawn: matrices ~ N(0, 1/fan_in), vectors around their identity.
     """
-    hf_config = transformers.Qwen2VLConfig(**config.to_dict())
+    config_cls, model_cls = HF_CLASSES[config.model_type]
+    hf_config = config_cls(**config.to_dict())
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(hf_config)
+    model = model_cls(hf_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
@@ -48,7 +56,8 @@ def hf_model(config: Qwen2VLConfig, seed: int = 0) -> transformers.Qwen2VLForCon
 
 @dataclasses.dataclass
 class Sample:
-    """One row: text pieces and vision spans; `vision` items are ('image'|'video', (t, h, w))."""
+    """One row: text pieces and vision spans; `vision` items are ('image'|'video', (t, h, w)), or
+    ('video', (t, h, w), seconds per temporal patch) for Qwen2.5-VL's `second_per_grid_ts`."""
     prompt_len: int
     vision: list
     answer_len: int
@@ -60,10 +69,12 @@ def build_batch(config: Qwen2VLConfig, samples: list[Sample], pad_side: str = "r
     v = config.vision_config
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
     rows, label_rows = [], []
-    images, videos, image_grids, video_grids = [], [], [], []
+    images, videos, image_grids, video_grids, seconds = [], [], [], [], []
     for s in samples:
         ids = list(rng.integers(0, TEXT_TOKENS, s.prompt_len))
-        for kind, (t, h, w) in s.vision:
+        for kind, (t, h, w), *second in s.vision:
+            if second:
+                seconds.append(second[0])
             pad = config.image_token_id if kind == "image" else config.video_token_id
             pixels = rng.standard_normal((t * h * w, patch_dim)).astype("float32")
             (images if kind == "image" else videos).append(pixels)
@@ -87,6 +98,10 @@ def build_batch(config: Qwen2VLConfig, samples: list[Sample], pad_side: str = "r
         out.update(pixel_values=np.concatenate(images), image_grid_thw=np.array(image_grids, np.int64))
     if videos:
         out.update(pixel_values_videos=np.concatenate(videos), video_grid_thw=np.array(video_grids, np.int64))
+    if seconds:
+        if len(seconds) != len(videos):
+            raise ValueError("give seconds for every video of the batch or for none")
+        out["second_per_grid_ts"] = np.array(seconds, np.float32)
     return out
 
 
@@ -95,7 +110,33 @@ def hf_forward(model, batch: dict) -> tuple[np.ndarray, float, np.ndarray]:
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
     with torch.no_grad():
         out = model(**inputs)
+        extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
         positions, _ = model.model.get_rope_index(
-            inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs["attention_mask"]
+            inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"], **extra,
         )
     return out.logits.float().numpy(), float(out.loss), positions.numpy()
+
+
+LOGITS_TOL, LOSS_TOL = 1e-4, 1e-5
+
+
+def assert_forward_parity(config: Qwen2VLConfig, hf, ours, batch: dict, label: str) -> None:
+    """Rope indices equal, logits within LOGITS_TOL on non-padding rows, loss within LOSS_TOL; prints them."""
+    import paddle
+
+    from network.rope_index import get_rope_index_for_config
+
+    hf_logits, hf_loss, hf_positions = hf_forward(hf, batch)
+    positions, _ = get_rope_index_for_config(
+        config, batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"],
+        batch.get("second_per_grid_ts"),
+    )
+    np.testing.assert_array_equal(positions, hf_positions)
+    with paddle.no_grad():
+        out = ours(**{k: paddle.to_tensor(v) for k, v in batch.items()})
+    keep = batch["attention_mask"].astype(bool)  # padding rows are don't-care
+    d_logits = float(np.abs(out.logits.numpy()[keep] - hf_logits[keep]).max())
+    d_loss = abs(float(out.loss) - hf_loss)
+    print(f"[parity] {label}: max|dlogits|={d_logits:.2e} |dloss|={d_loss:.2e} (loss {hf_loss:.4f})")
+    assert d_logits <= LOGITS_TOL and d_loss <= LOSS_TOL

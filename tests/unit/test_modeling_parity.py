@@ -5,14 +5,12 @@ import numpy as np
 import paddle
 import pytest
 import torch
-from hf_oracle import Sample, build_batch, hf_forward, hf_model, tiny_config
+from hf_oracle import Sample, assert_forward_parity, build_batch, hf_model, tiny_config
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import get_rope_index, get_rope_index_for_config
 from network.weights import canonical_name, to_hf_layout
-
-LOGITS_TOL, LOSS_TOL = 1e-4, 1e-5
 
 CASES = {
     "text": ([Sample(6, [], 5)], "right"),
@@ -35,27 +33,12 @@ def models(request, tmp_path_factory):
     return config, hf, ours
 
 
-def _compare(config, hf, ours, batch, label):
-    hf_logits, hf_loss, hf_positions = hf_forward(hf, batch)
-    positions, _ = get_rope_index_for_config(
-        config, batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"]
-    )
-    np.testing.assert_array_equal(positions, hf_positions)
-    with paddle.no_grad():
-        out = ours(**{k: paddle.to_tensor(v) for k, v in batch.items()})
-    keep = batch["attention_mask"].astype(bool)  # padding rows are don't-care
-    d_logits = float(np.abs(out.logits.numpy()[keep] - hf_logits[keep]).max())
-    d_loss = abs(float(out.loss) - hf_loss)
-    print(f"[parity] {label}: max|dlogits|={d_logits:.2e} |dloss|={d_loss:.2e} (loss {hf_loss:.4f})")
-    assert d_logits <= LOGITS_TOL and d_loss <= LOSS_TOL
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parity(models, case):
     config, hf, ours = models
     samples, side = CASES[case]
     label = f"{case}/{'tied' if config.tie_word_embeddings else 'untied'}"
-    _compare(config, hf, ours, build_batch(config, samples, side, seed=sorted(CASES).index(case)), label)
+    assert_forward_parity(config, hf, ours, build_batch(config, samples, side, seed=sorted(CASES).index(case)), label)
 
 
 def test_parity_real_vocab(tmp_path):
@@ -65,7 +48,7 @@ def test_parity_real_vocab(tmp_path):
     hf.save_pretrained(str(tmp_path))
     ours = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path))
     batch = build_batch(config, [Sample(4, [("image", (1, 4, 4))], 4)], seed=3)
-    _compare(config, hf, ours, batch, "real_vocab/one_image")
+    assert_forward_parity(config, hf, ours, batch, "real_vocab/one_image")
 
 
 def test_explicit_position_ids_match_default(models):
