@@ -51,7 +51,7 @@ def step_flops(config: Qwen2VLConfig, batch: dict) -> float:
     p_llm = config.num_hidden_layers * per_layer + config.vocab_size * h
     v = config.vision_config
     e, patch_dim = v.embed_dim, v.in_channels * v.temporal_patch_size * v.patch_size**2
-    p_vit = patch_dim * e + v.depth * (4 * e * e + 2 * e * int(e * v.mlp_ratio))
+    p_vit = patch_dim * e + v.depth * (4 * e * e + 2 * e * v.mlp_hidden_size)
     merged = e * v.spatial_merge_size**2
     p_merger = merged * merged + merged * h
     b, s = batch["input_ids"].shape

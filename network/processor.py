@@ -1,7 +1,9 @@
 """`Qwen2VLProcessor`: qwen2_vl chat template, vision-token expansion, tokenization and pixel preprocessing.
 
-Outputs are numpy. Media keys (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`) are absent
-when no images / videos are given, as in HF. Token counts from image sizes (`image_token_count`) let the data
+Outputs are numpy. Media keys (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
+`second_per_grid_ts`) are absent when no images / videos are given, as in HF. `second_per_grid_ts` (seconds per
+temporal patch of each video, as HF's Qwen2_5_VLProcessor computes it) drives Qwen2.5-VL's video M-RoPE time;
+Qwen2-VL ignores it. The template and everything else are the same for both families. Token counts from image sizes (`image_token_count`) let the data
 pipeline probe lengths without decoding pixels.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from network.image_processing import ImageLike, Qwen2VLImageProcessor
 from network.log import logger
 from network.tokenizer import has_tokenizer_files, load_tokenizer
-from network.video import VideoLike, load_video
+from network.video import DEFAULT_VIDEO_FPS, VideoLike, load_video
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_TOKEN = "<|image_pad|>"
@@ -192,10 +194,12 @@ class Qwen2VLProcessor:
         padding: bool | str = False,
         padding_side: str = "right",
         return_tensors: str = "np",
+        fps: float | Sequence[float] = DEFAULT_VIDEO_FPS,
     ) -> dict[str, np.ndarray]:
         """Tokenize templated text with vision placeholders expanded; preprocess images then videos (in order).
 
-        `videos` items are frame lists, frame directories or video files (read with `load_video` defaults).
+        `videos` items are frame lists, frame directories or video files (files sampled at `fps`); `fps` (one
+        value or one per video) is the rate the frames were sampled at, which gives `second_per_grid_ts`.
         Returns input_ids int64 [B, S], attention_mask int64 [B, S] and the media keys for the media given."""
         if return_tensors != "np":
             raise ValueError(f"only return_tensors='np' is supported, got {return_tensors!r}")
@@ -205,13 +209,21 @@ class Qwen2VLProcessor:
         if images is not None:
             out.update(self.image_processor.preprocess(images))
         if videos is not None:
-            frames = [load_video(v) if isinstance(v, (str, os.PathLike)) else v for v in videos]
+            rates = [float(fps)] * len(videos) if np.isscalar(fps) else [float(f) for f in fps]
+            if len(rates) != len(videos):
+                raise ValueError(f"fps has {len(rates)} values for {len(videos)} videos")
+            frames = [load_video(v, r) if isinstance(v, (str, os.PathLike)) else v for v, r in zip(videos, rates)]
             out.update(self.image_processor.preprocess_videos(frames))
+            out["second_per_grid_ts"] = self.second_per_grid_ts(rates)
         texts = [text] if isinstance(text, str) else list(text)
         texts = self.expand_vision_tokens(texts, out.get("image_grid_thw"), out.get("video_grid_thw"))
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out.update(self._pad(ids, padding, padding_side))
         return out
+
+    def second_per_grid_ts(self, fps: Sequence[float]) -> np.ndarray:
+        """float32 [n_videos]: seconds one temporal patch spans in a video sampled at each `fps`."""
+        return np.asarray([self.image_processor.temporal_patch_size / f for f in fps], np.float32)
 
     def _pad(self, ids: list[list[int]], padding: bool | str, side: str) -> dict[str, np.ndarray]:
         lengths = [len(x) for x in ids]

@@ -17,13 +17,14 @@ import numpy as np
 from network.image_processing import ImageLike, open_image, to_rgb
 
 FRAME_FACTOR = 2
+DEFAULT_VIDEO_FPS = 2.0  # qwen_vl_utils' sampling rate, also HF Qwen2_5_VLProcessor's default `fps`
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 VideoLike = Union[str, os.PathLike, Sequence[ImageLike]]
 
 
 def sample_frame_indices(
-    total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768
+    total_frames: int, video_fps: float, fps: float = DEFAULT_VIDEO_FPS, min_frames: int = 4, max_frames: int = 768
 ) -> np.ndarray:
     """Indices (int64) of the frames to keep from a video of `total_frames` frames at `video_fps`."""
     if total_frames < FRAME_FACTOR:
@@ -107,7 +108,7 @@ def _load_video_file(path: str, fps: float, min_frames: int, max_frames: int) ->
 
 
 def load_video(
-    video: VideoLike, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768
+    video: VideoLike, fps: float = DEFAULT_VIDEO_FPS, min_frames: int = 4, max_frames: int = 768
 ) -> list[np.ndarray]:
     """Frames (HWC uint8 RGB, even count) of a video file, a directory of frame images or a list of frames."""
     if isinstance(video, (str, os.PathLike)):

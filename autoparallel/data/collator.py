@@ -33,6 +33,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_to: Optional[int] = None,
     input_ids int64 [B, P], labels int64 [B, P], attention_mask int64 [B, P], position_ids int64 [3, B, P],
     pixel_values float32 [N, 1176] | None, image_grid_thw int64 [n_images, 3] | None,
     pixel_values_videos float32 [M, 1176] | None, video_grid_thw int64 [n_videos, 3] | None,
+    second_per_grid_ts float32 [n_videos] | None,
     num_tokens int (non-pad tokens), num_labels int (supervised tokens), indices list[int] (dataset indices).
     P = `pad_to` (default: the local longest rounded up to a multiple of 8).
     """
@@ -62,6 +63,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_to: Optional[int] = None,
         "image_grid_thw": _concat(samples, "image_grid_thw"),
         "pixel_values_videos": _concat(samples, "pixel_values_videos"),
         "video_grid_thw": _concat(samples, "video_grid_thw"),
+        "second_per_grid_ts": _concat(samples, "second_per_grid_ts"),
         "num_tokens": int(attention_mask.sum()),
         "num_labels": int((labels != IGNORE_INDEX).sum()),
         "indices": [int(s["index"]) for s in samples],

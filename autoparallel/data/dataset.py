@@ -96,14 +96,19 @@ class SFTDataset:
 
     input_ids int64 [S], labels int64 [S], attention_mask int64 [S] (ones), position_ids int64 [3, S],
     pixel_values float32 [n_patches, 1176] + image_grid_thw int64 [n_images, 3] (only with images),
-    pixel_values_videos float32 [n_video_patches, 1176] + video_grid_thw int64 [n_videos, 3] (only with videos),
+    pixel_values_videos float32 [n_video_patches, 1176] + video_grid_thw int64 [n_videos, 3]
+    + second_per_grid_ts float32 [n_videos] (only with videos),
     num_tokens int (= S), num_labels int (supervised tokens), index int.
     Bad samples raise DataError naming the annotation file, record index and reason.
+    `video_tokens_per_second`: the model's video M-RoPE time scale (Qwen2.5-VL; None for Qwen2-VL, see
+    network.rope_index.video_tokens_per_second), used for `position_ids`.
     """
 
     def __init__(self, config: DataConfig, processor: Optional[Qwen2VLProcessor] = None,
-                 meta_path: Optional[str] = None, skips: Optional[SkipLog] = None):
+                 meta_path: Optional[str] = None, skips: Optional[SkipLog] = None,
+                 video_tokens_per_second: Optional[float] = None):
         self.config = config
+        self.video_tokens_per_second = video_tokens_per_second
         self.meta_path = meta_path or config.meta_path
         if not self.meta_path:
             raise ValueError("no meta_path given (DataConfig.meta_path or the meta_path argument)")
@@ -282,14 +287,16 @@ class SFTDataset:
                 except (OSError, ValueError) as e:
                     raise self._media_error(conv, path, e) from None
             out.update(ip.preprocess_videos(frames))
+            out["second_per_grid_ts"] = self.processor.second_per_grid_ts([self.config.video_fps] * len(frames))
         merge = ip.merge_size**2
         image_tokens = [int(np.prod(g)) // merge for g in out.get("image_grid_thw", [])]
         video_tokens = [int(np.prod(g)) // merge for g in out.get("video_grid_thw", [])]
         ids, labels = self.render(conv, image_tokens, video_tokens)
         position_ids, _ = get_rope_index(
-            ids[None], out.get("image_grid_thw"), out.get("video_grid_thw"),
+            ids[None], out.get("image_grid_thw"), out.get("video_grid_thw"), None, out.get("second_per_grid_ts"),
             spatial_merge_size=ip.merge_size, image_token_id=self.ids["<|image_pad|>"],
             video_token_id=self.ids["<|video_pad|>"], vision_start_token_id=self.ids["<|vision_start|>"],
+            tokens_per_second=self.video_tokens_per_second,
         )
         out.update(input_ids=ids, labels=labels, attention_mask=np.ones_like(ids), position_ids=position_ids[:, 0],
                    num_tokens=len(ids), num_labels=int((labels != IGNORE_INDEX).sum()))

@@ -42,6 +42,7 @@ from autoparallel.step import scalar, train_step
 from network.config import PRESETS
 from network.log import logger
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from network.rope_index import video_tokens_per_second
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +101,7 @@ class Trainer:
             logger.warning("bf16: true has no effect on CPU (no bf16 kernels); training in fp32")
         self.degrees = cfg.parallel.degrees()
         self.model = build_model(cfg)
+        network_config = self.model.config  # before a pipeline stage replaces the model
         self.mesh = build_mesh(self.degrees, self.model.config, allow_pipeline=True)
         self.dp_rank = mesh_coordinate(self.mesh, "dp")
         self.stage: Optional[Stage] = None
@@ -111,7 +113,7 @@ class Trainer:
         # Sequence-sharded activations need a sequence length divisible by mp.
         self.seq_multiple = self.degrees.mp if cfg.parallel.sequence_parallel else 1
 
-        self.dataset = SFTDataset(cfg.data)
+        self.dataset = SFTDataset(cfg.data, video_tokens_per_second=video_tokens_per_second(network_config))
         self.loader = SFTDataLoader(self.dataset, cfg.train.per_device_train_batch_size, self.degrees.dp,
                                     self.dp_rank, seed=cfg.data.data_seed)
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.gradient_accumulation_steps)
@@ -250,7 +252,8 @@ class Trainer:
     def evaluate(self) -> Optional[float]:
         if not self.cfg.train.eval_meta_path:
             return None
-        dataset = SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path)
+        dataset = SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path,
+                             video_tokens_per_second=self.dataset.video_tokens_per_second)
         loader = SFTDataLoader(dataset, self.cfg.train.per_device_eval_batch_size, self.degrees.dp, self.dp_rank,
                                shuffle=False, seed=self.cfg.data.data_seed)
         total, tokens = 0.0, 0

@@ -332,7 +332,7 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     else:
         # The math path runs all of this rank's patches as one block-diagonal [heads, P, P] problem.
         vit_attn = 3 * v.num_heads * p * p * 4 + 2 * p * p
-    vit_block = max(vit_attn, 2 * p * int(v.embed_dim * v.mlp_ratio) * e) + 4 * p * v.embed_dim * e
+    vit_block = max(vit_attn, 2 * p * v.mlp_hidden_size * e) + 4 * p * v.embed_dim * e
     vision = p * patch_dim * 4 + vit_block + 3 * t * w.h * e if p else 3 * t * w.h * e
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""

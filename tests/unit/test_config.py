@@ -111,6 +111,8 @@ def test_to_dict_round_trips_and_loads_in_transformers(name, tmp_path):
         ours.hidden_size, ours.num_hidden_layers, ours.num_key_value_heads, ours.vocab_size)
     assert text.rope_scaling["mrope_section"] == ours.mrope_section and text.rope_theta == ours.rope_theta
     assert text.tie_word_embeddings == hf.tie_word_embeddings == ours.tie_word_embeddings
-    assert (hf.vision_config.embed_dim, hf.vision_config.hidden_size) == (
-        ours.vision_config.embed_dim, ours.vision_config.hidden_size)
+    assert hf.model_type == ours.model_type
+    v = hf.vision_config  # Qwen2.5-VL names the ViT width hidden_size and the merger output out_hidden_size
+    widths = (v.embed_dim, v.hidden_size) if ours.model_type == "qwen2_vl" else (v.hidden_size, v.out_hidden_size)
+    assert widths == (ours.vision_config.embed_dim, ours.vision_config.hidden_size)
     assert hf.vision_start_token_id == ours.vision_start_token_id and hf.image_token_id == ours.image_token_id

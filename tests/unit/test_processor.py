@@ -275,3 +275,41 @@ def test_save_pretrained_roundtrip_and_hf_loadable(processor, tmp_path):
     # Hub checkpoints ship an HF-style chat_template.json, which paddlenlp alone cannot parse.
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
     assert Qwen2VLProcessor.from_pretrained(str(tmp_path)).tokenizer(text)["input_ids"] == ids
+
+
+@pytest.mark.parametrize("fps", [2.0, [1.0, 4.0]])
+def test_qwen2_5_vl_video_inputs_match_hf(processor, fps):
+    """Token expansion and `second_per_grid_ts` equal HF's Qwen2_5_VLProcessor (its video processor needs
+    torchvision, so a stand-in returns the slow image processor's video output, the same algorithm)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    ip = processor.image_processor
+    slow = hf_ip.Qwen2VLImageProcessor(min_pixels=ip.video_min_pixels, max_pixels=ip.video_max_pixels)
+
+    class SlowVideoProcessor(BaseVideoProcessor):
+        temporal_patch_size, merge_size = ip.temporal_patch_size, ip.merge_size
+
+        def __call__(self, videos, **kwargs):
+            clips = [[Image.fromarray(f) for f in v] for v in videos]
+            return dict(slow.preprocess(images=None, videos=clips, return_tensors="np"))
+
+    class HFProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name != "video_processor":
+                super().check_argument_for_proper_class(argument_name, argument)
+
+    hf = HFProcessor(image_processor=hf_ip.Qwen2VLImageProcessor(), video_processor=SlowVideoProcessor(),
+                     tokenizer=Qwen2TokenizerFast.from_pretrained(embedded_tokenizer_dir()),
+                     chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "and"}, {"type": "video"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    videos = [_frames(4, 56, 84, seed=1), _frames(6, 84, 56, seed=2)]
+    ours = processor(text=text, videos=videos, fps=fps)
+    ref = hf(text=[text], videos=videos, fps=fps, return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(ours["video_grid_thw"], ref["video_grid_thw"])
+    np.testing.assert_allclose(ours["pixel_values_videos"], ref["pixel_values_videos"], atol=1e-5)
+    np.testing.assert_array_equal(ours["second_per_grid_ts"], np.asarray(ref["second_per_grid_ts"], np.float32))
+    with pytest.raises(ValueError, match="fps has 3 values for 2 videos"):
+        processor(text=text, videos=videos, fps=[1.0, 2.0, 3.0])
