@@ -59,6 +59,7 @@ class Run:
     args: list[str]
     output_dir: Path
     env: Optional[dict[str, str]] = None
+    command: str = "sft"  # or "lora"
     tag: str = ""
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
@@ -77,7 +78,7 @@ class Run:
         STARTED_TAGS.append(self.tag)
         env = dict(os.environ, **(self.env or {}), **{TAG_ENV: self.tag})
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "sft", *self.args], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", self.command, *self.args], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
@@ -87,7 +88,7 @@ class Run:
         except subprocess.TimeoutExpired:
             kill_tagged(self.tag)
             self.stdout, self.stderr = self.proc.communicate()
-            raise AssertionError(f"sft did not finish within {timeout} s\n{self.logs()}") from None
+            raise AssertionError(f"{self.command} did not finish within {timeout} s\n{self.logs()}") from None
         self.elapsed = time.monotonic() - self.started
         return self
 
@@ -127,9 +128,10 @@ def no_leftover_processes():
     assert_no_processes_left(STARTED_TAGS[first:])
 
 
-def sft(output_dir: Path, args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 600) -> Run:
+def sft(output_dir: Path, args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 600,
+        command: str = "sft") -> Run:
     """Run to completion; no process of the run may outlive the command."""
-    run = Run(["--output_dir", str(output_dir), *args], output_dir, env).start().wait(timeout)
+    run = Run(["--output_dir", str(output_dir), *args], output_dir, env, command).start().wait(timeout)
     assert_no_processes_left([run.tag])
     return run
 
