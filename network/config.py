@@ -261,6 +261,12 @@ _TINY_TEXT: dict[str, Any] = dict(
     mrope_section=[4, 6, 6], tie_word_embeddings=True,
 )
 
+# Decoder shapes that Qwen2-VL and Qwen2.5-VL share.
+_TEXT_7B: dict[str, Any] = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+_TEXT_72B: dict[str, Any] = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+
 PRESETS: dict[str, Callable[[], Qwen2VLConfig]] = {
     "tiny": lambda: Qwen2VLConfig(
         **_TINY_TEXT,
@@ -270,19 +276,10 @@ PRESETS: dict[str, Callable[[], Qwen2VLConfig]] = {
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, tie_word_embeddings=True,
     ),
-    "qwen2-vl-7b": lambda: _published(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, tie_word_embeddings=False,
-    ),
-    "qwen2-vl-72b": lambda: _published(
-        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, tie_word_embeddings=False,
-    ),
+    "qwen2-vl-7b": lambda: _published(**_TEXT_7B),
+    "qwen2-vl-72b": lambda: _published(**_TEXT_72B),
     # QVQ-72B-Preview is a Qwen2-VL-72B fine-tune; its config only raises the advertised context length.
-    "qvq-72b-preview": lambda: _published(
-        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=128000,
-    ),
+    "qvq-72b-preview": lambda: _published(**_TEXT_72B, max_position_embeddings=128000),
     # Three ViT blocks: windowed, full, windowed; 56-pixel windows (2 x 2 merged tokens) so that small test
     # images already span several windows, some of them cut by the image border.
     "tiny-qwen2.5-vl": lambda: Qwen2VLConfig(
@@ -294,16 +291,10 @@ PRESETS: dict[str, Callable[[], Qwen2VLConfig]] = {
         vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
         num_key_value_heads=2, tie_word_embeddings=True,
     ),
-    "qwen2.5-vl-7b": lambda: _published_2_5(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, tie_word_embeddings=False,
-    ),
+    "qwen2.5-vl-7b": lambda: _published_2_5(**_TEXT_7B),
     "qwen2.5-vl-32b": lambda: _published_2_5(
         vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
         num_key_value_heads=8, tie_word_embeddings=False,
     ),
-    "qwen2.5-vl-72b": lambda: _published_2_5(
-        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, tie_word_embeddings=False,
-    ),
+    "qwen2.5-vl-72b": lambda: _published_2_5(**_TEXT_72B),
 }

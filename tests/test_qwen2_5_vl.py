@@ -9,7 +9,8 @@ import paddle
 import pytest
 import torch
 import transformers
-from hf_oracle import SMALL_VOCAB, Sample, assert_forward_parity, build_batch, hf_model, tiny_config
+from hf_oracle import (SMALL_VOCAB, Sample, assert_forward_parity, build_batch, hf_model, max_relative_grad_diff,
+                       random_vision_layouts, tiny_config)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLModel,
@@ -20,7 +21,7 @@ from network.generation import GenerationConfig, generate
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.modeling_vision_window import window_order
 from network.rope_index import get_rope_index
-from network.weights import canonical_name, to_hf_layout
+from network.weights import canonical_name
 from placements.qwen2_vl import parameter_shapes
 
 PRESET = "tiny-qwen2.5-vl"
@@ -67,17 +68,7 @@ def test_parity(models, case):
 
 def test_gradients_match(models):
     config, hf, ours, _ = models
-    batch = build_batch(config, *CASES["batch2_right_pad_two_videos"])
-    hf.zero_grad()
-    hf(**{k: torch.from_numpy(v) for k, v in batch.items()}).loss.backward()
-    hf_grads = {canonical_name(k): p.grad for k, p in hf.named_parameters()}
-    ours.clear_gradients()
-    ours(**{k: paddle.to_tensor(v) for k, v in batch.items()}).loss.backward()
-    worst = 0.0
-    for name, param in ours.named_parameters():
-        expected, got = hf_grads[name].numpy(), to_hf_layout(name, param.grad.numpy())
-        worst = max(worst, float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12)))
-    ours.clear_gradients()
+    worst = max_relative_grad_diff(hf, ours, build_batch(config, *CASES["batch2_right_pad_two_videos"]))
     print(f"[parity] qwen2.5-vl gradients (ViT included): max relative |dgrad|={worst:.2e}")
     assert worst <= 1e-4
 
@@ -118,30 +109,8 @@ def _rope(input_ids, image, video, seconds, mask):
 
 def test_rope_index_matches_hf_on_random_layouts():
     """Mixed images/videos (integer seconds per grid, or none), left/right padding, text-only rows, no mask."""
-    rng = np.random.default_rng(0)
-    for trial in range(60):
-        rows, grids, seconds = [], {"image": [], "video": []}, []
-        for _ in range(rng.integers(1, 4)):
-            row = list(rng.integers(0, 480, rng.integers(1, 5)))
-            for _ in range(rng.integers(0, 4)):
-                kind = "video" if rng.random() < 0.5 else "image"
-                t = int(rng.integers(1, 5)) if kind == "video" else 1
-                h, w = 2 * int(rng.integers(1, 4)), 2 * int(rng.integers(1, 4))
-                grids[kind].append([t, h, w])
-                if kind == "video":
-                    seconds.append(float(rng.integers(1, 4)))
-                row += [502] + [505 if kind == "image" else 506] * (t * h * w // 4) + [503]
-                row += list(rng.integers(0, 480, rng.integers(0, 3)))
-            rows.append(row)
-        seq = max(map(len, rows)) + int(rng.integers(0, 3))
-        input_ids, mask = np.zeros((len(rows), seq), np.int64), np.zeros((len(rows), seq), np.int64)
-        for i, row in enumerate(rows):
-            sl = slice(seq - len(row), seq) if trial % 2 else slice(0, len(row))
-            input_ids[i, sl], mask[i, sl] = row, 1
-        image = np.array(grids["image"]).reshape(-1, 3) if grids["image"] else None
-        video = np.array(grids["video"]).reshape(-1, 3) if grids["video"] else None
-        secs = np.array(seconds, np.float32) if seconds and trial % 3 else None  # None: 1 s per grid
-        mask_arg = mask if trial % 5 else None
+    for trial, input_ids, mask_arg, image, video, seconds in random_vision_layouts():
+        secs = seconds if video is not None and trial % 3 else None  # None: 1 s per grid
         expected = _hf_rope(input_ids, image, video, secs, mask_arg)
         got = _rope(input_ids, image, video, secs, mask_arg)
         np.testing.assert_array_equal(got[0], expected[0], err_msg=f"trial {trial}")
@@ -228,3 +197,31 @@ def test_greedy_generation_matches_hf(models, case):
                                                                      min_new_tokens=NEW_TOKENS))
     print(f"[generate] qwen2.5-vl {case}: {len(np.unique(out.sequences))} distinct of {NEW_TOKENS} tokens")
     np.testing.assert_array_equal(out.sequences, expected)
+
+
+def test_dataset_positions_follow_video_time(tmp_path):
+    """SFTDataset's position_ids for image + video records (sampled at 1 fps: 2 s per temporal patch) equal HF's
+    Qwen2.5-VL rope index; without the model's time scale they are Qwen2-VL's (frame counts) instead."""
+    from qwen2_5_vl_runs import write_image_video_dataset
+
+    from autoparallel.data import DataConfig, SFTDataset
+
+    meta = write_image_video_dataset(tmp_path, n=2)
+    data = DataConfig(meta_path=meta, max_seq_length=256, video_fps=1.0, video_min_pixels=3136,
+                      video_max_pixels=6272)
+    config = Qwen2VLConfig.preset(PRESET)
+    hf_self = types.SimpleNamespace(config=types.SimpleNamespace(
+        vision_config=types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=2),
+        image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id))
+    timed = SFTDataset(data, video_tokens_per_second=2)
+    plain = SFTDataset(data, processor=timed.processor)
+    for i in range(2):
+        sample = timed[i]
+        np.testing.assert_array_equal(sample["second_per_grid_ts"], [2.0])
+        as_t = (lambda key: torch.from_numpy(sample[key]) if key in sample else None)
+        expected, _ = Qwen2_5_VLModel.get_rope_index(
+            hf_self, torch.from_numpy(sample["input_ids"][None]), as_t("image_grid_thw"), as_t("video_grid_thw"),
+            as_t("second_per_grid_ts"))
+        np.testing.assert_array_equal(sample["position_ids"], expected[:, 0].numpy())
+        assert (plain[i]["position_ids"][0] != sample["position_ids"][0]).any()

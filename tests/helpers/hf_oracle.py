@@ -140,3 +140,52 @@ def assert_forward_parity(config: Qwen2VLConfig, hf, ours, batch: dict, label: s
     d_loss = abs(float(out.loss) - hf_loss)
     print(f"[parity] {label}: max|dlogits|={d_logits:.2e} |dloss|={d_loss:.2e} (loss {hf_loss:.4f})")
     assert d_logits <= LOGITS_TOL and d_loss <= LOSS_TOL
+
+
+def max_relative_grad_diff(hf, ours, batch: dict) -> float:
+    """Loss gradients of every parameter, ours vs HF's: the largest max|dgrad| / max|grad_hf| over parameters."""
+    import paddle
+
+    from network.weights import canonical_name, to_hf_layout
+
+    hf.zero_grad()
+    hf(**{k: torch.from_numpy(v) for k, v in batch.items()}).loss.backward()
+    hf_grads = {canonical_name(k): p.grad for k, p in hf.named_parameters()}
+    ours.clear_gradients()
+    ours(**{k: paddle.to_tensor(v) for k, v in batch.items()}).loss.backward()
+    worst = 0.0
+    for name, param in ours.named_parameters():
+        expected, got = hf_grads[name].numpy(), to_hf_layout(name, param.grad.numpy())
+        worst = max(worst, float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12)))
+    ours.clear_gradients()
+    return worst
+
+
+def random_vision_layouts(trials: int = 60, seed: int = 0):
+    """Rope-index test inputs with the SMALL_VOCAB ids: yields (trial, input_ids, attention_mask or None,
+    image grids or None, video grids or None, whole seconds per video grid). Rows mix images and videos in any
+    order or are text only; odd trials are left-padded; every fifth trial has no mask."""
+    rng = np.random.default_rng(seed)
+    pad_ids = {"image": SMALL_VOCAB["image_token_id"], "video": SMALL_VOCAB["video_token_id"]}
+    for trial in range(trials):
+        rows, grids, seconds = [], {"image": [], "video": []}, []
+        for _ in range(rng.integers(1, 4)):
+            row = list(rng.integers(0, TEXT_TOKENS, rng.integers(1, 5)))
+            for _ in range(rng.integers(0, 4)):
+                kind = "video" if rng.random() < 0.5 else "image"
+                t = int(rng.integers(1, 5)) if kind == "video" else 1
+                h, w = 2 * int(rng.integers(1, 4)), 2 * int(rng.integers(1, 4))
+                grids[kind].append([t, h, w])
+                if kind == "video":
+                    seconds.append(float(rng.integers(1, 4)))
+                row += [SMALL_VOCAB["vision_start_token_id"]] + [pad_ids[kind]] * (t * h * w // 4)
+                row += [SMALL_VOCAB["vision_end_token_id"]] + list(rng.integers(0, TEXT_TOKENS, rng.integers(0, 3)))
+            rows.append(row)
+        seq = max(map(len, rows)) + int(rng.integers(0, 3))
+        input_ids, mask = np.zeros((len(rows), seq), np.int64), np.zeros((len(rows), seq), np.int64)
+        for i, row in enumerate(rows):
+            sl = slice(seq - len(row), seq) if trial % 2 else slice(0, len(row))
+            input_ids[i, sl], mask[i, sl] = row, 1
+        image = np.array(grids["image"]).reshape(-1, 3) if grids["image"] else None
+        video = np.array(grids["video"]).reshape(-1, 3) if grids["video"] else None
+        yield trial, input_ids, mask if trial % 5 else None, image, video, np.array(seconds, np.float32)

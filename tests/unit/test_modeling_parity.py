@@ -5,12 +5,12 @@ import numpy as np
 import paddle
 import pytest
 import torch
-from hf_oracle import Sample, assert_forward_parity, build_batch, hf_model, tiny_config
+from hf_oracle import (Sample, assert_forward_parity, build_batch, hf_model, max_relative_grad_diff,
+                       random_vision_layouts, tiny_config)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import get_rope_index, get_rope_index_for_config
-from network.weights import canonical_name, to_hf_layout
 
 CASES = {
     "text": ([Sample(6, [], 5)], "right"),
@@ -76,36 +76,18 @@ def test_feature_token_count_mismatch_is_an_error(models):
 
 
 def test_rope_index_matches_hf_on_random_layouts():
-    """Mixed images/videos in any order, left/right padding, text-only rows, no mask."""
+    """Mixed images/videos in any order, left/right padding, text-only rows, no mask; Qwen2-VL ignores
+    second_per_grid_ts."""
     ids = dict(image_token_id=505, video_token_id=506, vision_start_token_id=502)
     hf_self = types.SimpleNamespace(config=types.SimpleNamespace(
         vision_config=types.SimpleNamespace(spatial_merge_size=2), **ids))
-    rng = np.random.default_rng(0)
-    for trial in range(60):
-        rows, grids = [], {"image": [], "video": []}
-        for _ in range(rng.integers(1, 4)):
-            row = list(rng.integers(0, 480, rng.integers(1, 5)))
-            for _ in range(rng.integers(0, 4)):
-                kind = "video" if rng.random() < 0.4 else "image"
-                t = int(rng.integers(1, 4)) if kind == "video" else 1
-                h, w = 2 * int(rng.integers(1, 4)), 2 * int(rng.integers(1, 4))
-                grids[kind].append([t, h, w])
-                row += [502] + [ids[f"{kind}_token_id"]] * (t * h * w // 4) + [503]
-                row += list(rng.integers(0, 480, rng.integers(0, 3)))
-            rows.append(row)
-        seq = max(map(len, rows)) + int(rng.integers(0, 3))
-        input_ids, mask = np.zeros((len(rows), seq), np.int64), np.zeros((len(rows), seq), np.int64)
-        for i, row in enumerate(rows):
-            sl = slice(seq - len(row), seq) if trial % 2 else slice(0, len(row))
-            input_ids[i, sl], mask[i, sl] = row, 1
-        image = np.array(grids["image"]).reshape(-1, 3) if grids["image"] else None
-        video = np.array(grids["video"]).reshape(-1, 3) if grids["video"] else None
-        mask_arg = mask if trial % 5 else None
+    for trial, input_ids, mask_arg, image, video, seconds in random_vision_layouts():
         expected = Qwen2VLModel.get_rope_index(
             hf_self, torch.from_numpy(input_ids), *(None if g is None else torch.from_numpy(g) for g in (image, video)),
             None if mask_arg is None else torch.from_numpy(mask_arg),
         )
-        got = get_rope_index(input_ids, image, video, mask_arg, spatial_merge_size=2, **ids)
+        got = get_rope_index(input_ids, image, video, mask_arg, seconds if video is not None else None,
+                             spatial_merge_size=2, **ids)
         np.testing.assert_array_equal(got[0], expected[0].numpy(), err_msg=f"trial {trial}")
         np.testing.assert_array_equal(got[1], expected[1].numpy().reshape(-1, 1), err_msg=f"trial {trial}")
 
@@ -113,16 +95,6 @@ def test_rope_index_matches_hf_on_random_layouts():
 def test_gradients_match(models):
     """Training path: loss gradients (through vision scatter, M-RoPE, tied/untied head) equal HF's."""
     config, hf, ours = models
-    batch = build_batch(config, *CASES["batch2_right_pad"])
-    hf.zero_grad()
-    hf(**{k: torch.from_numpy(v) for k, v in batch.items()}).loss.backward()
-    hf_grads = {canonical_name(k): p.grad for k, p in hf.named_parameters()}
-    ours.clear_gradients()
-    ours(**{k: paddle.to_tensor(v) for k, v in batch.items()}).loss.backward()
-    worst = 0.0
-    for name, param in ours.named_parameters():
-        expected, got = hf_grads[name].numpy(), to_hf_layout(name, param.grad.numpy())
-        worst = max(worst, float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12)))
-    ours.clear_gradients()
+    worst = max_relative_grad_diff(hf, ours, build_batch(config, *CASES["batch2_right_pad"]))
     print(f"[parity] gradients: max relative |dgrad|={worst:.2e}")
     assert worst <= 1e-4
