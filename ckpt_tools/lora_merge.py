@@ -261,12 +261,15 @@ def write_model_files(dst: str, base_dir: str, lora_dir: str) -> list[str]:
             shutil.copy2(os.path.join(secondary, name), os.path.join(dst, name))
             written.append(name)
     if not has_tokenizer_files(dst):
+        from network.config import Qwen2VLConfig
         from network.processor import Qwen2VLProcessor
 
         logger.info("no tokenizer in %s or %s: writing the embedded Qwen2 tokenizer and processor files",
                     base_dir, lora_dir)
         before = set(os.listdir(dst))
-        Qwen2VLProcessor.from_pretrained(dst).save_pretrained(dst)  # keeps a copied preprocessor config
+        has_config = os.path.isfile(os.path.join(dst, CONFIG))
+        model_type = Qwen2VLConfig.from_pretrained(dst).model_type if has_config else "qwen2_vl"
+        Qwen2VLProcessor.from_pretrained(dst).save_pretrained(dst, model_type)  # keeps a copied preprocessor config
         written += sorted(set(os.listdir(dst)) - before)
     return written
 

@@ -46,6 +46,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The HF processor class each model family's checkpoints name (AutoProcessor picks it from the saved files).
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -85,8 +87,9 @@ class Qwen2VLProcessor:
         image_processor = Qwen2VLImageProcessor.from_dict(image_cfg or {}, video_cfg)
         return cls(tokenizer, dataclasses.replace(image_processor, **image_processor_overrides))
 
-    def save_pretrained(self, save_dir: str) -> None:
-        """Tokenizer files, preprocessor_config.json, video_preprocessor_config.json, chat_template.jinja."""
+    def save_pretrained(self, save_dir: str, model_type: str = "qwen2_vl") -> None:
+        """Tokenizer files, preprocessor_config.json, video_preprocessor_config.json, chat_template.jinja; the
+        configs name the HF processor of `model_type` (Qwen2.5-VL's passes second_per_grid_ts to the model)."""
         os.makedirs(save_dir, exist_ok=True)
         self.tokenizer.save_pretrained(save_dir)
         # The tokenizer keeps its source's template (the embedded files carry a Qwen3 one); HF's
@@ -96,8 +99,9 @@ class Qwen2VLProcessor:
         tokenizer_config["chat_template"] = QWEN2_VL_CHAT_TEMPLATE
         tokenizer_config.pop("name_or_path", None)
         ip = self.image_processor
+        image_cfg = {**ip.to_dict(), "processor_class": PROCESSOR_CLASSES[model_type]}
         video_cfg = {
-            **ip.to_dict(),
+            **image_cfg,
             "video_processor_type": "Qwen2VLVideoProcessor",
             "min_pixels": ip.video_min_pixels,
             "max_pixels": ip.video_max_pixels,
@@ -106,7 +110,7 @@ class Qwen2VLProcessor:
         del video_cfg["image_processor_type"]
         files = {
             "tokenizer_config.json": tokenizer_config,
-            PREPROCESSOR_CONFIG: ip.to_dict(),
+            PREPROCESSOR_CONFIG: image_cfg,
             VIDEO_PREPROCESSOR_CONFIG: video_cfg,
         }
         for name, content in files.items():

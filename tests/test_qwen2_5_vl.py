@@ -58,6 +58,17 @@ def test_hf_checkpoint_is_read_as_qwen2_5_vl(models):
     assert parameter_shapes(config) == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
+def test_paddle_and_safetensors_round_trips(models, tmp_path):
+    """save_pretrained in both formats (PaddleMIX pdparams keeps Paddle layout, safetensors HF layout) reloads
+    the same weights; the SwiGLU ViT weights are transposed like every Linear."""
+    _, _, ours, _ = models
+    for fmt in ("paddle", "safetensors"):
+        ours.save_pretrained(str(tmp_path / fmt), format=fmt)
+        again = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / fmt))
+        for name, value in ours.state_dict().items():
+            np.testing.assert_array_equal(again.state_dict()[name].numpy(), value.numpy(), err_msg=f"{fmt} {name}")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parity(models, case):
     config, hf, ours, _ = models

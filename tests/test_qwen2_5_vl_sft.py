@@ -2,6 +2,8 @@
 merged checkpoint loads in HF transformers with our logits."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from cli_runs import losses, no_leftover_processes, sft  # noqa: F401 (fixture)
 from qwen2_5_vl_runs import LAYOUTS, RUN_ARGS, assert_loads_in_hf, assert_losses_equal, write_image_video_dataset
@@ -19,3 +21,5 @@ def test_sft_layouts_match_one_process_and_merged_model_loads_in_hf(tmp_path):
     merge_dist_checkpoint(str(tmp_path / "mp2" / "checkpoint-2"), str(tmp_path / "mp2_merged"),
                           format="safetensors", progress=False)
     assert_loads_in_hf(tmp_path / "mp2_merged")
+    processor_class = json.loads((tmp_path / "mp2_merged" / "preprocessor_config.json").read_text())["processor_class"]
+    assert processor_class == "Qwen2_5_VLProcessor"  # AutoProcessor then passes second_per_grid_ts

@@ -205,7 +205,7 @@ class Trainer:
 
         def write_extra(directory: Path) -> None:
             self.model.config.save_pretrained(str(directory))
-            self.dataset.processor.save_pretrained(str(directory))
+            self.dataset.processor.save_pretrained(str(directory), self.model.config.model_type)
             self.cfg.save_yaml(directory / RUN_CONFIG_FILE)
             self.write_adapter(directory)
 
