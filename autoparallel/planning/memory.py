@@ -332,7 +332,9 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     else:
         # The math path runs all of this rank's patches as one block-diagonal [heads, P, P] problem.
         vit_attn = 3 * v.num_heads * p * p * 4 + 2 * p * p
-    vit_block = max(vit_attn, 2 * p * v.mlp_hidden_size * e) + 4 * p * v.embed_dim * e
+    # MLP intermediates: fc1 output and activation (Qwen2-VL); gate, up and their product (Qwen2.5-VL SwiGLU).
+    mlp_tensors = 3 if config.model_type == "qwen2_5_vl" else 2
+    vit_block = max(vit_attn, mlp_tensors * p * v.mlp_hidden_size * e) + 4 * p * v.embed_dim * e
     vision = p * patch_dim * 4 + vit_block + 3 * t * w.h * e if p else 3 * t * w.h * e
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""

@@ -27,7 +27,9 @@ from placements.degrees import degree_problems
 HUB_PRESETS = {"Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b", "Qwen/Qwen2-VL-2B": "qwen2-vl-2b",
                "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b", "Qwen/Qwen2-VL-7B": "qwen2-vl-7b",
                "Qwen/Qwen2-VL-72B-Instruct": "qwen2-vl-72b", "Qwen/Qwen2-VL-72B": "qwen2-vl-72b",
-               "Qwen/QVQ-72B-Preview": "qvq-72b-preview"}
+               "Qwen/QVQ-72B-Preview": "qvq-72b-preview",
+               "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
+               "Qwen/Qwen2.5-VL-32B-Instruct": "qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2.5-vl-72b"}
 
 
 @dataclasses.dataclass

@@ -94,7 +94,8 @@ def test_planner_setup_is_the_engine_layout():
     assert lora3.param > base.param  # frozen base whole + adapters
 
 
-@pytest.mark.parametrize("preset", ["qwen2-vl-2b", "qwen2-vl-7b", "qwen2-vl-72b", "qvq-72b-preview"])
+@pytest.mark.parametrize("preset", ["qwen2-vl-2b", "qwen2-vl-7b", "qwen2-vl-72b", "qvq-72b-preview", "qwen2.5-vl-3b",
+                                    "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"])
 def test_presets_plan_instantly(preset, capsys):
     start = time.perf_counter()
     code = plan_main(["--config", "qwen2vl_2b_sft_auto", "--model_name_or_path", preset, "--device_memory_gb",
@@ -103,6 +104,15 @@ def test_presets_plan_instantly(preset, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "total" in out and "communication" in out
     assert elapsed < 5, f"{preset}: {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("config", ["qwen2_5_vl_7b_sft_auto", "qwen2_5_vl_7b_lora_auto"])
+def test_qwen2_5_vl_configs_plan_from_the_hub_id(config, capsys):
+    """The shipped Qwen2.5-VL configs name the Hub id; without a local copy plan uses the preset's shapes."""
+    assert plan_main(["--config", config, "--nproc_per_node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"plan: Qwen/Qwen2.5-VL-7B-Instruct {'lora' if 'lora' in config else 'sft'} | 8 ranks" in out
+    assert "fits" in out
 
 
 def test_tp_collectives_per_layer():
