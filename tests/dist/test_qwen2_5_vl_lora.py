@@ -6,7 +6,7 @@ import pytest
 from cli_runs import losses, no_leftover_processes, sft  # noqa: F401 (fixture)
 from qwen2_5_vl_runs import LAYOUTS, RUN_ARGS, assert_loads_in_hf, assert_losses_equal, write_image_video_dataset
 
-from autoparallel.lora import read_adapter
+from network.lora import read_adapter
 from ckpt_tools.lora_merge import merge_lora
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
