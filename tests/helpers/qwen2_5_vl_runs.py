@@ -73,3 +73,26 @@ def assert_loads_in_hf(model_dir: Path) -> None:
     delta = float(np.abs(got - expected).max())
     print(f"[qwen2.5-vl] {model_dir.name} in HF: max|dlogits|={delta:.2e}")
     assert delta <= LOGITS_TOL
+
+
+def assert_generation_from_files_matches_hf(model_dir: Path, image: Path, clip: Path, new_tokens: int = 8) -> None:
+    """Processor output for an image + a video sampled at 1 fps (second_per_grid_ts 2 s) through our generate
+    equals HF generate on the same inputs; `qwen2vl-ap infer` answers the same prompt."""
+    from launch.infer import infer_main, render_prompt
+    from network.generation import GenerationConfig, generate
+    from network.processor import Qwen2VLProcessor
+
+    processor = Qwen2VLProcessor.from_pretrained(str(model_dir))
+    text = render_prompt(processor, "<image>Then <video>what happens?", 1, 1)
+    inputs = processor(text, images=[str(image)], videos=[str(clip)], fps=1.0)
+    np.testing.assert_array_equal(inputs["second_per_grid_ts"], [2.0])
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), attn_implementation="eager")
+    with torch.no_grad():
+        expected = hf.eval().generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, do_sample=False,
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    ours = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir))
+    out = generate(ours, **inputs, generation_config=GenerationConfig(max_new_tokens=new_tokens,
+                                                                      min_new_tokens=new_tokens))
+    np.testing.assert_array_equal(out.sequences, expected[:, inputs["input_ids"].shape[1]:].numpy())
+    assert infer_main(["--model", str(model_dir), "--image", str(image), "--video", str(clip), "--prompt",
+                       "<image>Then <video>what happens?", "--max_new_tokens", "4", "--no-stream"]) == 0
