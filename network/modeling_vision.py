@@ -5,12 +5,12 @@ Submodule names equal the HF Hub checkpoint keys under `visual.`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-
-from typing import Callable
 
 from network.attention import attention
 from network.config import VisionConfig
@@ -132,16 +132,16 @@ class PatchMerger(nn.Layer):
 
 class Qwen2VisionTransformer(nn.Layer):
     # What a variant tower swaps (see Qwen2_5_VisionTransformer): the norm and MLP of blocks and merger.
-    norm: Callable[[int], nn.Layer] = staticmethod(layer_norm)
-    mlp: Callable[[VisionConfig], nn.Layer] = VisionMlp
+    block_norm: Callable[[int], nn.Layer] = staticmethod(layer_norm)
+    block_mlp: Callable[[VisionConfig], nn.Layer] = VisionMlp
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.LayerList(
-            [Qwen2VLVisionBlock(config, self.norm, self.mlp) for _ in range(config.depth)])
-        self.merger = PatchMerger(config, self.norm)
+            [Qwen2VLVisionBlock(config, self.block_norm, self.block_mlp) for _ in range(config.depth)])
+        self.merger = PatchMerger(config, self.block_norm)
 
     def rotary_cos_sin(self, grid_thw: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
         """cos/sin [N, head_dim]: half the rotary channels encode the patch row, half the column."""

@@ -58,8 +58,8 @@ def window_order(grid_thw: np.ndarray, merge: int, window: int) -> tuple[np.ndar
 
 
 class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
-    norm = staticmethod(rms_norm)
-    mlp = VisionSwiGLU
+    block_norm = staticmethod(rms_norm)
+    block_mlp = VisionSwiGLU
 
     def forward_features(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:
         """pixel_values [N, C*T*P*P] -> patch features [N, embed_dim], in processor order."""
