@@ -183,6 +183,12 @@ def test_3b_preset_equals_published_config(tmp_path):
     assert Qwen2VLConfig.from_pretrained(str(tmp_path)) == PRESETS["qwen2.5-vl-3b"]()
 
 
+def test_unknown_model_type_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**HUB_3B, "model_type": "qwen3_vl"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'qwen3_vl' is not supported; known: "):
+        Qwen2VLConfig.from_pretrained(str(tmp_path))
+
+
 def test_missing_window_field_names_the_file(tmp_path):
     broken = json.loads(json.dumps(HUB_3B))
     del broken["vision_config"]["window_size"]
