@@ -149,3 +149,19 @@ def test_plans_load_without_paddle(modules):
 def test_the_graph_sees_function_level_imports():
     # launch/cli.py imports its commands inside functions; the graph must see those arrows.
     assert {"launch.plan", "launch.infer", "launch.demo", "launch.train"} <= GRAPH["launch.cli"]
+
+
+def test_make_test_collects_every_test_folder():
+    # `make test` runs `pytest tests`: every folder of test files must be collected from there (pytest's default
+    # norecursedirs holds "dist"; pytest.ini overrides it).
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                         cwd=REPO, capture_output=True, text=True)
+    collected = {line.split("::")[0].rsplit("/", 1)[0] for line in out.stdout.splitlines() if "::" in line}
+    folders = {str(p.parent.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
+    assert folders <= collected, out.stdout[-2000:]
+
+
+def test_test_file_names_are_unique():
+    # pytest imports test files by basename (no __init__.py): a second file of the same name silently drops a folder.
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
