@@ -39,6 +39,7 @@ class ShardedBatch:
     # [b*S] hidden states and their target ids (IGNORE_INDEX padding), K = the most such tokens on any rank.
     loss_index: paddle.Tensor | None = None
     loss_targets: paddle.Tensor | None = None
+    segment_ids: paddle.Tensor | None = None  # [B, S] int64: sample of each token in packed rows, -1 = padding
 
 
 def _dp_placements(mesh: dist.ProcessMesh, dim: int) -> list:
@@ -88,7 +89,8 @@ def _loss_positions(labels: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.nd
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config: Qwen2VLConfig,
                 seq_multiple: int = 1) -> ShardedBatch:
     """This rank's micro-batch (numpy: input_ids, labels, position_ids [3,b,S], optional attention_mask,
-    pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw) -> a `ShardedBatch`.
+    pixel_values/image_grid_thw, pixel_values_videos/video_grid_thw, segment_ids of packed rows) -> a
+    `ShardedBatch`.
 
     Every rank must call it (it reduces the sequence and patch lengths over dp); local batch sizes must match.
     `seq_multiple`: pad the sequence to a multiple of it (sequence parallel splits it over "mp").
@@ -116,6 +118,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     mask = batch.get("attention_mask")
     mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int64)
     b = ids.shape[0]
+    segments = batch.get("segment_ids")
     return ShardedBatch(
         mesh=mesh,
         input_ids=lift_local(_pad(ids, seq_len, config.pad_token_id), mesh, 0),
@@ -129,6 +132,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
         max_patches=max_patches,
         loss_index=lift_local(_pad(positions[None], max_targets, 0), mesh, 0),
         loss_targets=lift_local(_pad(targets[None], max_targets, IGNORE_INDEX), mesh, 0),
+        segment_ids=None if segments is None else lift_local(_pad(np.asarray(segments, np.int64), seq_len, -1),
+                                                             mesh, 0),
     )
 
 

@@ -1,7 +1,8 @@
 """The one module of workarounds for what Paddle 3.3.1's CPU build lacks in semi-auto parallel.
 
 Each patch fills a missing kernel with an equivalent composition and is installed only when the kernel is
-missing (probed, or: this is a build without CUDA). `apply()` is idempotent and a no-op on CUDA builds.
+missing (probed, or: this process runs on the CPU place). `apply()` is idempotent and a no-op on any device
+place (CUDA, ROCm, XPU, custom devices have the kernels); a CUDA build running on CPU gets the patches.
 
 - `reshard` Partial -> Shard: no CPU kernel for `CReduceScatterOp` (gloo has no reduce_scatter). Done as
   Partial -> Replicate (all_reduce) then Replicate -> Shard (local slice): the same result, 2x the bytes.
@@ -17,9 +18,6 @@ missing (probed, or: this is a build without CUDA). `apply()` is idempotent and 
 - Sequence parallel: the autograd backward of `reshard` Shard -> Replicate is a C++ reshard of the gradient
   (Partial -> Shard: CReduceScatterOp again). `reshard_python_backward` is a reshard whose backward calls the
   Python (patched) `reshard` instead, so the gradient goes Partial -> Replicate -> Shard.
-- MKL on AMD CPUs: the MKL inside Paddle's CPU wheel picks its slow generic sgemm path on non-Intel CPUs
-  (measured 39 vs 78 GFLOP/s fp32 on this AMD EPYC). `MKL_DEBUG_CPU_TYPE=5` selects its AVX2 kernels; it must
-  be set before the first matmul, so `prefer_mkl_avx2()` also runs at CLI start (inherited by workers).
 - `ProcessMesh.get_rank_by_dim_and_process_id`: does `int(np.where(...)[i])` on a 1-element array, which
   NumPy >= 2 may refuse (used by `shard_dataloader`). Only patched when that conversion fails here
   (the pinned NumPy 1.26 accepts it, so this is normally not installed).
@@ -27,7 +25,6 @@ missing (probed, or: this is a build without CUDA). `apply()` is idempotent and 
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -164,25 +161,15 @@ def zero3_gathered(model: paddle.nn.Layer) -> Iterator[None]:
             setattr(sub, name, param)
 
 
-def prefer_mkl_avx2() -> None:
-    """Set MKL_DEBUG_CPU_TYPE=5 on AMD CPUs of a CPU build (never overrides a user's value)."""
-    if paddle.is_compiled_with_cuda() or "MKL_DEBUG_CPU_TYPE" in os.environ:
-        return
-    try:
-        with open("/proc/cpuinfo") as handle:
-            amd = "AuthenticAMD" in handle.read(4096)
-    except OSError:
-        return
-    if amd:
-        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
-        logger.info("cpu_compat: MKL_DEBUG_CPU_TYPE=5 (MKL's AVX2 sgemm on an AMD CPU)")
+def runs_on_cpu() -> bool:
+    """This process computes on the CPU place: what the patches are keyed on (not on how Paddle was built)."""
+    return isinstance(paddle.framework._current_expected_place_(), paddle.CPUPlace)
 
 
 def apply() -> list[str]:
-    """Install the workarounds this build needs; returns their descriptions (empty on CUDA builds)."""
-    if _applied or paddle.is_compiled_with_cuda():
+    """Install the workarounds the CPU place needs; returns their descriptions (empty on a device place)."""
+    if _applied or not runs_on_cpu():
         return list(_applied)
-    prefer_mkl_avx2()
     _patch_partial_to_shard()
     _patch_tensor_cuda()
     if _numpy_rejects_array_to_int():

@@ -10,7 +10,8 @@ the autograd of those ops (LocalLayer/local_map with a Partial output gives wron
 
 Loss. Token cross-entropy summed over the global batch, divided by the number of supervised tokens over the
 whole global batch (all dp ranks and all accumulation micro-steps): the loss and its gradients do not depend
-on the layout. With vocab-split logits, `vocab_parallel_cross_entropy` reduces only [B, S]-sized
+on the layout. The head runs fused with the loss and chunked (network.loss.linear_cross_entropy, never
+[tokens, vocab] logits) with `vocab_parallel_chunk`: with vocab-split logits it reduces only [dp, chunk]-sized
 statistics across "mp"; `F.cross_entropy` would all-gather the full [B, S, V] logits first (measured).
 """
 from __future__ import annotations
@@ -19,7 +20,13 @@ import paddle
 import paddle.distributed as dist
 
 from autoparallel import cpu_compat
-from autoparallel.batch import IGNORE_INDEX, ShardedBatch, lift_local
+from autoparallel.batch import ShardedBatch, lift_local
+from network.loss import linear_cross_entropy
+
+# Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away
+# from the padding after it, and padded positions are never read (loss_index, vision_index). So the decoder
+# gets no key mask: the GPU path runs causal flash attention instead of a dense [b, 1, S, S] mask.
+TRAINING_KEY_MASK = None
 
 
 def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
@@ -32,7 +39,8 @@ def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
     # A trainable merger was parallelized (dist parameters); a frozen one stayed dense like the ViT blocks.
     merger_distributed = visual.merger.mlp[0].weight.is_dist()
     with paddle.no_grad():
-        local = (paddle.zeros([0, embed_dim]) if batch.pixel_values is None
+        # A rank without images still runs the merger: its empty input takes the tower's dtype (bf16 under O2).
+        local = (paddle.zeros([0, embed_dim], visual.patch_embed.proj.weight.dtype) if batch.pixel_values is None
                  else visual.forward_features(batch.pixel_values, batch.grid_thw))
         local = paddle.concat([local, paddle.zeros([batch.max_patches - local.shape[0], embed_dim], local.dtype)])
         if not merger_distributed:
@@ -55,25 +63,46 @@ def _like_vocab(logits: paddle.Tensor, local: paddle.Tensor) -> paddle.Tensor:
     return dist.shard_tensor(local, logits.process_mesh, placements)
 
 
-def vocab_parallel_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
-    """Sum of cross-entropy over targets != -100 (fp32), for logits [..., V] split on V or not.
+def vocab_parallel_chunk(h, weight, targets, scale, transpose_weight, need):
+    """`network.loss.ChunkRule` for distributed hidden rows [dp, c, H] and a head weight split on the vocab or
+    not: only [dp, c]-sized statistics cross "mp" (row max, sum of exp, target logit); row sums are matmuls
+    with a vocab-split ones vector and the target's logit a one-hot against vocab-split ids, because `sum`'s
+    and `take_along_axis`'s dist rules would all-gather the [dp, c, V] logits."""
+    logits = paddle.matmul(h, weight, transpose_y=transpose_weight).astype("float32")
+    # Autocast off for the statistics: matmul is on the O2 white list and would run these row sums in bf16.
+    with paddle.amp.auto_cast(enable=False):
+        return _chunk_statistics(logits, h, weight, targets, scale, transpose_weight, need)
 
-    Only [...]-sized statistics cross "mp" (max, sum of exp, target logit); row sums are matmuls with a
-    vocab-split ones vector because `sum`'s backward would all-gather its [..., V] input.
-    """
-    logits = logits.astype("float32")
+
+def _chunk_statistics(logits, h, weight, targets, scale, transpose_weight, need):
     vocab = logits.shape[-1]
     ones = _like_vocab(logits, paddle.ones([vocab, 1], "float32"))
-    ids = _like_vocab(logits, paddle.arange(vocab, dtype=targets.dtype))
+    onehot = (targets.unsqueeze(-1) == _like_vocab(logits, paddle.arange(vocab, dtype=targets.dtype)))
+    onehot = onehot.astype("float32")
 
     def row_sum(x: paddle.Tensor) -> paddle.Tensor:
         return paddle.matmul(x, ones).squeeze(-1)
 
-    shifted = logits - logits.max(axis=-1, keepdim=True).detach()
-    log_sum_exp = paddle.log(row_sum(paddle.exp(shifted)))
-    target = row_sum(shifted * (targets.unsqueeze(-1) == ids).astype("float32"))
-    valid = (targets != IGNORE_INDEX).astype("float32")
-    return ((log_sum_exp - target) * valid).sum()
+    shifted = logits - logits.max(axis=-1, keepdim=True)
+    target = row_sum(shifted * onehot)
+    exp = paddle.exp(shifted)
+    sum_exp = row_sum(exp)
+    loss = ((paddle.log(sum_exp) - target) * scale).sum()
+    if not any(need):
+        return loss, None, None
+    grad = ((exp / sum_exp.unsqueeze(-1) - onehot) * scale.unsqueeze(-1)).astype(h.dtype)
+    d_hidden = None
+    if need[0]:
+        # Partial over "mp" when the vocab is split: reduced here, because a PyLayer's returned gradient is
+        # taken to have its input's placements as it is (no reshard).
+        d_hidden = paddle.matmul(grad, weight, transpose_y=not transpose_weight)
+        d_hidden = dist.reshard(d_hidden, h.process_mesh, h.placements)
+    d_weight = None
+    if need[1]:
+        flat_grad, flat_h = grad.reshape([-1, vocab]), h.reshape([-1, h.shape[-1]])
+        d_weight = (paddle.matmul(flat_grad, flat_h, transpose_x=True) if transpose_weight
+                    else paddle.matmul(flat_h, flat_grad, transpose_x=True))
+    return loss, d_hidden, d_weight
 
 
 def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float) -> paddle.Tensor:
@@ -83,7 +112,7 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
     tokens are prompt and image tokens, and the [tokens, vocab] logits dominate the step otherwise."""
     with cpu_compat.zero3_gathered(model):
         embeds = embed_inputs(model, batch)
-        hidden = model.model(embeds, batch.position_ids, batch.attention_mask)
+        hidden = model.model(embeds, batch.position_ids, TRAINING_KEY_MASK, segment_ids=batch.segment_ids)
         return supervised_loss(model, hidden, batch, normalizer)
 
 
@@ -92,4 +121,6 @@ def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: Sharde
     """Head + CE on the final hidden states [B, S, H] only where the next token is supervised."""
     dp, width = batch.loss_index.shape[0], hidden.shape[-1]
     picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
-    return vocab_parallel_cross_entropy(model.lm_logits(picked), batch.loss_targets) / normalizer
+    weight, transpose = model.lm_head_weight()
+    return linear_cross_entropy(picked, weight, batch.loss_targets, transpose_weight=transpose,
+                                normalizer=normalizer, rule=vocab_parallel_chunk)

@@ -13,9 +13,9 @@ naming the offending numbers.
 from __future__ import annotations
 
 import numpy as np
-import paddle
 import paddle.distributed as dist
 
+from autoparallel import cpu_compat
 from network.config import Qwen2VLConfig
 from placements.degrees import ParallelDegrees, validate_degrees
 
@@ -29,7 +29,7 @@ def build_mesh(degrees: ParallelDegrees, config: Qwen2VLConfig | None = None,
     ["pp", "dp", "mp"] when pipeline_parallel_degree > 1."""
     world_size = dist.get_world_size() if world_size is None else world_size
     validate_degrees(degrees, config, world_size, allow_pipeline=allow_pipeline,
-                     cpu_build=not paddle.is_compiled_with_cuda())
+                     cpu_build=cpu_compat.runs_on_cpu())
     if degrees.pipeline_parallel_degree > 1:
         ids = np.arange(degrees.world_size).reshape(degrees.pipeline_parallel_degree, degrees.dp, degrees.mp)
         return dist.ProcessMesh(ids.tolist(), dim_names=[PP_DIM, *MESH_DIMS])

@@ -94,7 +94,7 @@ def parallelize(
     config = parallelize_config(model.config, degrees.mp, degrees.sharding_stage)
     with _frozen_vision_detached(model, train_merger), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
-    if degrees.sharding_stage == 3 and not paddle.is_compiled_with_cuda():
+    if degrees.sharding_stage == 3 and cpu_compat.runs_on_cpu():
         cpu_compat.enable_zero3_gather(model, mesh.dim_names.index("dp"))
     logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, train_merger=%s",
                 mesh.dim_names, mesh.shape, degrees.sharding_stage,

@@ -30,10 +30,11 @@ whose mesh excludes the current rank: that segfaults on the CPU build. Here noth
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,8 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, replicated_value, supervised_tokens
-from autoparallel.forward import embed_inputs, supervised_loss
+from autoparallel.forward import TRAINING_KEY_MASK, embed_inputs, supervised_loss
+from autoparallel.gradients import gradient
 from autoparallel.mesh import PP_DIM, mesh_coordinate, stage_mesh
 from autoparallel.parallelize import parallelize
 from network.config import Qwen2VLConfig
@@ -144,11 +146,25 @@ def _boundary_placements(mesh: dist.ProcessMesh) -> list:
     return [dist.Shard(0) if name == "dp" else dist.Replicate() for name in mesh.dim_names]
 
 
-def _send(x: paddle.Tensor, dst: int) -> None:
-    dist.send(dist.reshard(x, x.process_mesh, _boundary_placements(x.process_mesh))._local_value().contiguous(), dst)
+# Boundary activations go with their dtype: under bf16 O2 it is whatever autocast produced on the sending stage,
+# which neither the config's "dtype" (bfloat16 in every Hub config, also for fp32 weights) nor the receiving
+# stage's parameters determine; send/recv of a buffer of another dtype would move a different number of bytes.
+_WIRE_DTYPES = [paddle.float32, paddle.bfloat16, paddle.float16]
+
+
+def _send(x: paddle.Tensor, dst: int, with_dtype: bool = False) -> None:
+    local = dist.reshard(x, x.process_mesh, _boundary_placements(x.process_mesh))._local_value().contiguous()
+    if with_dtype:
+        dist.send(paddle.to_tensor([_WIRE_DTYPES.index(local.dtype)], "int64"), dst)
+    dist.send(local, dst)
 
 
 def _recv(shape: list[int], dtype, src: int, mesh: dist.ProcessMesh) -> paddle.Tensor:
+    """Receive a [shape] tensor from `src`; `dtype=None`: the sender sends its dtype first (`_send(with_dtype=True)`)."""
+    if dtype is None:
+        code = paddle.zeros([1], "int64")
+        dist.recv(code, src)
+        dtype = _WIRE_DTYPES[int(code)]
     local = paddle.empty(shape, dtype)
     dist.recv(local, src)
     return dist.auto_parallel.api.dtensor_from_local(local, mesh, _boundary_placements(mesh))
@@ -162,7 +178,7 @@ def _stage_forward(model: paddle.nn.Layer, stage: Stage, batch: ShardedBatch, x:
             x = embed_inputs(model, batch)
         cos, sin = mrope_cos_sin(model.config, batch.position_ids, x.dtype)
         for layer in model.model.layers:
-            x = layer(x, cos, sin, batch.attention_mask)
+            x = layer(x, cos, sin, TRAINING_KEY_MASK, None, batch.segment_ids)
         if stage.last:
             return supervised_loss(model, model.model.norm(x), batch, normalizer)
         return dist.reshard(x, x.process_mesh, _boundary_placements(x.process_mesh))
@@ -224,20 +240,23 @@ def _world_sum(value: float) -> float:
 def finish_gradients(model: paddle.nn.Layer, stage: Stage) -> float:
     """After `run_schedule`: sum the tied-head copies' gradients and return the global gradient norm over all
     stages (the tied copy counted once; same on every rank)."""
-    params = [p for p in model.parameters() if not p.stop_gradient and p.grad is not None]
+    params = [p for p in model.parameters() if not p.stop_gradient and gradient(p) is not None]
     tied = _tied_weight(model, stage)
     if tied is not None:
-        _sum_tied_grad(tied.grad, stage)
+        _sum_tied_grad(gradient(tied), stage)
     skip = tied if stage.last and not stage.first else None
-    local = sum(float(replicated_value(paddle.square(p.grad.astype("float32")).sum()))
+    local = sum(float(replicated_value(paddle.square(gradient(p).astype("float32")).sum()))
                 for p in params if p is not skip)
     # Every rank of a stage holds its stage's sum: the world sum counts each stage ranks_per_stage times.
     return math.sqrt(_world_sum(local) / stage.ranks_per_stage)
 
 
-def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[ShardedBatch]) -> PipelineStepStats:
+def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[ShardedBatch],
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                 ) -> PipelineStepStats:
     """Forward and backward of all micro-batches, FThenB (every stage calls it with the same micro-batches,
-    `shard_batch`ed on its own stage mesh); gradients accumulate in the stage's parameters."""
+    `shard_batch`ed on its own stage mesh); gradients accumulate in the stage's parameters. Forwards run under
+    `autocast` (the backward replays the ops' recorded dtypes)."""
     normalizer = float(max(supervised_tokens(micro_batches), 1))
     hidden = model.config.hidden_size
     forward = backward = 0.0
@@ -247,14 +266,14 @@ def run_schedule(model: paddle.nn.Layer, stage: Stage, micro_batches: Sequence[S
         x = None
         if not stage.first:
             local_ids = batch.input_ids._local_value()
-            x = _recv([local_ids.shape[0], batch.input_ids.shape[1], hidden], model.config.dtype, stage.prev_rank,
-                      stage.mesh)
+            x = _recv([local_ids.shape[0], batch.input_ids.shape[1], hidden], None, stage.prev_rank, stage.mesh)
             x.stop_gradient = False
         t = time.perf_counter()
-        out = _stage_forward(model, stage, batch, x, normalizer)
+        with autocast():
+            out = _stage_forward(model, stage, batch, x, normalizer)
         forward += time.perf_counter() - t
         if not stage.last:
-            _send(out, stage.next_rank)
+            _send(out, stage.next_rank, with_dtype=True)
         inputs.append(x)
         outputs.append(out)
     total = 0.0

@@ -25,7 +25,7 @@ from placements.qwen2_vl import SEQUENCE_DIM, SP_GATHER_OUTPUT, SP_GATHER_REGION
 
 
 def _reshard(x: paddle.Tensor, placements: list) -> paddle.Tensor:
-    if paddle.is_compiled_with_cuda():
+    if not cpu_compat.runs_on_cpu():
         return dist.reshard(x, x.process_mesh, placements)
     return cpu_compat.reshard_python_backward(x, placements)
 
@@ -86,5 +86,5 @@ def apply_sequence_parallel(model: paddle.nn.Layer, plan: dict[str, str] = SP_PL
     if unmatched:
         raise ValueError(f"sequence-parallel plan keys match no sublayer: {sorted(unmatched)}")
     logger.info("sequence parallel: %d layout hooks (%s)", len(handles),
-                "dist.reshard" if paddle.is_compiled_with_cuda() else "CPU all-reduce+slice backward")
+                "dist.reshard" if not cpu_compat.runs_on_cpu() else "CPU all-reduce+slice backward")
     return handles

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the multi-process harness and its workers live there
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the multi-process harness and its workers live there
 
 from placements.degrees import ParallelDegrees  # noqa: E402
 from autoparallel.planning.memory import (DTYPE_BYTES, STAGE2_UNSHARDED_TIED_GRADS, PlanSetup, StateMemory,  # noqa: E402

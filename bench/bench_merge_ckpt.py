@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the multi-process harness
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the multi-process harness
 
 from ckpt_tools.merge import merge_dist_checkpoint, peak_rss_bytes  # noqa: E402
 from network.config import Qwen2VLConfig  # noqa: E402

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the multi-process harness and its model/data builders
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the multi-process harness and its model/data builders
 
 from autoparallel.planning.communication import communication  # noqa: E402
 from placements.degrees import ParallelDegrees  # noqa: E402
@@ -49,7 +49,7 @@ def worker(out: Path, names: list[str]) -> None:
     from autoparallel.mesh import build_mesh, mesh_coordinate
     from autoparallel.parallelize import parallelize
     from autoparallel.batch import shard_batch
-from autoparallel.step import train_step
+    from autoparallel.step import train_step
     from dist_utils import write_result
     from parallel_cases import build_model, build_optimizer
     from planner_worker import scaled_config, synthetic_batch
@@ -68,7 +68,7 @@ from autoparallel.step import train_step
         seconds, losses = [], []
         for _ in range(WARMUP + STEPS):
             start = time.perf_counter()
-            losses.append(train_step(model, optimizer, [shard_batch(batch, mesh, config)]))
+            losses.append(train_step(model, optimizer, [shard_batch(batch, mesh, config)]).loss)
             seconds.append(time.perf_counter() - start)
         results[name] = {"seconds": seconds[WARMUP:], "losses": losses}
     write_result(out, dist.get_rank(), results)

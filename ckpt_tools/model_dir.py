@@ -69,14 +69,11 @@ def expected_shapes(model_dir: str) -> Optional[dict[str, tuple[int, ...]]]:
     without a config. The model is built under `paddle.LazyGuard`, so no parameter memory is allocated."""
     if not os.path.isfile(os.path.join(model_dir, CONFIG)):
         return None
-    import paddle
-
     from network.config import Qwen2VLConfig
     from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig.from_pretrained(model_dir)
-    with paddle.LazyGuard():
-        model = Qwen2VLForConditionalGeneration(config)
+    model = Qwen2VLForConditionalGeneration.lazy(config)
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 

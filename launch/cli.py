@@ -89,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    from autoparallel.cpu_compat import prefer_mkl_avx2
-
-    prefer_mkl_avx2()  # before any matmul of this process; workers inherit it
     if command not in COMMANDS:
         print(f"qwen2vl-ap: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ import paddle
 
 from launch.launcher import WorkerLaunch
 from network.config import Qwen2VLConfig
+from network.device import bf16_supported
 from network.generation import GenerationConfig, GenerationOutput, generate
 from network.log import logger
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
@@ -141,20 +142,25 @@ class TensorParallelModel:
         if logits.is_dist():
             replicated = [dist.Replicate()] * len(logits.process_mesh.shape)
             logits = dist.reshard(logits, logits.process_mesh, replicated)._local_value()
-        return dataclasses.replace(out, logits=logits)
+        out.__dict__["logits"] = logits  # `Qwen2VLOutput.logits` is a cached_property: this is its cache slot
+        return out
 
 
-def load_model(model_dir: str, tensor_parallel_degree: int = 1):
-    """The model for `generate`: plain, or (inside a launched job) split over `tensor_parallel_degree` ranks."""
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32"):
+    """The model for `generate` in `dtype`: plain, or (inside a launched job) split over `tensor_parallel_degree`
+    ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first)."""
     if tensor_parallel_degree == 1:
-        return model
+        return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
     from autoparallel.mesh import build_mesh
     from autoparallel.parallelize import parallelize
+    from autoparallel.sharded_load import load_sharded
     from placements.degrees import ParallelDegrees
 
+    model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
     degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
     model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
+    load_sharded(model, model_dir)
+    model.eval()
     return TensorParallelModel(model)
 
 
@@ -182,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on for a single request)")
     p.add_argument("--tensor_parallel_degree", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations (bfloat16 needs a GPU of compute capability >= 8.0)")
     p.add_argument("--log_dir", help="tensor parallel: launcher and worker logs (default: a temp directory)")
     return p
 
@@ -231,6 +239,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InferError(f"{args.model} has no config.json: not a model directory")
     if args.batch_size < 1 or args.tensor_parallel_degree < 1:
         raise InferError("--batch_size and --tensor_parallel_degree must be >= 1")
+    if args.dtype == "bfloat16" and not bf16_supported():
+        raise InferError("--dtype bfloat16 needs a GPU with bf16 kernels (compute capability >= 8.0); "
+                         "this device has none: use --dtype float32")
     if args.tensor_parallel_degree > 1:  # checked here, before any process starts
         from placements.degrees import ParallelDegrees, degree_problems
 
@@ -284,7 +295,7 @@ def _run(args: argparse.Namespace, requests: list[Request], generation_config: G
         processor = Qwen2VLProcessor.from_pretrained(args.model, **overrides)
     except ValueError as e:  # e.g. --min_pixels above the max
         raise InferError(str(e)) from None
-    model = load_model(args.model, tp)
+    model = load_model(args.model, tp, args.dtype)
     generation_config = dataclasses.replace(generation_config, stop_token_ids=stop_token_ids(processor, model.config))
     rank0_path = os.environ.get(RANK0_STDOUT_ENV)
     out = open(rank0_path, "a", encoding="utf-8") if rank0_path and rank == 0 else sys.stdout

@@ -3,22 +3,48 @@
 Layout everywhere: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (GQA when
 kv_heads < heads). Text attention is causal with an optional key-padding mask; with a KV cache the queries are
 the last q_len of the kv_len positions (kv_len >= q_len), so causality is aligned bottom-right. Vision attention
-is block-diagonal: token i attends to token j only if both fall in the same `cu_seqlens` segment (one image or
-one video frame).
+is block-diagonal: token i attends to token j only if both fall in the same `Segments` segment (one image or
+one video frame). Packed text rows (padding-free packing, several samples per row) pass `segment_ids`: a
+query attends only to keys of its own sample, causally, so each sample sees exactly what it would alone.
+
+Kernels. On a GPU with flash attention (sm80+) and half-precision q/k/v: varlen `flash_attn_unpadded` for
+segments, causal `flash_attention` without any mask when nothing is padded (training batches are right-padded,
+and causality alone keeps every real token away from the padding after it, so the decoder is called without a
+mask there), and for left-padded generation SDPA with an additive mask of the dtype's most negative finite value
+(a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). Everywhere else the exact
+fp32 math path, which handles segments one at a time (one [heads, P, P] score block for all images at once
+would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from network.device import flash_attention_supported
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Block-diagonal attention over one packed sequence (batch 1): the boundaries on the host (computed from
+    grid_thw, so no device->host sync per block) and as the int32 device tensor varlen kernels take."""
+
+    bounds: np.ndarray  # int [n + 1], 0 first, total last
+
+    @property
+    def cu_seqlens(self) -> paddle.Tensor:
+        return paddle.to_tensor(self.bounds.astype(np.int32))
+
+    @property
+    def max_len(self) -> int:
+        return int(np.diff(self.bounds).max()) if len(self.bounds) > 1 else 0
+
 
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
-    # Flash kernels exist only for half precision on CUDA builds.
-    return (
-        paddle.is_compiled_with_cuda()
-        and q.place.is_gpu_place()
-        and q.dtype in (paddle.float16, paddle.bfloat16)
-    )
+    # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
+    return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
 
 
 def attention(
@@ -28,25 +54,37 @@ def attention(
     *,
     causal: bool,
     attention_mask: paddle.Tensor | None = None,
-    cu_seqlens: paddle.Tensor | None = None,
+    segments: Segments | None = None,
+    segment_ids: paddle.Tensor | None = None,
 ) -> paddle.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)); returns [batch, q_len, heads, head_dim].
 
-    attention_mask: [batch, kv_len], 1 = token, 0 = padding (keys at padding are never attended).
-    cu_seqlens: int32 [n + 1] segment boundaries for a single packed sequence (batch 1).
+    attention_mask: [batch, kv_len], 1 = token, 0 = padding (keys at padding are never attended); leave it out
+    for right-padded batches whose padded positions are never read.
+    segments: block-diagonal attention within each segment of a single packed sequence (batch 1).
+    segment_ids: int [batch, seq] (q_len == kv_len, no cache): the sample each token belongs to in a packed row.
     """
+    if segment_ids is not None and _use_gpu_kernels(q):
+        return _gpu_packed_attention(q, k, v, causal, segment_ids)
     if _use_gpu_kernels(q):
-        return _gpu_attention(q, k, v, causal, attention_mask, cu_seqlens)
-    return _math_attention(q, k, v, causal, attention_mask, cu_seqlens)
+        return _gpu_attention(q, k, v, causal, attention_mask, segments)
+    if segments is not None:
+        bounds = segments.bounds
+        return paddle.concat([_math_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, None)
+                              for a, b in zip(bounds[:-1], bounds[1:]) if b > a], axis=1)
+    return _math_attention(q, k, v, causal, attention_mask, segment_ids)
 
 
-def _math_attention(q, k, v, causal, attention_mask, cu_seqlens) -> paddle.Tensor:
+def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle.Tensor:
     """Exact reference math: fp32 scores and softmax, masked by a boolean [batch, 1, q_len, kv_len] map."""
     heads, head_dim = q.shape[2], q.shape[3]
     k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
     qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
     scores = paddle.matmul(qt.astype("float32"), kt.astype("float32"), transpose_y=True) * head_dim**-0.5
-    allowed = _allowed(q.shape[1], k.shape[1], causal, attention_mask, cu_seqlens)
+    allowed = _allowed(q.shape[1], k.shape[1], causal, attention_mask)
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        allowed = same if allowed is None else paddle.logical_and(allowed, same)
     if allowed is not None:
         # A large finite negative (not -inf) keeps fully masked padding rows finite, as HF does.
         scores = paddle.where(allowed, scores, paddle.full([], paddle.finfo(paddle.float32).min, "float32"))
@@ -54,7 +92,7 @@ def _math_attention(q, k, v, causal, attention_mask, cu_seqlens) -> paddle.Tenso
     return paddle.matmul(probs, vt).transpose([0, 2, 1, 3])
 
 
-def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, cu_seqlens) -> paddle.Tensor | None:
+def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask) -> paddle.Tensor | None:
     """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed."""
     allowed = None
     if causal:
@@ -63,10 +101,6 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, cu_seqlens) 
     if attention_mask is not None:
         keys = attention_mask.astype("bool")[:, None, None, :]
         allowed = keys if allowed is None else paddle.logical_and(allowed, keys)
-    if cu_seqlens is not None:
-        segment = paddle.searchsorted(cu_seqlens[1:].astype("int64"), paddle.arange(q_len, dtype="int64"), right=True)
-        same = (segment[:, None] == segment[None, :])[None, None]
-        allowed = same if allowed is None else paddle.logical_and(allowed, same)
     return allowed
 
 
@@ -76,14 +110,37 @@ def _repeat_kv(x: paddle.Tensor, heads: int) -> paddle.Tensor:
     return x if groups == 1 else paddle.repeat_interleave(x, groups, axis=2)
 
 
-def _gpu_attention(q, k, v, causal, attention_mask, cu_seqlens) -> paddle.Tensor:
-    """CUDA fast paths. Not exercised on CPU: written against Paddle 3.x `flash_attention` / SDPA signatures."""
+def _heads_split(x: paddle.Tensor) -> bool:
+    return x.is_dist() and any(p.is_shard() and p.get_dim() == 2 for p in x.placements)
+
+
+def kv_for_kernel(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """k/v as the fused kernels may take them. With q split by heads over "mp" and k/v replicated (more mp ranks
+    than KV heads), the kernels' SPMD rule would split the few KV heads like q's heads (wrong or empty heads on
+    most ranks): repeat them to q's head count first, so they split exactly like q."""
+    if _heads_split(q) and not _heads_split(k):
+        heads = q.shape[2]
+        return _repeat_kv(k, heads), _repeat_kv(v, heads)
+    return k, v
+
+
+def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype) -> paddle.Tensor:
+    """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked)."""
+    allowed = _allowed(q_len, kv_len, causal, attention_mask)
+    # Built in fp32 and cast: every bf16/fp16 value, its minimum included, is exact in fp32.
+    low = paddle.full([], paddle.finfo(dtype).min, "float32")
+    return paddle.where(allowed, paddle.zeros([], "float32"), low).astype(dtype)
+
+
+def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
+    """CUDA fast paths. Not run here (no GPU build): written against Paddle 3.x `flash_attention` / SDPA signatures;
+    tests/unit/test_attention_kernels.py checks what each kernel is given, with the kernels replaced by the math."""
     from paddle.nn.functional.flash_attention import flash_attention, flash_attn_unpadded
 
-    if cu_seqlens is not None:
+    k, v = kv_for_kernel(q, k, v)
+    if segments is not None:
         # Varlen flash attention over the packed patches of all images/frames (batch is 1).
-        cu = cu_seqlens.astype("int32")
-        max_len = int((cu[1:] - cu[:-1]).max())
+        cu, max_len = segments.cu_seqlens, segments.max_len
         out, _ = flash_attn_unpadded(
             q[0], k[0], v[0], cu, cu, max_len, max_len, scale=q.shape[-1] ** -0.5, causal=False,
         )
@@ -92,7 +149,31 @@ def _gpu_attention(q, k, v, causal, attention_mask, cu_seqlens) -> paddle.Tensor
         # flash_attention handles GQA (kv_heads dividing heads) natively.
         out, _ = flash_attention(q, k, v, causal=causal)
         return out
-    # Padded batches and cached decoding: SDPA with the same boolean map as the CPU path (True = attend; GQA
-    # handled by SDPA).
-    allowed = _allowed(q.shape[1], k.shape[1], causal, attention_mask, None)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    # Left-padded prefill and cached decoding.
+    mask = additive_mask(q.shape[1], k.shape[1], causal, attention_mask, q.dtype)
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]), attn_mask=mask)
+
+
+def packed_cu_seqlens(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """int32 boundaries [n + 1] of the runs of equal ids in `segment_ids` [batch, seq] flattened row-major (a
+    new run also starts at every row start), and the longest run: the varlen layout of packed rows."""
+    flat = np.asarray(segment_ids).reshape(-1)
+    seq = np.asarray(segment_ids).shape[-1]
+    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]) | (np.arange(flat.size) % seq == 0))
+    cu = np.append(starts, flat.size).astype("int32")
+    return cu, int(np.diff(cu).max())
+
+
+def _gpu_packed_attention(q, k, v, causal, segment_ids) -> paddle.Tensor:
+    """Varlen flash attention over the samples of packed rows (not exercised on CPU: written against Paddle
+    3.x `flash_attn_unpadded(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    dropout, causal)` on [total_tokens, heads, head_dim])."""
+    from paddle.nn.functional.flash_attention import flash_attn_unpadded
+
+    k, v = kv_for_kernel(q, k, v)
+    b, s = q.shape[0], q.shape[1]
+    cu, longest = packed_cu_seqlens(segment_ids.numpy())
+    cu = paddle.to_tensor(cu, place=q.place)
+    flat = [x.reshape([b * s, x.shape[2], x.shape[3]]) for x in (q, k, v)]
+    out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=causal)
+    return out.reshape([b, s, q.shape[2], q.shape[3]])

@@ -283,3 +283,31 @@ def read_ref(ref: ArrayRef) -> np.ndarray:
     with open(ref.file, "rb", buffering=0) as f:
         read_bytes_into(f, ref.offset, out)
     return out
+
+
+def read_ref_slice(ref: ArrayRef, dim: int, start: int, stop: int) -> np.ndarray:
+    """Materialise `array[..., start:stop, ...]` (the range on `dim`) of one stored array, reading only the bytes
+    it needs: one contiguous read for a range of rows, row blocks through short-lived memory maps otherwise (so
+    at most one block of the file is mapped at a time)."""
+    shape = list(ref.shape)
+    if not 0 <= start <= stop <= shape[dim]:
+        raise ValueError(f"{ref.file}: slice {start}:{stop} outside dim {dim} of shape {shape}")
+    out_shape = shape[:dim] + [stop - start] + shape[dim + 1:]
+    if ref.inline is not None:
+        full = np.frombuffer(ref.inline, dtype=ref.dtype).reshape(shape)
+        return np.ascontiguousarray(full[(slice(None),) * dim + (slice(start, stop),)])
+    out = np.empty(out_shape, dtype=ref.dtype)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ref.dtype.itemsize
+    if dim == 0:
+        with open(ref.file, "rb", buffering=0) as f:
+            read_bytes_into(f, ref.offset + start * row_bytes, out)
+        return out
+    rows_per_block = max(1, _READ_BLOCK // 16 // max(row_bytes, 1))
+    inner = (slice(None),) * (dim - 1) + (slice(start, stop),)
+    for first in range(0, shape[0], rows_per_block):
+        rows = min(rows_per_block, shape[0] - first)
+        block = np.memmap(ref.file, dtype=ref.dtype, mode="r", offset=ref.offset + first * row_bytes,
+                          shape=(rows, *shape[1:]))
+        out[first:first + rows] = block[(slice(None),) + inner]
+        del block
+    return out

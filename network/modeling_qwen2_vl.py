@@ -11,7 +11,9 @@ Reads like the HF file: parameter names equal the Hub checkpoint keys (`visual.*
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -21,6 +23,7 @@ import paddle.nn.functional as F
 
 from network.attention import attention
 from network.config import Qwen2VLConfig
+from network.loss import IGNORE_INDEX, linear_cross_entropy
 from network.modeling_vision import Qwen2VisionTransformer, as_numpy, rotate_half
 from network.modeling_vision_window import Qwen2_5_VisionTransformer
 from network.rms_norm import Qwen2RMSNorm
@@ -30,15 +33,28 @@ from network.weights import load_weights, save_weights
 if TYPE_CHECKING:
     from network.generation import KVCache
 
-IGNORE_INDEX = -100
 Array = Union[paddle.Tensor, np.ndarray]
 
 
 @dataclass
 class Qwen2VLOutput:
+    """`logits` [B, S, vocab] are computed from the final hidden states on first access: a training step that
+    reads only `loss` (computed by the fused chunked head) never holds [B, S, vocab] logits."""
     loss: paddle.Tensor | None
-    logits: paddle.Tensor
+    hidden_states: paddle.Tensor  # final (normed) hidden states [B, S, H]
     rope_deltas: np.ndarray | None
+    head: Callable[[paddle.Tensor], paddle.Tensor] = field(repr=False)
+
+    @functools.cached_property
+    def logits(self) -> paddle.Tensor:
+        return self.head(self.hidden_states)
+
+
+def apply_rotary(q: paddle.Tensor, k: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, dtype
+                 ) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Rotary on q and k, returned in `dtype` (v's): fp32 cos/sin (bf16 O2 keeps the embedding fp32) would
+    otherwise promote bf16 q/k to fp32 and keep the decoder off the flash kernels."""
+    return (q * cos + rotate_half(q) * sin).astype(dtype), (k * cos + rotate_half(k) * sin).astype(dtype)
 
 
 def mrope_cos_sin(config: Qwen2VLConfig, position_ids: paddle.Tensor, dtype) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -69,17 +85,17 @@ class Qwen2VLAttention(nn.Layer):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias_attr=False)
 
-    def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None) -> paddle.Tensor:
+    def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None,
+                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
         b, s = x.shape[0], x.shape[1]
         # -1 head counts keep the reshape valid when q/k/v are column-sharded by heads.
         q = self.q_proj(x).reshape([b, s, -1, self.head_dim])
         k = self.k_proj(x).reshape([b, s, -1, self.head_dim])
         v = self.v_proj(x).reshape([b, s, -1, self.head_dim])
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rotary(q, k, cos, sin, v.dtype)
         if cache is not None:  # keys are cached after rotary: their positions never change
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, causal=True, attention_mask=attention_mask)
+        out = attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids)
         return self.o_proj(out.reshape([b, s, -1]))
 
 
@@ -102,8 +118,9 @@ class Qwen2VLDecoderLayer(nn.Layer):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache)
+    def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None,
+                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,35 +133,38 @@ class Qwen2VLTextModel(nn.Layer):
         self.layers = nn.LayerList([Qwen2VLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None) -> paddle.Tensor:
-        """attention_mask covers the cached and the new positions ([B, cache_len + S])."""
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None,
+                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
+        """attention_mask covers the cached and the new positions ([B, cache_len + S]); `segment_ids` [B, S]
+        mark the samples of packed rows (attention stays within a sample)."""
         cos, sin = mrope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask, cache)
+            x = layer(x, cos, sin, attention_mask, cache, segment_ids)
         return self.norm(x)
 
 
 def causal_lm_loss(
-    logits: paddle.Tensor, labels: paddle.Tensor, normalizer: paddle.Tensor | float | None = None
+    hidden: paddle.Tensor, head: tuple[paddle.Tensor, bool], labels: paddle.Tensor,
+    normalizer: paddle.Tensor | float | None = None,
 ) -> paddle.Tensor:
-    """Sum of fp32 token cross-entropy over shifted labels != -100, divided by `normalizer`
-    (default: the number of such labels; pass a global count under gradient accumulation)."""
-    # Shift the labels, not the logits (slicing [B, S, V] logits costs a full-size copy and gradient), and
-    # run the vocab-wide math only on the supervised rows.
+    """Sum of fp32 token cross-entropy over shifted labels != -100, divided by `normalizer` (default: the
+    number of such labels; pass a global count under gradient accumulation). `hidden` [B, S, H] are the final
+    hidden states and `head` the output head's (weight, transposed) (see `lm_head_weight`): the head runs
+    chunked and fused with the loss on the supervised rows only (network/loss.py), never as [B, S, V] logits."""
+    # Shift the labels, not the hidden states; gather the supervised rows ([n, H], cheap) before the head.
     targets = paddle.concat([labels[:, 1:], paddle.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     targets = targets.astype("int64").reshape([-1])
     valid = targets != IGNORE_INDEX
     rows = paddle.nonzero(valid).reshape([-1])
-    picked_logits = paddle.gather(logits.reshape([-1, logits.shape[-1]]), rows).astype("float32")
-    picked_targets = paddle.gather(targets, rows)
-    # logsumexp - picked logit, not F.cross_entropy: Paddle's fused kernel clamps each token's loss at 64,
-    # which changes large losses (e.g. at random init); and its CPU log_softmax is very slow at 150k vocab.
-    picked = paddle.take_along_axis(picked_logits, picked_targets[:, None], axis=-1)[:, 0]
-    total = (paddle.logsumexp(picked_logits, axis=-1) - picked).sum()
+    count = int(rows.shape[0])
     if normalizer is None:
-        normalizer = paddle.clip(valid.astype("float32").sum(), min=1.0)
-    return total / normalizer
+        normalizer = max(count, 1)
+    flat = hidden.reshape([-1, hidden.shape[-1]])
+    if count < flat.shape[0]:
+        flat, targets = paddle.gather(flat, rows), paddle.gather(targets, rows)
+    weight, transpose = head
+    return linear_cross_entropy(flat, weight, targets, transpose_weight=transpose, normalizer=float(normalizer))
 
 
 def _tensor(x: Array | None) -> paddle.Tensor | None:
@@ -224,6 +244,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         loss_normalizer: paddle.Tensor | float | None = None,
         past_key_values: KVCache | None = None,
         logits_to_keep: int = 0,
+        segment_ids: Array | None = None,
     ) -> Qwen2VLOutput:
         """Logits [B, S, vocab] and, with `labels`, the causal-LM loss. Grids may be numpy (host metadata).
         Without `position_ids`, 3-D M-RoPE positions are computed from `input_ids` on the host (Qwen2.5-VL:
@@ -232,8 +253,15 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         Decoding (see network.generation): `past_key_values` is extended in place with this call's keys/values;
         `input_ids` are then only the new tokens, `attention_mask` spans cached + new positions, and
         `position_ids` are required once the cache is non-empty. `logits_to_keep=n` returns logits of the
-        last n positions only (0 = all), sparing the [B, S, vocab] prefill logits."""
+        last n positions only (0 = all), sparing the [B, S, vocab] prefill logits.
+
+        Packed rows (padding-free training, see autoparallel.data.packing): `segment_ids` [B, S] give each
+        token's sample; attention never crosses samples and `position_ids` must be each sample's own M-RoPE
+        positions (restarting per sample); labels at a sample's first token are ignored by the packer."""
         input_ids, attention_mask, labels = _tensor(input_ids), _tensor(attention_mask), _tensor(labels)
+        segment_ids = _tensor(segment_ids)
+        if segment_ids is not None and (position_ids is None or past_key_values is not None):
+            raise ValueError("packed rows (segment_ids) need each sample's position_ids and no KV cache")
         pixel_values, pixel_values_videos = _tensor(pixel_values), _tensor(pixel_values_videos)
         rope_deltas = None
         if position_ids is None and past_key_values is not None and past_key_values.seq_len:
@@ -254,31 +282,47 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             inputs_embeds = self.embed_multimodal(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-        hidden = self.model(inputs_embeds, position_ids, attention_mask, past_key_values)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_logits(hidden)
+        hidden = self.model(inputs_embeds, position_ids, attention_mask, past_key_values, segment_ids)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, loss_normalizer)
-        return Qwen2VLOutput(loss=loss, logits=logits, rope_deltas=rope_deltas)
+            loss = causal_lm_loss(hidden, self.lm_head_weight(), labels, loss_normalizer)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return Qwen2VLOutput(loss=loss, hidden_states=hidden, rope_deltas=rope_deltas, head=self.lm_logits)
+
+    def lm_head_weight(self) -> tuple[paddle.Tensor, bool]:
+        """The output head's (weight, transposed): a tied head is the [V, H] embedding matrix (no separate
+        parameter), an untied one the Linear's [H, V] weight."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight, True
+        head = self.lm_head
+        if getattr(head, "lora_A", None) is not None and not getattr(head, "merged", False):
+            # A LoRA head (network/lora.py): the fused loss and the logits multiply by one weight, so the adapter
+            # is folded into it, differentiably (A and B get their gradients through the sum); equal to LoRALinear's
+            # x@W + (x@A)@B*scaling without dropout on the head's input.
+            return head.weight + paddle.matmul(head.lora_A, head.lora_B) * head.scaling, False
+        return head.weight, False
 
     def lm_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        """The output head; a tied head multiplies by the embedding matrix (no separate parameter)."""
-        if self.config.tie_word_embeddings:
-            return paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
-        return self.lm_head(hidden)
+        """Logits [..., vocab] of the output head."""
+        weight, transpose = self.lm_head_weight()
+        return paddle.matmul(hidden, weight, transpose_y=transpose)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None) -> "Qwen2VLForConditionalGeneration":
         """Build from `config.json` and load HF safetensors (single/sharded) or `model_state.pdparams`."""
-        config = Qwen2VLConfig.from_pretrained(path)
-        dtype = dtype or "float32"
-        with _default_dtype(dtype):
-            model = cls(config)
+        model = cls.lazy(Qwen2VLConfig.from_pretrained(path), dtype or "float32")
         load_weights(model, path)
         model.eval()
         return model
+
+    @classmethod
+    def lazy(cls, config: Qwen2VLConfig, dtype: str = "float32") -> "Qwen2VLForConditionalGeneration":
+        """The model with parameters of `dtype` declared but not allocated (`paddle.LazyGuard`): no memory and no
+        random init until each one is loaded (`network.weights.load_weights`, or sharded by
+        `autoparallel.sharded_load`)."""
+        with _default_dtype(dtype), paddle.LazyGuard():
+            return cls(config)
 
     def save_pretrained(self, path: str, format: str = "safetensors") -> None:
         """Write `config.json` plus weights as HF safetensors or Paddle `model_state.pdparams`."""

@@ -12,7 +12,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from network.attention import attention
+from network.attention import Segments, attention
 from network.config import VisionConfig
 
 _LN_EPS = 1e-6
@@ -46,6 +46,11 @@ def vision_rotary_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
+def vision_segments(grid_thw: np.ndarray) -> Segments:
+    """One attention segment per frame (t repeats of h*w patches), boundaries on the host."""
+    return Segments(vision_cu_seqlens(grid_thw))
+
+
 def vision_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
     """int32 [frames + 1] boundaries: each frame (t repeats of h*w patches) is its own attention block."""
     lengths = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
@@ -77,13 +82,13 @@ class VisionAttention(nn.Layer):
         self.qkv = nn.Linear(config.embed_dim, config.embed_dim * 3)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
-    def forward(self, x: paddle.Tensor, cu_seqlens: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor):
+    def forward(self, x: paddle.Tensor, segments: Segments, cos: paddle.Tensor, sin: paddle.Tensor):
         seq = x.shape[0]
         q, k, v = self.qkv(x).reshape([seq, 3, self.num_heads, -1]).unbind(axis=1)
         # Rotary in fp32 like the reference, then back to the activation dtype.
         cos, sin = cos[:, None, :], sin[:, None, :]
         q, k = ((t.astype("float32") * cos + rotate_half(t.astype("float32")) * sin).astype(v.dtype) for t in (q, k))
-        out = attention(q[None], k[None], v[None], causal=False, cu_seqlens=cu_seqlens)
+        out = attention(q[None], k[None], v[None], causal=False, segments=segments)
         return self.proj(out.reshape([seq, -1]))
 
 
@@ -108,8 +113,8 @@ class Qwen2VLVisionBlock(nn.Layer):
         self.attn = VisionAttention(config)
         self.mlp = mlp(config)
 
-    def forward(self, x, cu_seqlens, cos, sin) -> paddle.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, segments: Segments, cos, sin) -> paddle.Tensor:
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -157,9 +162,9 @@ class Qwen2VisionTransformer(nn.Layer):
         grid_thw = as_numpy(grid_thw).astype(np.int64).reshape(-1, 3)
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary_cos_sin(grid_thw)
-        cu_seqlens = paddle.to_tensor(vision_cu_seqlens(grid_thw))
+        segments = vision_segments(grid_thw)
         for block in self.blocks:
-            x = block(x, cu_seqlens, cos, sin)
+            x = block(x, segments, cos, sin)
         return x
 
     def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:

@@ -15,8 +15,9 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from network.attention import Segments
 from network.config import Qwen2_5_VLVisionConfig
-from network.modeling_vision import VISION_ACTIVATIONS, Qwen2VisionTransformer, as_numpy, vision_cu_seqlens
+from network.modeling_vision import VISION_ACTIVATIONS, Qwen2VisionTransformer, as_numpy, vision_segments
 from network.rms_norm import Qwen2RMSNorm
 
 
@@ -71,7 +72,7 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
         x = paddle.gather(self.patch_embed(pixel_values), to_windows)
         cos, sin = (paddle.gather(t, to_windows) for t in self.rotary_cos_sin(grid_thw))
         # Frames stay contiguous after the reordering, so the per-frame boundaries still hold.
-        frames, windows = paddle.to_tensor(vision_cu_seqlens(grid_thw)), paddle.to_tensor(windows)
+        frames, windows = vision_segments(grid_thw), Segments(np.asarray(windows))
         for i, block in enumerate(self.blocks):
             x = block(x, frames if i in c.fullatt_block_indexes else windows, cos, sin)
         return paddle.gather(x, paddle.to_tensor(np.argsort(order)))

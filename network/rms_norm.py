@@ -15,4 +15,7 @@ class Qwen2RMSNorm(nn.Layer):
         # Normalise in fp32, cast back before the weight multiply (reference order; matters in bf16).
         x32 = x.astype("float32")
         x32 = x32 * paddle.rsqrt(paddle.square(x32).mean(-1, keepdim=True) + self.eps)  # pow(2) is ~60x slower on CPU
-        return self.weight * x32.astype(x.dtype)
+        # Under bf16 O2 the input can be fp32 (the embedding stays fp32) while the weight is bf16: return the weight's
+        # half dtype then, as PaddleMIX does, so the projections after it run in bf16.
+        half = self.weight.dtype in (paddle.float16, paddle.bfloat16)
+        return self.weight * x32.astype(self.weight.dtype if half else x.dtype)

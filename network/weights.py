@@ -26,8 +26,9 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 import paddle
+from paddle.utils.dlpack import from_dlpack
 
-from network.formats import FormatError, index_file, index_safetensors, read_ref
+from network.formats import ArrayRef, FormatError, index_file, index_safetensors, read_ref, read_ref_slice
 from network.log import logger
 from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 
@@ -81,15 +82,32 @@ class SourceTensor:
     layout: str  # "paddle" (Linear [in, out]) or "hf" (Linear [out, in])
     read: Callable[[], np.ndarray]  # the array as stored (layout above)
     origin: str  # file(s) shown in messages
+    ref: ArrayRef | None = None  # where it is stored, when it is one array of one file (slices read from there)
+
+    @property
+    def transposed(self) -> bool:
+        """Stored transposed relative to Paddle (an HF-layout Linear weight)."""
+        return self.layout == "hf" and is_linear_weight(self.name)
 
     @property
     def paddle_shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.shape)) if self.layout == "hf" and is_linear_weight(self.name) else self.shape
+        return tuple(reversed(self.shape)) if self.transposed else self.shape
 
     def read_paddle(self) -> np.ndarray:
         """The array in Paddle layout."""
         array = self.read()
         return to_paddle_layout(self.name, array) if self.layout == "hf" else array
+
+    def read_paddle_slice(self, dim: int, start: int, stop: int) -> np.ndarray:
+        """`read_paddle()[..., start:stop, ...]` on Paddle-layout `dim`, reading only that range of the file
+        (a column range of an HF Linear weight is a row range of the stored [out, in] array)."""
+        stored_dim = len(self.shape) - 1 - dim if self.transposed else dim
+        if self.ref is None:
+            full = self.read()
+            array = full[(slice(None),) * stored_dim + (slice(start, stop),)]
+        else:
+            array = read_ref_slice(self.ref, stored_dim, start, stop).view(self.dtype)
+        return np.ascontiguousarray(array.T) if self.transposed else np.ascontiguousarray(array)
 
 
 def weight_files(path: str) -> tuple[list[str], str]:
@@ -126,7 +144,7 @@ def index_weights(path: str) -> list[SourceTensor]:
             if layout == "paddle" and dtype == np.uint16:
                 dtype = _BF16  # paddle.save stores bf16 as uint16 bits
             sources[name] = SourceTensor(name, ref.shape, dtype, layout,
-                                         lambda ref=ref, dtype=dtype: read_ref(ref).view(dtype), file)
+                                         lambda ref=ref, dtype=dtype: read_ref(ref).view(dtype), file, ref)
     return list(sources.values())
 
 
@@ -145,17 +163,24 @@ def read_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
         yield name, data[ref.offset: ref.offset + ref.nbytes].view(ref.dtype).reshape(ref.shape)
 
 
-def load_weights(model: paddle.nn.Layer, path: str) -> None:
-    """Load a checkpoint directory into `model`, checking names and shapes against its state_dict."""
+def match_weights(model: paddle.nn.Layer, path: str, names: Iterable[str] | None = None, part: bool = False
+                  ) -> list[tuple[paddle.Tensor, SourceTensor]]:
+    """(parameter, its stored tensor) for every entry of `model.state_dict()` (or only those in `names`), checking
+    names and (global) shapes; one error lists every problem. `part`: the model is a part of the checkpoint's (a
+    pipeline stage), so stored tensors it does not have are skipped. Nothing is read."""
     params = model.state_dict()
+    wanted = set(params if names is None else names)
     tied = model.config.tie_word_embeddings
-    seen, problems = set(), []
+    pairs, seen, problems = [], set(), []
     for source in index_weights(path):
         name, file = source.name, source.origin
         if tied and name == "lm_head.weight":
             continue  # tied heads reuse model.embed_tokens.weight
         if name not in params:
-            problems.append(f"unexpected key '{name}' in {file}")
+            if not part:
+                problems.append(f"unexpected key '{name}' in {file}")
+            continue
+        if name not in wanted:
             continue
         target = params[name]
         if list(source.paddle_shape) != list(target.shape):
@@ -164,22 +189,55 @@ def load_weights(model: paddle.nn.Layer, path: str) -> None:
                 f"checkpoint has {list(source.paddle_shape)} (both in Paddle layout)"
             )
             continue
-        target.set_value(_to_paddle(source.read_paddle(), target.dtype))
+        pairs.append((target, source))
         seen.add(name)
-    missing = [n for n in params if n not in seen]
+    missing = [n for n in params if n in wanted and n not in seen]
     files = ", ".join(weight_files(path)[0])
     problems += [f"missing key '{n}' (not found in {files})" for n in missing]
     if problems:
         raise ValueError(f"cannot load {path}:\n  " + "\n  ".join(problems))
-    logger.info("loaded %d tensors from %s", len(seen), path)
+    return pairs
 
 
-def _to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
+def assign(param: paddle.Tensor, value: paddle.Tensor) -> None:
+    """Give `param` the data of `value` (same shape and dtype); also materialises a parameter created under
+    `paddle.LazyGuard` (no init function runs)."""
+    if param._is_initialized():
+        param.set_value(value)
+    else:
+        value._share_underline_tensor_to(param)
+        param._init_func = None
+
+
+def load_weights(model: paddle.nn.Layer, path: str) -> None:
+    """Load a checkpoint directory into `model` (eager or built under `paddle.LazyGuard`), one tensor at a time,
+    each in its parameter's dtype; checks names and shapes against its state_dict."""
+    pairs = match_weights(model, path)
+    for target, source in pairs:
+        assign(target, to_paddle(source.read_paddle(), target.dtype))
+    logger.info("loaded %d tensors from %s", len(pairs), path)
+
+
+def to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
+    """A numpy array (bf16 as ml_dtypes) as a Paddle tensor of `dtype`, bf16 bits kept as they are. The tensor
+    takes over the array's memory through DLPack for fp32 results (no second copy of each weight at load time);
+    the caller must not reuse the array."""
     if array.dtype == _BF16:
-        if dtype == paddle.bfloat16:  # keep the bits, no fp32 round trip
-            return paddle.to_tensor(np.ascontiguousarray(array).view(np.uint16), dtype="bfloat16")
-        array = array.astype(np.float32)
-    return paddle.to_tensor(np.ascontiguousarray(array)).astype(dtype)
+        bits = np.ascontiguousarray(array).view(np.uint16)
+        if dtype == paddle.bfloat16:  # keep the bits, no fp32 round trip (DLPack would type them uint16)
+            return paddle.to_tensor(bits, dtype="bfloat16")
+        # bf16 is the top half of fp32: widening is a shift (exact, and much faster than ml_dtypes' astype).
+        wide = bits.astype(np.uint32)
+        wide <<= 16
+        array = wide.view(np.float32)
+    tensor = _share(np.ascontiguousarray(array))
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
+
+
+def _share(array: np.ndarray) -> paddle.Tensor:
+    if not array.flags.writeable:  # DLPack export needs a writable array
+        array = array.copy()
+    return from_dlpack(array)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

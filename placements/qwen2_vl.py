@@ -11,7 +11,7 @@ weights are [in, out]:
   need a reduce_scatter in C++ at the residual add, which the CPU build lacks.)
 - lm_head colwise = vocab-parallel head (untied models): weight [H, V] Shard(1), logits Shard(2). A tied head
   multiplies by `embed_tokens.weight^T`, already vocab-split, so it is vocab-parallel with no entry.
-  The loss on vocab-split logits is `autoparallel.step.vocab_parallel_cross_entropy` (no [B, S, V] gather).
+  The loss on vocab-split logits is `autoparallel.forward.vocab_parallel_chunk` (no [B, S, V] gather).
 - k/v are dropped from the plan (replicated) when mp > num_key_value_heads: each rank then reads the KV
   heads its query heads need after `repeat_kv`.
 - The vision tower is not in the plan. Frozen (by default all of it) it stays dense per rank, out of the

@@ -24,10 +24,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 from safetensors import SafetensorError
 
 from autoparallel.engine import faults
-from network.formats import CheckpointError
+from network.formats import CheckpointError, load_metadata
 from network.log import logger
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -96,14 +97,36 @@ def check_writable(output_dir: str | os.PathLike) -> None:
         raise CheckpointError(f"output_dir {str(root)!r} is not writable: {exc.strerror or exc}") from None
 
 
+def _device_generator():
+    """The Paddle generator of this process's device only. `paddle.get_rng_state()` on a GPU returns one state per
+    visible device, and `set_rng_state` refuses a list of another length: resuming 1x8 GPUs as 2x4 would crash."""
+    place = paddle.framework._current_expected_place_()
+    if isinstance(place, paddle.CUDAPlace):
+        return paddle.base.core.default_cuda_generator(place.get_device_id())
+    if isinstance(place, paddle.XPUPlace):
+        return paddle.base.core.default_xpu_generator(place.get_device_id())
+    if isinstance(place, paddle.CustomPlace):
+        return paddle.base.core.default_custom_device_generator(place)
+    return paddle.base.core.default_cpu_generator()
+
+
 def capture_rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle_device": _device_generator().get_state()}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    paddle.set_rng_state(state["paddle"])
+    if "paddle_device" in state:
+        _device_generator().set_state(state["paddle_device"])
+        return
+    saved = state["paddle"]  # older checkpoints: the states of every device of the saving process
+    current = paddle.get_rng_state()
+    if len(saved) == len(current):
+        paddle.set_rng_state(saved)
+    else:
+        logger.warning("rng state: saved for %d devices, this process sees %d; Paddle's generator keeps its seed",
+                       len(saved), len(current))
 
 
 class CheckpointWriter:
@@ -158,6 +181,72 @@ class CheckpointWriter:
         for _, path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed %s (save_total_limit=%d)", path, self.save_total_limit)
+
+
+MASTER_PREFIX = "master_weights."
+
+
+def inner_optimizer(optimizer: paddle.optimizer.Optimizer) -> paddle.optimizer.Optimizer:
+    """The Paddle optimizer inside the sharding / AMP wrappers (it owns the master weights)."""
+    while hasattr(optimizer, "_inner_opt"):
+        optimizer = optimizer._inner_opt
+    return optimizer
+
+
+def optimizer_tensors(optimizer: paddle.optimizer.Optimizer) -> dict[str, paddle.Tensor]:
+    """Every tensor of the optimizer's state under a flat key: moments and powers as Paddle names them, fp32 master
+    weights (multi_precision) as `master_weights.<param name>`. The nested `master_weights` dict of
+    `Optimizer.state_dict()` saves, but `dist.load_state_dict` in Paddle 3.3.1 raises KeyError on it; without
+    them a bf16 resume would rebuild masters from the pre-load weights and overwrite the loaded ones at the first
+    step. The LR scheduler and other Python values go to trainer_state.json instead."""
+    state = {}
+    for key, value in optimizer.state_dict().items():
+        if isinstance(value, paddle.Tensor):
+            state[key] = value
+        elif key == "master_weights":
+            state.update({MASTER_PREFIX + name: tensor for name, tensor in value.items()})
+    return state
+
+
+def saved_keys(dist_dir: Path) -> set[str]:
+    """The tensor keys a dist checkpoint holds (from its `.metadata`, read without paddle's unpickler)."""
+    keys: set[str] = set()
+    for file in dist_dir.glob("*.metadata"):
+        keys.update(load_metadata(str(file)).state_dict_metadata)
+    return keys
+
+
+def reseed_master_weights(optimizer: paddle.optimizer.Optimizer, params: list[paddle.Tensor]) -> int:
+    """Set each fp32 master weight to its (just loaded) low-precision parameter; for checkpoints written before
+    masters were saved. Returns how many were set."""
+    masters = inner_optimizer(optimizer)._master_weights
+    count = 0
+    with paddle.no_grad():
+        for param in params:
+            master = masters.get(param.name)
+            if master is None:
+                continue
+            value = param.astype("float32")
+            if master.is_dist():
+                value = dist.reshard(value, master.process_mesh, master.placements)
+                master._local_value().set_value(value._local_value())
+            else:
+                master.set_value(value)
+            count += 1
+    return count
+
+
+def load_dist_state(state: dict[str, paddle.Tensor], dist_dir: Path, optimizer: paddle.optimizer.Optimizer,
+                    params: list[paddle.Tensor]) -> int:
+    """`dist.load_state_dict` of `state` (model + `optimizer_tensors`) from `dist_dir`, in place. A checkpoint
+    written without master weights (older versions) loads everything else and the masters are rebuilt from the
+    loaded weights; returns how many were rebuilt (0 otherwise)."""
+    masters = [k for k in state if k.startswith(MASTER_PREFIX)]
+    old_format = bool(masters) and not set(masters) & saved_keys(dist_dir)
+    if old_format:
+        state = {k: v for k, v in state.items() if not k.startswith(MASTER_PREFIX)}
+    dist.load_state_dict(state, str(dist_dir), safetensors=any(dist_dir.glob("*.safetensors")))
+    return reseed_master_weights(optimizer, params) if old_format else 0
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 import paddle
 
 from autoparallel.config import RunConfig
+from network.device import bf16_supported
 
 
 def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: float = 0.0) -> float:
@@ -26,8 +27,13 @@ def no_weight_decay(name: str) -> bool:
 
 
 def use_bf16(cfg: RunConfig) -> bool:
-    """bf16 O2 (bf16 weights and activations, fp32 master weights and moments) needs a GPU build."""
-    return cfg.model.bf16 and paddle.is_compiled_with_cuda()
+    """bf16 O2 (bf16 weights and activations, fp32 master weights and moments) needs bf16 kernels."""
+    return cfg.model.bf16 and bf16_supported()
+
+
+def param_dtype(cfg: RunConfig) -> str:
+    """The dtype weights are loaded in: bf16 under bf16 O2 (what `paddle.amp.decorate` would cast them to), else fp32."""
+    return "bfloat16" if use_bf16(cfg) else "float32"
 
 
 def build_optimizer(model: paddle.nn.Layer, cfg: RunConfig, total_steps: int

@@ -25,10 +25,11 @@ from autoparallel.batch import ShardedBatch, shard_batch, supervised_tokens
 from autoparallel.config import RUN_CONFIG_FILE, RunConfig, model_config
 from autoparallel.data import SFTDataLoader, SFTDataset
 from autoparallel.engine import faults
-from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_rng_state, load_trainer_state,
-                                            resolve_resume_path, restore_rng_state)
+from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dist_state, load_rng_state,
+                                            load_trainer_state, optimizer_tensors, resolve_resume_path,
+                                            restore_rng_state)
 from autoparallel.engine.metrics import MetricsLogger
-from autoparallel.engine.optim import build_optimizer, use_bf16
+from autoparallel.engine.optim import build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
 from autoparallel.planning.memory_report import memory_report, render_memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
@@ -38,6 +39,7 @@ from autoparallel.planning.communication import communication
 from autoparallel.planning.render import render_plan_table, render_report
 from autoparallel.planning.setup import PlanOptions, plan_run
 from autoparallel.sequence_parallel import apply_sequence_parallel
+from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
 from network.log import logger
@@ -71,11 +73,17 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: RunConfig) -> Qwen2VLForConditionalGeneration:
-    """Random weights for a preset (identical on every rank: same seed, fixed init order) or a checkpoint."""
+    """Random weights for a preset (identical on every rank: same seed, fixed init order), or for a checkpoint a
+    model in the training dtype whose weights are declared only (lazy): `Trainer.load_weights` fills them after the
+    plan is applied, each rank reading its own slices. ZeRO-3 cannot parallelize lazy weights: loaded first
+    (tensor by tensor, see autoparallel/sharded_load.py)."""
     name = cfg.model.model_name_or_path
     if name in PRESETS:
         return Qwen2VLForConditionalGeneration(model_config(name))
-    return Qwen2VLForConditionalGeneration.from_pretrained(name)
+    dtype = param_dtype(cfg)
+    if needs_dense_load(cfg.parallel.degrees().sharding_stage):
+        return Qwen2VLForConditionalGeneration.from_pretrained(name, dtype)
+    return Qwen2VLForConditionalGeneration.lazy(model_config(name), dtype)
 
 
 def apply_recompute(model: Qwen2VLForConditionalGeneration) -> None:
@@ -97,9 +105,10 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
-        if cfg.model.bf16 and not paddle.is_compiled_with_cuda():
-            logger.warning("bf16: true has no effect on CPU (no bf16 kernels); training in fp32")
+        if cfg.model.bf16 and not use_bf16(cfg):
+            logger.warning("bf16: true needs a GPU with bf16 support (compute capability >= 8.0); training in fp32")
         self.degrees = cfg.parallel.degrees()
+        self.resume_path = resolve_resume_path(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
         self.model = build_model(cfg)
         network_config = self.model.config  # before a pipeline stage replaces the model
         self.mesh = build_mesh(self.degrees, self.model.config, allow_pipeline=True)
@@ -123,9 +132,10 @@ class Trainer:
         if cfg.model.recompute:
             apply_recompute(self.model)
         optimizer, self.schedule = build_optimizer(self.model, cfg, self.total_steps)
-        if use_bf16(cfg):  # GPU only, not exercised in this CPU-only project's tests (see README)
+        if use_bf16(cfg):  # GPU only (see README); the weights are bf16 already (param_dtype), lazy ones stay lazy
+            # master_grad: fp32 gradients (`main_grad`, read by autoparallel.gradients), as PaddleMIX trains.
             self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
-                                                        dtype="bfloat16", master_weight=True)
+                                                        dtype="bfloat16", master_weight=True, master_grad=True)
         self.clip_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else None
         if self.stage is not None:
             self.model, self.optimizer, _ = parallelize_stage(
@@ -133,6 +143,7 @@ class Trainer:
         else:
             self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
                                                      train_merger=cfg.model.train_merger)
+        self.load_weights()
         if cfg.parallel.sequence_parallel:
             apply_sequence_parallel(self.model)
         self.writer = CheckpointWriter(cfg.train.output_dir, self.rank, barrier, cfg.train.save_total_limit)
@@ -156,13 +167,19 @@ class Trainer:
     def prepare_model(self) -> None:
         """Hook for variants (LoRA) to change the plain model before it is parallelized."""
 
+    def load_weights(self) -> None:
+        """Materialise the lazy weights of the parallelized model: this rank's slices of the checkpoint, or zeros
+        when a resume is about to overwrite them (the base checkpoint is not read then)."""
+        if not lazy_parameters(self.model):
+            return
+        if self.resume_path is not None:
+            allocate_for_resume(self.model)
+        else:
+            load_sharded(self.model, self.cfg.model.model_name_or_path, part=self.stage is not None)
+
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, paddle.Tensor]:
-        state = dict(self.model.state_dict())
-        for key, value in self.optimizer.state_dict().items():
-            if isinstance(value, paddle.Tensor):  # LR_Scheduler and other python values go to trainer_state
-                state[key] = value
-        return state
+        return dict(self.model.state_dict()) | optimizer_tensors(self.optimizer)
 
     def ensure_optimizer_states(self) -> None:
         """AdamW creates its moments lazily at the first step; loading a checkpoint needs them to exist.
@@ -176,15 +193,17 @@ class Trainer:
         self.schedule.last_lr = saved
 
     def resume(self) -> None:
-        path = resolve_resume_path(self.cfg.train.resume_from_checkpoint, self.cfg.train.output_dir)
+        path = self.resume_path
         if path is None:
             if self.cfg.train.resume_from_checkpoint:
                 logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting fresh", self.output_dir)
             return
         self.ensure_optimizer_states()
         state = self.state_dict()
-        dist_dir = path / DIST_DIR
-        dist.load_state_dict(state, str(dist_dir), safetensors=any(dist_dir.glob("*.safetensors")))
+        rebuilt = load_dist_state(state, path / DIST_DIR, self.optimizer, self.model.parameters())
+        if rebuilt:
+            logger.warning("%s has no fp32 master weights (an older checkpoint): %d rebuilt from its bf16 weights",
+                           path, rebuilt)
         trainer_state = load_trainer_state(path)
         self.step = trainer_state["global_step"]
         self.skipped_nonfinite = trainer_state.get("skipped_nonfinite", 0)

@@ -366,12 +366,54 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     return ActivationEstimate(saved=saved, phases=phases, stage=stage, micro_batches_alive=alive)
 
 
+# ---- start-up ---------------------------------------------------------------------------------------------
+CHECKPOINT_DTYPE_BYTES = 2  # Hub checkpoints are bf16
+
+
+@dataclass
+class StartupMemory:
+    """Bytes one rank holds while it starts from a checkpoint (autoparallel/sharded_load.py): the weights it keeps
+    (its pieces; the whole model under ZeRO-3, which loads before it shards) plus the one stored tensor in flight."""
+
+    weights: int
+    in_flight: int
+    in_flight_name: str
+    dense_first: bool  # ZeRO-3: every weight is loaded whole before dist.parallelize shards it
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.in_flight
+
+
+def startup_memory(setup: PlanSetup, state: StateMemory) -> StartupMemory:
+    """The start-up peak of `state`'s stage. A tensor in flight is its local piece as read from the file and (HF
+    Linear weights) transposed: two stored-dtype buffers; an fp32 result takes over the widened buffer, a bf16
+    one is one more copy. Random-init presets hold the same weights, without the buffers."""
+    config, d = setup.config, setup.degrees
+    split = setup.stage_split()
+    dense_first = d.sharding_stage == 3 and setup.lora is None
+    extra = CHECKPOINT_DTYPE_BYTES if setup.dtype != "float32" else 0
+    weights, largest, largest_name = state.param, 0, ""
+    if dense_first:
+        weights = sum(numel(shape) for name, shape in parameter_shapes(config).items()
+                      if state.stage in parameter_stages(name, config, split)) * DTYPE_BYTES[setup.dtype]
+    for name, shape in parameter_shapes(config).items():
+        if state.stage not in parameter_stages(name, config, split):
+            continue
+        local = shape if dense_first else layout(name, shape, config, d.dp, d.mp, 0, setup.train_merger).local_shape
+        in_flight = numel(local) * (2 * CHECKPOINT_DTYPE_BYTES + extra)
+        if in_flight > largest:
+            largest, largest_name = in_flight, name
+    return StartupMemory(weights, largest, largest_name, dense_first)
+
+
 @dataclass
 class MemoryPlan:
     setup: PlanSetup
     state: StateMemory
     activations: ActivationEstimate
     reserve: int = 0  # CUDA context, communication buffers, allocator slack (assumed, not modelled)
+    startup: StartupMemory | None = None
 
     @property
     def stage(self) -> int:
@@ -384,8 +426,22 @@ class MemoryPlan:
         return max(self.activations.peak, self.state.largest_grad)
 
     @property
-    def total(self) -> int:
+    def step_total(self) -> int:
+        """Held during a training step: the state plus the step's peak."""
         return self.state.total + self.step_peak + self.reserve
+
+    @property
+    def startup_total(self) -> int:
+        return (self.startup.peak if self.startup else 0) + self.reserve
+
+    @property
+    def peak_phase(self) -> str:
+        return "start-up (build + load)" if self.startup_total > self.step_total else "training step"
+
+    @property
+    def total(self) -> int:
+        """The peak of the run: the larger of start-up and a training step."""
+        return max(self.step_total, self.startup_total)
 
     def fits(self, device_bytes: int) -> bool:
         return self.total <= device_bytes
@@ -393,7 +449,11 @@ class MemoryPlan:
 
 def stage_memory_plans(setup: PlanSetup, reserve: int = 0) -> list[MemoryPlan]:
     """One plan per pipeline stage (a single one when pp = 1)."""
-    return [MemoryPlan(setup, state_memory(setup, s), activation_estimate(setup, s), reserve) for s in range(setup.pp)]
+    plans = []
+    for s in range(setup.pp):
+        state = state_memory(setup, s)
+        plans.append(MemoryPlan(setup, state, activation_estimate(setup, s), reserve, startup_memory(setup, state)))
+    return plans
 
 
 def memory_plan(setup: PlanSetup, reserve: int = 0) -> MemoryPlan:

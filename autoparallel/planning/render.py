@@ -162,6 +162,14 @@ def render_report(planned: Planned, collectives: list[Collective], options: Plan
     lines.append(f"    phase: {'optimizer update':37}{gib(mem.state.largest_grad)}  one gradient-sized temporary")
     if mem.reserve:
         lines.append(f"  {'reserve (CUDA context, NCCL, allocator)':44}{gib(mem.reserve)}  assumed")
+    lines.append(f"  {'training step (state + step peak)':44}{gib(mem.step_total)}")
+    if mem.startup is not None:
+        up = mem.startup
+        how = ("whole model loaded before ZeRO-3 shards it" if up.dense_first
+               else "lazy build, this rank's slices of the checkpoint")
+        lines.append(f"  {'start-up (build + load)':44}{gib(mem.startup_total)}  {how}: weights "
+                     f"{_size(up.weights)} + one tensor in flight {_size(up.in_flight)} ({up.in_flight_name})")
+    lines.append(f"  {'peak phase':44}{mem.peak_phase}")
     limit = int(options.device_memory_gb * GiB)
     headroom = limit - mem.total
     verdict = (f"fits, headroom {_size(headroom)} ({headroom / limit:.0%})" if headroom >= 0

@@ -25,7 +25,13 @@ LAYOUTS_2 = [
     ("sharding2", dict(sharding_parallel_degree=2, sharding_stage=2), False),
     ("sharding3", dict(sharding_parallel_degree=2, sharding_stage=3), False),
     ("dp2_train_merger", dict(data_parallel_degree=2), True),
+    ("dp2_packed", dict(data_parallel_degree=2), False),
+    ("mp2_packed", dict(tensor_parallel_degree=2), False),
 ]
+# Layouts trained on packed rows (autoparallel.data.packing) of the same samples: they must match the
+# single-process reference trained on the samples one per row.
+PACKED = {"dp2_packed", "mp2_packed"}
+PACKED_ROW = 2 * SEQ
 LAYOUTS_4 = [
     ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), False),
     ("mp4_kv_replicated", dict(tensor_parallel_degree=4), False),
@@ -79,8 +85,28 @@ def _batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0) -> list[list[dict[str, np.ndarray]]]:
-    """[step][micro] -> this dp rank's numpy batch (dp=1: the whole global micro-batch)."""
+def _packed_batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
+    """The samples packed first-fit-decreasing into rows of PACKED_ROW tokens, each with its own positions."""
+    from autoparallel.data.packing import collate_packed, first_fit_decreasing
+
+    items = []
+    for i, s in enumerate(samples):
+        one = _batch(config, [s])
+        items.append({"input_ids": one["input_ids"][0], "labels": one["labels"][0],
+                      "attention_mask": one["attention_mask"][0], "position_ids": one["position_ids"][:, 0],
+                      "pixel_values": one.get("pixel_values"), "image_grid_thw": one.get("image_grid_thw"),
+                      "index": i})
+    rows = first_fit_decreasing([SEQ] * len(items), PACKED_ROW, window=len(items))
+    batch = collate_packed([[items[i] for i in row] for row in rows], pad_to=PACKED_ROW,
+                           pad_token_id=config.pad_token_id)
+    return {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids",
+                                  "pixel_values", "image_grid_thw") if batch[k] is not None}
+
+
+def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0,
+                  packed: bool = False) -> list[list[dict[str, np.ndarray]]]:
+    """[step][micro] -> this dp rank's numpy batch (dp=1: the whole global micro-batch); `packed`: the same
+    samples in packed rows."""
     rng = np.random.RandomState(SEED)
     per_rank = GLOBAL_MICRO_BATCH // dp
     out, k = [], 0
@@ -89,7 +115,8 @@ def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0) -> list[
         for _ in range(ACCUMULATION):
             samples = [_sample(config, rng, _IMAGES[(k + i) % len(_IMAGES)]) for i in range(GLOBAL_MICRO_BATCH)]
             k += GLOBAL_MICRO_BATCH
-            step.append(_batch(config, samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]))
+            mine = samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            step.append(_packed_batch(config, mine) if packed else _batch(config, mine))
         out.append(step)
     return out
 

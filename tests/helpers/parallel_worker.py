@@ -25,8 +25,8 @@ from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import write_result
-from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, build_model, build_optimizer, micro_batches, reference_run,
-                            tiny_config)
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, PACKED, build_model, build_optimizer, micro_batches,
+                            reference_run, tiny_config)
 from placements.qwen2_vl import is_trainable
 
 LAYOUTS = {name: (kw, train_merger) for name, kw, train_merger in LAYOUTS_2 + LAYOUTS_4}
@@ -56,7 +56,7 @@ def run_layout(name: str, out: str) -> dict:
     dp_rank = mesh_coordinate(mesh, "dp")
     start = time.time()
     losses = [train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss
-              for step in micro_batches(config, degrees.dp, dp_rank)]
+              for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED)]
     seconds = time.time() - start
 
     params = dict(model.named_parameters())

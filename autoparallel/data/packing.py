@@ -1,0 +1,78 @@
+"""Padding-free packing: several samples share one row of up to `max_seq_length` tokens.
+
+`first_fit_decreasing` groups sample indices into rows, window by window (deterministic: a window's samples
+are sorted by length, ties by position, and each goes to the first row with room). `collate_packed` builds
+the batch of such rows: the samples' tokens back to back, each sample's own M-RoPE positions (they restart per
+sample), `segment_ids` naming each token's sample (network.attention keeps attention inside a sample), and the
+label at each sample's first token ignored, so no sample's last token is trained to predict the next sample.
+Pixel patches are concatenated in row-major sample order, the order the model places vision features in.
+
+The loss stays the token mean over the global batch: packing moves tokens, not labels.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from autoparallel.data.collator import collate
+from autoparallel.data.dataset import PAD_TOKEN_ID
+
+PADDING_SEGMENT = -1  # segment id of the padding after a row's last sample
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int, window: int) -> list[list[int]]:
+    """Rows of sample indices (positions into `lengths`), each summing to <= capacity tokens; samples are
+    packed only with samples of the same window of `window` consecutive indices."""
+    rows: list[list[int]] = []
+    for start in range(0, len(lengths), window):
+        order = sorted(range(start, min(start + window, len(lengths))), key=lambda i: (-lengths[i], i))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            if lengths[i] > capacity:
+                raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the packed row length {capacity}")
+            slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+            if slot is None:
+                bins.append([])
+                room.append(capacity)
+                slot = len(bins) - 1
+            bins[slot].append(i)
+            room[slot] -= lengths[i]
+        rows.extend(bins)
+    return rows
+
+
+def _pack_row(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One sample-like dict of the row's samples back to back, plus `segment_ids`."""
+    labels = [np.array(s["labels"], np.int64, copy=True) for s in samples]
+    for lab in labels:
+        lab[0] = -100  # the previous sample's last token must not learn to predict this sample's first
+    row = {
+        "input_ids": np.concatenate([s["input_ids"] for s in samples]),
+        "labels": np.concatenate(labels),
+        "attention_mask": np.concatenate([s["attention_mask"] for s in samples]),
+        "position_ids": np.concatenate([s["position_ids"] for s in samples], axis=1),
+        "segment_ids": np.concatenate([np.full(len(s["input_ids"]), n, np.int64) for n, s in enumerate(samples)]),
+        "index": -1,
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in samples if s.get(key) is not None]
+        row[key] = np.concatenate(parts) if parts else None
+    return row
+
+
+def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], pad_to: int | None = None,
+                   pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
+    """`collate` of packed rows, with `segment_ids` int64 [B, P] (PADDING_SEGMENT on padding), the dataset
+    `indices` of every packed sample, and `fill` = real tokens / (B * P)."""
+    packed = [_pack_row(samples) for samples in rows]
+    batch = collate(packed, pad_to, pad_token_id)
+    segment_ids = np.full(batch["input_ids"].shape, PADDING_SEGMENT, np.int64)
+    for r, row in enumerate(packed):
+        segment_ids[r, :len(row["segment_ids"])] = row["segment_ids"]
+    batch["segment_ids"] = segment_ids
+    batch["indices"] = [int(s["index"]) for samples in rows for s in samples]
+    batch["fill"] = batch["num_tokens"] / segment_ids.size
+    return batch

@@ -1,0 +1,63 @@
+"""The engine started from a checkpoint directory (lazy model, plan, each rank reads its slices) trains exactly like
+the same weights built eagerly from the preset: pipeline stages (each reads only its layers) and LoRA under mp2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import paddle
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = 42
+FAST = ["--per_device_train_batch_size", "2", "--max_seq_length", "128", "--evaluation_strategy", "no",
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--save_total_limit", "0",
+        "--max_steps", "2", "--save_steps", "0", "--seed", str(SEED)]
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_target_modules", "model.layers.*q_proj.*,model.layers.*down_proj.*"]
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory) -> str:
+    from autoparallel.data.synthetic import make_synthetic_dataset
+
+    return str(make_synthetic_dataset(tmp_path_factory.mktemp("data"), n_train=32, n_eval=4, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """The preset's weights (same seed, same init order as the engine) saved as an HF checkpoint directory."""
+    from autoparallel.config import model_config
+    from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+
+    paddle.seed(SEED)
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    Qwen2VLForConditionalGeneration(model_config("tiny")).save_pretrained(str(path))
+    return str(path)
+
+
+def run(command: str, args: list[str], output_dir: Path) -> list[float]:
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", command, "--output_dir", str(output_dir), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((output_dir / "logs").glob("workerlog.*")))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}\n{logs}"
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.mark.parametrize("command, layout", [
+    ("sft", ["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"]),
+    ("lora", ["--tensor_parallel_degree", "2", *LORA]),
+], ids=["sft-pp2", "lora-mp2"])
+def test_checkpoint_start_trains_like_the_preset(meta, tiny_dir, tmp_path, command, layout):
+    args = ["--meta_path", meta, *layout, *FAST]
+    eager = run(command, ["--model_name_or_path", "tiny", *args], tmp_path / "preset")
+    lazy = run(command, ["--model_name_or_path", tiny_dir, *args], tmp_path / "checkpoint")
+    # Same weights: the first loss is bit-identical. Later steps agree to float noise (pp2: ~3e-5 relative at
+    # step 2, not explained yet; see the #16 report).
+    assert len(lazy) == 2 and lazy[0] == eager[0]
+    assert lazy[1] == pytest.approx(eager[1], rel=1e-4)
+    log = "".join(p.read_text(errors="replace") for p in (tmp_path / "checkpoint" / "logs").glob("workerlog.*"))
+    assert "loaded this rank's pieces" in log

@@ -1,0 +1,328 @@
+"""The bf16/GPU code paths, exercised on the CPU build: the device checks are patched, the CUDA kernels replaced by
+recorders that check what they are given and answer with the exact math. These tests prove the logic (dtypes,
+heads, masks, which tensor is the gradient, what a checkpoint holds), not the CUDA kernels themselves."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+import paddle.nn.functional as F
+import pytest
+from paddle.base import core
+
+import network.attention as attention_mod
+from autoparallel import cpu_compat
+from autoparallel import forward as forward_mod
+from autoparallel import pipeline
+from autoparallel.engine import checkpoint
+from autoparallel.gradients import gradient
+from autoparallel.step import clip_gradients_, global_grad_norm
+from network.attention import Segments, additive_mask, attention, kv_for_kernel
+from network.modeling_qwen2_vl import Qwen2RMSNorm, apply_rotary
+
+
+def _bf16(x: paddle.Tensor) -> paddle.Tensor:
+    return x.astype("bfloat16")
+
+
+def _math(q, k, v, causal, mask=None):
+    """The exact reference (fp32 math path), for inputs of any dtype."""
+    return attention_mod._math_attention(q.astype("float32"), k.astype("float32"), v.astype("float32"), causal, mask)
+
+
+class KernelRecorder:
+    """Stands in for flash_attention / flash_attn_unpadded / SDPA: records what each got, computes the math."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def flash_attention(self, q, k, v, causal=False):
+        self.calls.append(("flash", {"dtypes": {q.dtype, k.dtype, v.dtype}, "kv_heads": k.shape[2], "causal": causal}))
+        return _math(q, k, v, causal), None
+
+    def flash_attn_unpadded(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=False):
+        self.calls.append(("varlen", {"dtypes": {q.dtype, k.dtype, v.dtype}, "max": (max_q, max_k),
+                                      "cu": cu_q.numpy().tolist(), "cu_dtype": cu_q.dtype}))
+        bounds = cu_q.numpy()
+        out = paddle.concat([_math(q[None, a:b], k[None, a:b], v[None, a:b], False)[0]
+                             for a, b in zip(bounds[:-1], bounds[1:])])
+        return out, None
+
+    def sdpa(self, q, k, v, attn_mask=None):
+        self.calls.append(("sdpa", {"dtypes": {q.dtype, k.dtype, v.dtype}, "kv_heads": k.shape[2],
+                                    "mask_dtype": attn_mask.dtype, "mask_min": float(attn_mask.astype("float32").min())}))
+        heads, dim = q.shape[2], q.shape[3]
+        qt, kt, vt = (x.astype("float32").transpose([0, 2, 1, 3]) for x in (q, k, v))
+        scores = paddle.matmul(qt, kt, transpose_y=True) * dim**-0.5 + attn_mask.astype("float32")
+        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
+
+
+@pytest.fixture
+def gpu_kernels(monkeypatch):
+    """The GPU branch of network.attention with recording kernels."""
+    import paddle.nn.functional.flash_attention as fa
+
+    recorder = KernelRecorder()
+    monkeypatch.setattr(attention_mod, "flash_attention_supported", lambda: True)
+    monkeypatch.setattr(fa, "flash_attention", recorder.flash_attention)
+    monkeypatch.setattr(fa, "flash_attn_unpadded", recorder.flash_attn_unpadded)
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", recorder.sdpa)
+    return recorder
+
+
+def _qkv(b=2, s=6, heads=4, kv_heads=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [paddle.to_tensor(rng.standard_normal((b, s, h, d)).astype("float32")) for h in (heads, kv_heads, kv_heads)]
+
+
+def test_training_attention_is_causal_flash_without_mask(gpu_kernels):
+    q, k, v = _qkv()
+    out = attention(_bf16(q), _bf16(k), _bf16(v), causal=True, attention_mask=forward_mod.TRAINING_KEY_MASK)
+    (kind, got), = gpu_kernels.calls
+    assert kind == "flash" and got["causal"] and got["dtypes"] == {paddle.bfloat16}
+    np.testing.assert_allclose(out.numpy(), _math(_bf16(q), _bf16(k), _bf16(v), True).numpy(), atol=1e-6)
+
+
+def test_right_padding_without_mask_is_exact_on_real_tokens():
+    """Why training needs no key mask: causal attention never lets a real token see the padding after it."""
+    q, k, v = _qkv()
+    mask = paddle.to_tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    masked = attention(q, k, v, causal=True, attention_mask=mask).numpy()
+    unmasked = attention(q, k, v, causal=True).numpy()
+    real = mask.numpy().astype(bool)
+    np.testing.assert_array_equal(masked[real], unmasked[real])
+
+
+def test_left_padded_generation_gets_additive_finite_mask(gpu_kernels):
+    q, k, v = _qkv()
+    mask = paddle.to_tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    out = attention(_bf16(q), _bf16(k), _bf16(v), causal=True, attention_mask=mask)
+    (kind, got), = gpu_kernels.calls
+    assert kind == "sdpa" and got["dtypes"] == {paddle.bfloat16} and got["mask_dtype"] == paddle.bfloat16
+    assert got["kv_heads"] == 4  # repeated: no reliance on SDPA's GQA support
+    assert math.isfinite(got["mask_min"]) and got["mask_min"] == float(paddle.finfo(paddle.bfloat16).min)
+    expected = _math(_bf16(q), _bf16(k), _bf16(v), True, mask).numpy()
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(out.numpy()[real], expected[real], atol=1e-5)
+    assert np.isfinite(out.numpy()).all()  # fully masked rows stay finite
+
+
+def test_additive_mask_values():
+    mask = additive_mask(2, 3, True, paddle.to_tensor([[0, 1, 1]]), paddle.float32).numpy()[0, 0]
+    low = np.finfo(np.float32).min
+    np.testing.assert_array_equal(mask, [[low, 0, low], [low, 0, 0]])
+
+
+def test_vision_varlen_gets_host_max_len_and_int32_bounds(gpu_kernels):
+    grid = np.array([[1, 2, 4], [2, 2, 2]])
+    from network.modeling_vision import vision_segments
+
+    segments = vision_segments(grid)
+    assert segments.bounds.tolist() == [0, 8, 12, 16] and segments.max_len == 8
+    q, k, v = (x[:1] for x in _qkv(s=16, kv_heads=4))
+    out = attention(_bf16(q), _bf16(k), _bf16(v), causal=False, segments=segments)
+    (kind, got), = gpu_kernels.calls
+    assert kind == "varlen" and got["max"] == (8, 8) and got["cu"] == [0, 8, 12, 16]
+    assert got["cu_dtype"] == paddle.int32 and got["dtypes"] == {paddle.bfloat16}
+    exact = attention(*(_bf16(x).astype("float32") for x in (q, k, v)), causal=False, segments=segments)
+    np.testing.assert_allclose(out.numpy(), exact.numpy(), atol=1e-6)
+
+
+def test_vision_math_path_loops_over_segments_and_matches_block_diagonal():
+    q, k, v = (x[:1] for x in _qkv(s=16, kv_heads=4))
+    segments = Segments(np.array([0, 8, 12, 16]))
+    looped = attention(q, k, v, causal=False, segments=segments).numpy()
+    seg = np.searchsorted([8, 12, 16], np.arange(16), side="right")
+    allowed = paddle.to_tensor((seg[:, None] == seg[None, :])[None, None])
+    qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
+    scores = paddle.where(allowed, paddle.matmul(qt, kt, transpose_y=True) * 8**-0.5, paddle.full([], -1e30))
+    block = paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3]).numpy()
+    np.testing.assert_allclose(looped, block, atol=1e-6)
+
+
+def test_replicated_kv_heads_are_repeated_before_a_head_split_kernel():
+    mesh = dist.ProcessMesh([0], dim_names=["mp"])
+    q, k, v = _qkv(heads=4, kv_heads=2)
+    q = dist.shard_tensor(q, mesh, [dist.Shard(2)])
+    k_rep, v_rep = (dist.shard_tensor(x, mesh, [dist.Replicate()]) for x in (k, v))
+    k2, v2 = kv_for_kernel(q, k_rep, v_rep)
+    assert k2.shape[2] == v2.shape[2] == 4
+    np.testing.assert_array_equal(k2._local_value().numpy()[:, :, 1], k.numpy()[:, :, 0])  # head 1 reads kv head 0
+    np.testing.assert_array_equal(k2._local_value().numpy()[:, :, 2], k.numpy()[:, :, 1])
+    k_split = dist.shard_tensor(k, mesh, [dist.Shard(2)])
+    assert kv_for_kernel(q, k_split, k_split)[0] is k_split  # head-split k/v go as they are (native GQA)
+
+
+def test_kernel_gate_needs_half_precision_and_sm80(monkeypatch):
+    q = _bf16(paddle.ones([1, 2, 2, 4]))
+    assert not attention_mod._use_gpu_kernels(q)  # CPU place
+    monkeypatch.setattr(attention_mod, "flash_attention_supported", lambda: True)
+    assert attention_mod._use_gpu_kernels(q) and not attention_mod._use_gpu_kernels(q.astype("float32"))
+
+
+def test_bf16_gate_reads_device_capability(monkeypatch):
+    from network import device
+
+    assert not device.bf16_supported()  # CPU place
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
+    monkeypatch.setattr(paddle.amp, "is_bfloat16_supported", lambda *a: True)
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert device.bf16_supported() is expected and device.flash_attention_supported() is expected
+
+
+def test_rotary_returns_v_dtype_so_flash_is_reached():
+    q, k = _bf16(paddle.randn([1, 3, 2, 4])), _bf16(paddle.randn([1, 3, 2, 4]))
+    cos, sin = paddle.randn([1, 3, 1, 4]), paddle.randn([1, 3, 1, 4])  # fp32, as under O2
+    q2, k2 = apply_rotary(q, k, cos, sin, paddle.bfloat16)
+    assert q2.dtype == k2.dtype == paddle.bfloat16
+    expected = q.astype("float32") * cos + paddle.concat([-q[..., 2:], q[..., :2]], -1).astype("float32") * sin
+    np.testing.assert_array_equal(q2.numpy(), expected.astype("bfloat16").numpy())
+
+
+def test_rmsnorm_returns_half_weight_dtype_for_fp32_input():
+    x = paddle.randn([2, 4])
+    assert Qwen2RMSNorm(4, 1e-6)(x).dtype == paddle.float32
+    paddle.set_default_dtype("bfloat16")
+    try:
+        half = Qwen2RMSNorm(4, 1e-6)
+    finally:
+        paddle.set_default_dtype("float32")
+    out = half(x)
+    assert out.dtype == paddle.bfloat16
+    expected = x / paddle.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+    np.testing.assert_allclose(out.astype("float32").numpy(), expected.numpy(), rtol=1e-2)
+
+
+@contextlib.contextmanager
+def _tracer_amp_o2():
+    tracer = paddle.base.framework._dygraph_tracer()
+    saved = tracer._amp_level, tracer._amp_dtype
+    tracer._amp_level, tracer._amp_dtype = core.AmpLevel.O2, "bfloat16"
+    try:
+        yield tracer
+    finally:
+        tracer._amp_level, tracer._amp_dtype = saved
+
+
+def test_loss_row_sums_run_with_autocast_off(monkeypatch):
+    """The head's logits matmul may run under O2; the loss statistics (row sums as matmuls) never do."""
+    levels = []
+    original = paddle.matmul
+
+    def recording_matmul(*args, **kwargs):
+        levels.append(paddle.base.framework._dygraph_tracer()._amp_level)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(forward_mod.paddle, "matmul", recording_matmul)
+    hidden, weight = paddle.randn([5, 8]), paddle.randn([8, 40])
+    logits = original(hidden, weight)
+    targets = paddle.to_tensor([1, 2, -100, 4, 5])
+    scale = (targets != -100).astype("float32")
+    expected = sum(float(paddle.logsumexp(logits[i]) - logits[i, t]) for i, t in enumerate([1, 2, -100, 4, 5])
+                   if t != -100)
+    with _tracer_amp_o2() as tracer:
+        loss, _, _ = forward_mod.vocab_parallel_chunk(hidden, weight, targets, scale, False, (False, False))
+        assert tracer._amp_level == core.AmpLevel.O2  # restored after the loss
+    assert levels[0] == core.AmpLevel.O2 and len(levels) > 1
+    assert all(level == core.AmpLevel.O0 for level in levels[1:])
+    assert loss.dtype == paddle.float32 and abs(float(loss) - expected) < 1e-4
+
+
+def _params_with_grads(values):
+    params = []
+    for value in values:
+        p = paddle.create_parameter([len(value)], "float32")
+        p.grad = paddle.to_tensor(value, "float32")
+        params.append(p)
+    return params
+
+
+class _Model(paddle.nn.Layer):
+    def __init__(self, params):
+        super().__init__()
+        for i, p in enumerate(params):
+            self.add_parameter(f"p{i}", p)
+
+
+def test_master_grad_is_what_norm_and_clip_read():
+    params = _params_with_grads([[9.0, 9.0], [9.0]])  # stale low-precision .grad
+    for p, main in zip(params, ([3.0, 0.0], [4.0])):
+        p.main_grad = paddle.to_tensor(main, "float32")
+    model = _Model(params)
+    assert gradient(params[0]) is params[0].main_grad
+    norm = global_grad_norm(model)
+    assert norm == pytest.approx(5.0)
+    clip_gradients_(model.parameters(), norm, 1.0)
+    np.testing.assert_allclose(params[0].main_grad.numpy(), [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(params[1].main_grad.numpy(), [0.8], rtol=1e-6)
+    np.testing.assert_array_equal(params[0].grad.numpy(), [9.0, 9.0])  # not the gradient the optimizer uses
+
+
+def test_rng_state_is_one_generator_of_this_device():
+    state = checkpoint.capture_rng_state()
+    assert "paddle" not in state and isinstance(state["paddle_device"], core.GeneratorState)
+    first = (random.random(), np.random.rand(), paddle.rand([3]).numpy())
+    checkpoint.restore_rng_state(state)
+    again = (random.random(), np.random.rand(), paddle.rand([3]).numpy())
+    assert first[0] == again[0] and first[1] == again[1]
+    np.testing.assert_array_equal(first[2], again[2])
+
+
+def test_old_rng_state_from_more_devices_is_skipped(caplog):
+    state = checkpoint.capture_rng_state()
+    old = {"python": state["python"], "numpy": state["numpy"], "paddle": paddle.get_rng_state() * 8}
+    checkpoint.restore_rng_state(old)  # would raise in paddle.set_rng_state (8 states, 1 device)
+    assert "saved for 8 devices, this process sees 1" in caplog.text
+
+
+def test_pipeline_receive_buffer_takes_the_senders_dtype(monkeypatch):
+    sent, wire = [], []
+    mesh = dist.ProcessMesh([[0]], dim_names=["dp", "mp"])
+    monkeypatch.setattr(pipeline.dist, "send", lambda t, dst: (sent.append(t.clone()), wire.append(t.clone())))
+
+    def recv(buffer, src):
+        buffer.set_value(wire.pop(0).astype(buffer.dtype)) if buffer.dtype == wire[0].dtype else \
+            pytest.fail(f"receive buffer {buffer.dtype} for a {wire[0].dtype} message")
+
+    monkeypatch.setattr(pipeline.dist, "recv", recv)
+    x = dist.shard_tensor(_bf16(paddle.randn([1, 2, 4])), mesh, [dist.Shard(0), dist.Replicate()])
+    pipeline._send(x, 1, with_dtype=True)
+    got = pipeline._recv([1, 2, 4], None, 0, mesh)
+    assert got.dtype == paddle.bfloat16
+    np.testing.assert_array_equal(got._local_value().numpy(), x._local_value().numpy())
+
+
+def test_rank_without_images_builds_empty_features_in_the_towers_dtype(monkeypatch):
+    seen = {}
+    original = paddle.concat
+
+    def recording_concat(items, *args, **kwargs):
+        seen.setdefault("dtypes", [t.dtype for t in items])
+        return original(items, *args, **kwargs)
+
+    class Tower:
+        class config:
+            embed_dim = 4
+        patch_embed = type("P", (), {"proj": type("C", (), {"weight": _bf16(paddle.ones([1]))})()})()
+        merger = type("M", (), {"mlp": [type("L", (), {"weight": paddle.ones([1])})()]})()
+
+    class Model:
+        visual = Tower()
+        model = type("T", (), {"embed_tokens": staticmethod(lambda ids: paddle.zeros([1, 2, 4]))})()
+
+    batch = type("B", (), {"max_patches": 2, "pixel_values": None, "input_ids": None, "mesh": None})()
+    monkeypatch.setattr(forward_mod.paddle, "concat", recording_concat)
+    with contextlib.suppress(Exception):  # stops after the features are built (no mesh here)
+        forward_mod.embed_inputs(Model(), batch)
+    assert seen["dtypes"] == [paddle.bfloat16, paddle.bfloat16]
+
+
+def test_cpu_compat_is_keyed_on_the_current_place(monkeypatch):
+    assert cpu_compat.runs_on_cpu()
+    monkeypatch.setattr(paddle.framework, "_current_expected_place_", lambda: object())  # any non-CPU place
+    assert not cpu_compat.runs_on_cpu()
