@@ -247,7 +247,9 @@ class Trainer:
             yield from self.loader
 
     def poison_loss(self, loss: paddle.Tensor) -> paddle.Tensor:
-        return loss * float("nan") if faults.poison_loss(self.rank, self.step + 1) else loss
+        # Every rank applies the same op (factor 1.0 where not poisoned): the loss is a dist tensor and an op on
+        # one rank only can reshard (a collective) that the other ranks never join, which hangs the job.
+        return loss * (float("nan") if faults.poison_loss(self.rank, self.step + 1) else 1.0)
 
     def train_step(self, batches: list[ShardedBatch]) -> dict[str, Any]:
         """One optimizer step (`autoparallel.step.train_step`). Loss and grad norm are global values, so every rank
