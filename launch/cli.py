@@ -20,6 +20,7 @@ planning:
 
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
+  serve       OpenAI-compatible server: /v1/chat/completions (stream, images, videos), batching, --lora
 
 checkpoints:
   merge-ckpt  merge a distributed checkpoint into one model directory (streaming, bounded memory)
@@ -54,6 +55,12 @@ def _infer(argv: list[str]) -> int:
     return infer_main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from launch.serve import serve_main
+
+    return serve_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from launch.demo import demo_main
 
@@ -72,6 +79,7 @@ def _training(command: str) -> Callable[[list[str]], int]:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plan": _plan,
     "infer": _infer,
+    "serve": _serve,
     "merge-ckpt": _ckpt_tool("merge_ckpt_main"),
     "merge-lora": _ckpt_tool("merge_lora_main"),
     "convert": _ckpt_tool("convert_main"),

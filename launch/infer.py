@@ -4,6 +4,7 @@
     qwen2vl-ap infer --model DIR --video clip.mp4 --prompt "What happens?" --temperature 0.7 --seed 0
     qwen2vl-ap infer --model DIR --input requests.jsonl --output answers.jsonl --batch_size 8
     qwen2vl-ap infer --model DIR --image a.png --prompt "..." --tensor_parallel_degree 2
+    qwen2vl-ap infer --model DIR --lora ADAPTER_DIR --image a.png --prompt "..."
 
 `--model` is any directory `Qwen2VLForConditionalGeneration.from_pretrained` reads (merged checkpoints, HF
 safetensors, `model_state.pdparams`); tokenizer/processor files come from it, else the embedded tokenizer.
@@ -146,20 +147,35 @@ class TensorParallelModel:
         return out
 
 
-def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32"):
+def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32", lora_dir: str | None = None):
     """The model for `generate` in `dtype`: plain, or (inside a launched job) split over `tensor_parallel_degree`
-    ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first)."""
+    ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first).
+    `lora_dir`: an unmerged adapter (paddlenlp format), folded into the full weights before any split, so with an
+    adapter every rank reads the whole model once."""
+    model = None
+    if lora_dir is not None:
+        from network.lora import fold_adapter
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
+        try:
+            names = fold_adapter(model, lora_dir)
+        except (OSError, ValueError) as e:
+            raise InferError(f"--lora {lora_dir}: {e}") from None
+        logger.info("folded the adapter in %s into %d weights", lora_dir, len(names))
     if tensor_parallel_degree == 1:
-        return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
+        return model or Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
     from autoparallel.mesh import build_mesh
     from autoparallel.parallelize import parallelize
     from autoparallel.sharded_load import load_sharded
     from placements.degrees import ParallelDegrees
 
-    model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
+    lazy = model is None
+    if lazy:
+        model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
     degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
     model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
-    load_sharded(model, model_dir)
+    if lazy:
+        load_sharded(model, model_dir)
     model.eval()
     return TensorParallelModel(model)
 
@@ -169,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-ap infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams)")
+    p.add_argument("--lora", help="adapter directory (lora_config.json + lora_model_state.pdparams), folded at load")
     p.add_argument("--prompt", help="the question (single request)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file or frame directory (repeatable)")
@@ -232,23 +249,37 @@ def _requests(args: argparse.Namespace) -> list[Request]:
     return requests
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if not os.path.isdir(args.model):
-        raise InferError(f"model directory not found: {args.model}")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise InferError(f"{args.model} has no config.json: not a model directory")
-    if args.batch_size < 1 or args.tensor_parallel_degree < 1:
-        raise InferError("--batch_size and --tensor_parallel_degree must be >= 1")
-    if args.dtype == "bfloat16" and not bf16_supported():
+def check_model_args(model_dir: str, tensor_parallel_degree: int, lora_dir: str | None = None,
+                     dtype: str = "float32") -> None:
+    """Problems with the model options as one `InferError`, before any process starts or weight loads."""
+    if not os.path.isdir(model_dir):
+        raise InferError(f"model directory not found: {model_dir}")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise InferError(f"{model_dir} has no config.json: not a model directory")
+    if lora_dir is not None:
+        from network.lora import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
+
+        missing = [n for n in (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME) if not os.path.isfile(os.path.join(lora_dir, n))]
+        if missing:
+            raise InferError(f"--lora {lora_dir}: not an adapter directory (no {', '.join(missing)})")
+    if tensor_parallel_degree < 1:
+        raise InferError("--tensor_parallel_degree must be >= 1")
+    if dtype == "bfloat16" and not bf16_supported():
         raise InferError("--dtype bfloat16 needs a GPU with bf16 kernels (compute capability >= 8.0); "
                          "this device has none: use --dtype float32")
-    if args.tensor_parallel_degree > 1:  # checked here, before any process starts
+    if tensor_parallel_degree > 1:
         from placements.degrees import ParallelDegrees, degree_problems
 
-        degrees = ParallelDegrees(tensor_parallel_degree=args.tensor_parallel_degree)
-        problems = degree_problems(degrees, Qwen2VLConfig.from_pretrained(args.model))
+        degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
+        problems = degree_problems(degrees, Qwen2VLConfig.from_pretrained(model_dir))
         if problems:
             raise InferError("; ".join(problems))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise InferError("--batch_size must be >= 1")
+    check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
 
 
 def _generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -281,11 +312,22 @@ def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, requests: list[Request], generation_config: GenerationConfig) -> int:
-    """Load, answer, write (rank 0). Every tensor-parallel rank runs this with the same inputs."""
-    tp = args.tensor_parallel_degree
+def relaunch_needed(tensor_parallel_degree: int) -> bool:
+    """True in the parent process of a tensor-parallel command (it starts the ranks); inside a launched job,
+    checks that the job has that many ranks."""
+    launched = os.environ.get("PADDLE_TRAINERS_NUM")
+    if launched is None:
+        return tensor_parallel_degree > 1
+    if int(launched) != tensor_parallel_degree:
+        raise InferError(f"launched with {launched} processes but --tensor_parallel_degree {tensor_parallel_degree}")
+    return False
+
+
+def load_for_rank(args: argparse.Namespace) -> tuple[Qwen2VLProcessor, Any, int]:
+    """(processor, model, rank) from `--model/--lora/--min_pixels/--max_pixels/--tensor_parallel_degree`; joins
+    the tensor-parallel job first when there is one."""
     rank = 0
-    if tp > 1:
+    if args.tensor_parallel_degree > 1:
         import paddle.distributed as dist
 
         dist.init_parallel_env()
@@ -295,7 +337,13 @@ def _run(args: argparse.Namespace, requests: list[Request], generation_config: G
         processor = Qwen2VLProcessor.from_pretrained(args.model, **overrides)
     except ValueError as e:  # e.g. --min_pixels above the max
         raise InferError(str(e)) from None
-    model = load_model(args.model, tp, args.dtype)
+    return processor, load_model(args.model, args.tensor_parallel_degree, args.dtype, args.lora), rank
+
+
+def _run(args: argparse.Namespace, requests: list[Request], generation_config: GenerationConfig) -> int:
+    """Load, answer, write (rank 0). Every tensor-parallel rank runs this with the same inputs."""
+    tp = args.tensor_parallel_degree
+    processor, model, rank = load_for_rank(args)
     generation_config = dataclasses.replace(generation_config, stop_token_ids=stop_token_ids(processor, model.config))
     rank0_path = os.environ.get(RANK0_STDOUT_ENV)
     out = open(rank0_path, "a", encoding="utf-8") if rank0_path and rank == 0 else sys.stdout
@@ -343,12 +391,8 @@ def infer_main(argv: list[str]) -> int:
         _check_args(args)
         requests = _requests(args)
         generation_config = _generation_config(args)
-        in_launched_job = "PADDLE_TRAINERS_NUM" in os.environ
-        if args.tensor_parallel_degree > 1 and not in_launched_job:
+        if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
-        if in_launched_job and int(os.environ["PADDLE_TRAINERS_NUM"]) != args.tensor_parallel_degree:
-            raise InferError(f"launched with {os.environ['PADDLE_TRAINERS_NUM']} processes but "
-                             f"--tensor_parallel_degree {args.tensor_parallel_degree}")
         return _run(args, requests, generation_config)
     except InferError as e:
         print(f"qwen2vl-ap infer: error: {e}", file=sys.stderr)

@@ -69,33 +69,67 @@ def attention(
     if _use_gpu_kernels(q):
         return _gpu_attention(q, k, v, causal, attention_mask, segments)
     if segments is not None:
-        bounds = segments.bounds
-        return paddle.concat([_math_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, None)
-                              for a, b in zip(bounds[:-1], bounds[1:]) if b > a], axis=1)
+        return _segment_attention(q, k, v, segments.bounds.astype(np.int64))
     return _math_attention(q, k, v, causal, attention_mask, segment_ids)
 
 
-def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle.Tensor:
-    """Exact reference math: fp32 scores and softmax, masked by a boolean [batch, 1, q_len, kv_len] map."""
+def _segment_attention(q, k, v, cu: np.ndarray) -> paddle.Tensor:
+    """Block-diagonal attention as dense attention per segment, segments of one length batched together: no
+    score map or mask over all patches (on CPU the masking alone costs more than the matmuls)."""
     heads, head_dim = q.shape[2], q.shape[3]
-    k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    lengths = np.diff(cu)
+    if len(set(lengths.tolist())) == 1:  # one image, or frames of one video: a reshape, no copy
+        n, length = len(lengths), int(lengths[0])
+        q, k, v = (x.reshape([n, length, -1, head_dim]) for x in (q, k, v))
+        return _math_attention(q, k, v, False, None).reshape([1, n * length, heads, head_dim])
+    rows, outs = [], []
+    for length in np.unique(lengths):
+        starts = cu[:-1][lengths == length]
+        index = (starts[:, None] + np.arange(length)).reshape(-1)
+        t = paddle.to_tensor(index)
+        group = [paddle.gather(x[0], t).reshape([len(starts), int(length), -1, head_dim]) for x in (q, k, v)]
+        outs.append(_math_attention(*group, False, None).reshape([-1, heads, head_dim]))
+        rows.append(index)
+    order = paddle.to_tensor(np.argsort(np.concatenate(rows)))  # back to patch order
+    return paddle.gather(paddle.concat(outs), order)[None]
+
+
+def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle.Tensor:
+    """Exact reference math: fp32 scores and softmax, masked by a boolean [batch, 1, q_len, kv_len] map.
+
+    GQA on plain tensors without repeating k/v: the query heads sharing a kv head are stacked along the query
+    axis, so one matmul per kv head covers the group (repeating would copy the whole KV cache every decode
+    step). Distributed tensors (heads split over "mp") repeat k/v instead, so every reshape keeps the split."""
+    b, q_len, heads, head_dim = q.shape
+    if q.is_dist():
+        k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    kv_heads, kv_len = k.shape[2], k.shape[1]
     qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
-    scores = paddle.matmul(qt.astype("float32"), kt.astype("float32"), transpose_y=True) * head_dim**-0.5
-    allowed = _allowed(q.shape[1], k.shape[1], causal, attention_mask)
+    # Scale q, not the [q_len, kv_len] scores: elementwise ops over the score map are slow on CPU.
+    qt = qt.astype("float32") * head_dim**-0.5
+    if kv_heads != heads:
+        qt = qt.reshape([b, kv_heads, heads // kv_heads * q_len, head_dim])
+    scores = paddle.matmul(qt, kt.astype("float32"), transpose_y=True)
+    allowed = _allowed(q_len, kv_len, causal, attention_mask)
     if segment_ids is not None:
         same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         allowed = same if allowed is None else paddle.logical_and(allowed, same)
     if allowed is not None:
         # A large finite negative (not -inf) keeps fully masked padding rows finite, as HF does.
+        scores = scores.reshape([b, heads, q_len, kv_len])
         scores = paddle.where(allowed, scores, paddle.full([], paddle.finfo(paddle.float32).min, "float32"))
+        scores = scores.reshape([b, kv_heads, -1, kv_len])
     probs = F.softmax(scores, axis=-1).astype(v.dtype)
-    return paddle.matmul(probs, vt).transpose([0, 2, 1, 3])
+    out = paddle.matmul(probs, vt)
+    if kv_heads != heads:
+        out = out.reshape([b, heads, q_len, head_dim])
+    return out.transpose([0, 2, 1, 3])
 
 
 def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask) -> paddle.Tensor | None:
     """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed."""
     allowed = None
-    if causal:
+    if causal and q_len > 1:  # a single query (decoding) is the newest position: it sees every key
         # Query i sits at position kv_len - q_len + i (cached keys come first).
         allowed = paddle.tril(paddle.ones([q_len, kv_len], "bool"), diagonal=kv_len - q_len)[None, None]
     if attention_mask is not None:

@@ -1,9 +1,9 @@
 """Autoregressive generation for `Qwen2VLForConditionalGeneration`: KV cache, M-RoPE continuation, decoding.
 
 Prefill runs the whole (left-padded) prompt once — the vision tower included — and fills a `KVCache`; each
-decode step then feeds one token per row. Token selection runs on the host in numpy (greedy, or seeded
-temperature / top-k / top-p sampling, HF repetition penalty), so every tensor-parallel rank picks the same
-tokens from the same logits.
+decode step then feeds one token per row. Token selection runs on the host in numpy (seeded temperature /
+top-k / top-p sampling, HF repetition penalty, min_new_tokens), so every tensor-parallel rank picks the same
+tokens from the same logits; plain greedy takes the argmax on the device and copies only the ids.
 
 Positions. `get_rope_index` gives the prompt's 3-D positions and per row rope_deltas = (largest prompt
 position + 1) - S, S being the padded prompt length. The token at cache index i (positions already cached,
@@ -14,6 +14,11 @@ shifts a row with P padding tokens by -P: its batched output differs from its ow
 (measured in tests/dist/test_generation.py; identical once that formula is swapped in).
 
 Attention masks. The key mask grows by a 1 per step; left padding stays masked for every later query.
+
+KV cache. Keys/values live in buffers allocated once at prefill for the prompt plus `max_new_tokens`, written in
+place each step (no per-step reallocation of the whole cache). When rows finish (stop token, or the streamer
+stops them, e.g. a client went away) they leave the batch: the cache keeps only the running rows, so a finished
+row costs nothing in later steps. Rows never interact, so this changes no row's tokens.
 """
 from __future__ import annotations
 
@@ -66,25 +71,50 @@ class GenerationOutput:
 
 
 class KVCache:
-    """Per decoder layer: rotated keys and values [B, S, kv_heads, head_dim], grown by concatenation.
+    """Per decoder layer: rotated keys and values [B, capacity, kv_heads, head_dim], written in place.
 
-    Positions are cache indices, left padding included (it stays masked through `attention_mask`)."""
+    `capacity` is the most positions a row will hold (prompt + new tokens); buffers are allocated by the first
+    `update` (the prefill), when the batch size, head count and dtype are known. Positions are cache indices,
+    left padding included (it stays masked through `attention_mask`). The model calls `advance` once per
+    forward, after every layer has written its keys at `seq_len`."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.capacity = capacity
         self.keys: list[paddle.Tensor | None] = [None] * num_layers
         self.values: list[paddle.Tensor | None] = [None] * num_layers
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[1]
+        self.seq_len = 0
 
     def update(self, layer_idx: int, key: paddle.Tensor, value: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Append this step's keys/values to layer `layer_idx`; return all of them."""
-        if self.keys[layer_idx] is not None:
-            key = paddle.concat([self.keys[layer_idx], key], axis=1)
-            value = paddle.concat([self.values[layer_idx], value], axis=1)
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
+        """Write this step's keys/values of layer `layer_idx` at `seq_len`; return all cached ones so far."""
+        start, end = self.seq_len, self.seq_len + key.shape[1]
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = (
+                _buffer(x, max(self.capacity, end)) for x in (key, value))
+        if end > self.keys[layer_idx].shape[1]:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.keys[layer_idx].shape[1]}")
+        self.keys[layer_idx][:, start:end] = key
+        self.values[layer_idx][:, start:end] = value
+        return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
+
+    def advance(self, num_positions: int) -> None:
+        self.seq_len += num_positions
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Keep only these batch rows (indices into the current batch), in this order."""
+        index = paddle.to_tensor(rows.astype(np.int64))
+        self.keys = [None if k is None else paddle.index_select(k, index) for k in self.keys]
+        self.values = [None if v is None else paddle.index_select(v, index) for v in self.values]
+
+
+def _buffer(x: paddle.Tensor, capacity: int) -> paddle.Tensor:
+    """Zeros [B, capacity, heads, head_dim] like `x`; for a tensor-parallel `x`, sharded the same way."""
+    if not x.is_dist():
+        return paddle.zeros([x.shape[0], capacity, *x.shape[2:]], x.dtype)
+    import paddle.distributed as dist
+
+    local = x._local_value()
+    buf = paddle.zeros([local.shape[0], capacity, *local.shape[2:]], x.dtype)
+    return dist.auto_parallel.api.dtensor_from_local(buf, x.process_mesh, x.placements)
 
 
 def decode_position_ids(attention_mask: np.ndarray, rope_deltas: np.ndarray) -> np.ndarray:
@@ -99,8 +129,19 @@ def _as_numpy(x: Array | None) -> np.ndarray | None:
     return x.numpy() if isinstance(x, paddle.Tensor) else x
 
 
-def _last_logits(logits: paddle.Tensor) -> np.ndarray:
-    return logits[:, -1].astype("float32").numpy()
+def _key_mask(mask: np.ndarray) -> np.ndarray | None:
+    """None when no key is padding: the model then skips masking (elementwise ops over scores are slow on CPU)."""
+    return None if mask.all() else mask
+
+
+def _next_tokens(logits: paddle.Tensor, cfg: GenerationConfig, seen: np.ndarray, step: int, stop_ids: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """This step's token per row from the model's last-position logits [B, 1, vocab]."""
+    if not cfg.do_sample and cfg.repetition_penalty == 1.0 and step >= cfg.min_new_tokens:
+        # Plain greedy: argmax on the device, only B ids cross to the host (not B x vocab logits).
+        return logits[:, -1].argmax(axis=-1).numpy().astype(np.int64)
+    host = logits[:, -1].astype("float32").numpy()
+    return _select(_process_logits(host, cfg, seen, step, stop_ids), cfg, rng)
 
 
 def _process_logits(logits: np.ndarray, cfg: GenerationConfig, seen: np.ndarray, step: int,
@@ -154,13 +195,15 @@ def generate(
     video_grid_thw: Array | None = None,
     second_per_grid_ts: Array | None = None,
     generation_config: GenerationConfig | None = None,
-    streamer: Callable[[np.ndarray], None] | None = None,
+    streamer: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> GenerationOutput:
-    """Generate from left-padded prompts (processor output with `padding_side="left"`).
+    """Generate from left-padded prompts (processor output with `padding_side="left"`, or `left_pad_prompts`).
 
     `streamer(tokens)` is called once per step with the new token of every row ([B] int64; pad_token_id for
-    rows that had already stopped). `model` is a `Qwen2VLForConditionalGeneration`, also a tensor-parallel
-    one whose logits come back as dense tensors (see launch/infer.py).
+    rows that had already stopped). It may return a bool [B] array: rows marked True stop after this token
+    (the caller's own stop rule: a stop string, a per-request token budget, a client gone). `model` is a
+    `Qwen2VLForConditionalGeneration`, also a tensor-parallel one whose logits come back as dense tensors
+    (see launch/infer.py); with tensor parallelism every rank must return the same stop rows.
     """
     cfg = generation_config or GenerationConfig()
     config = model.config
@@ -174,7 +217,7 @@ def generate(
         config, ids, image_grid_thw, video_grid_thw, mask, _as_numpy(second_per_grid_ts))
     stop_ids = np.asarray(cfg.stop_token_ids or (config.eos_token_id,), np.int64)
     rng = np.random.default_rng(cfg.seed)
-    cache = KVCache(config.num_hidden_layers)
+    cache = KVCache(config.num_hidden_layers, capacity=ids.shape[1] + cfg.max_new_tokens)
 
     tokens = np.full((batch, cfg.max_new_tokens), config.pad_token_id, np.int64)
     num_tokens = np.zeros(batch, np.int64)
@@ -183,35 +226,62 @@ def generate(
     rows = np.repeat(np.arange(batch), ids.shape[1])
     keep = mask.reshape(-1).astype(bool)  # left padding is not part of the prompt
     seen[rows[keep], ids.reshape(-1)[keep]] = True
+    running = np.arange(batch)  # rows still in the model's batch, in cache order
 
     start = time.perf_counter()
     with paddle.no_grad():
         out = model(
-            ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixel_values,
+            ids, attention_mask=_key_mask(mask), position_ids=position_ids, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             past_key_values=cache, logits_to_keep=1,
         )
-        logits = _last_logits(out.logits)
+        logits = out.logits
         prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(cfg.max_new_tokens):
-            next_ids = _select(_process_logits(logits, cfg, seen, step, stop_ids), cfg, rng)
-            next_ids = np.where(finished, config.pad_token_id, next_ids)
+            picked = _next_tokens(logits, cfg, seen[running], step, stop_ids, rng)
+            next_ids = np.full(batch, config.pad_token_id, np.int64)
+            next_ids[running] = picked
             tokens[:, step] = next_ids
-            num_tokens += ~finished
-            seen[np.arange(batch), next_ids] = True
-            finished |= np.isin(next_ids, stop_ids)
+            num_tokens[running] += 1
+            seen[running, picked] = True
+            finished[running] |= np.isin(picked, stop_ids)
             if streamer is not None:
-                streamer(next_ids)
+                stopped = streamer(next_ids)
+                if stopped is not None:
+                    finished |= np.asarray(stopped, bool)
             if finished.all() or step == cfg.max_new_tokens - 1:
                 break
-            mask = np.concatenate([mask, np.ones([batch, 1], np.int64)], axis=1)
+            still = ~finished[running]
+            if not still.all():  # finished rows leave the batch
+                cache.keep_rows(np.flatnonzero(still))
+                running, mask, rope_deltas = running[still], mask[still], rope_deltas[still]
+                picked = picked[still]
+            mask = np.concatenate([mask, np.ones([len(running), 1], np.int64)], axis=1)
             out = model(
-                next_ids[:, None], attention_mask=mask, position_ids=decode_position_ids(mask, rope_deltas),
+                picked[:, None], attention_mask=_key_mask(mask), position_ids=decode_position_ids(mask, rope_deltas),
                 past_key_values=cache,
             )
-            logits = _last_logits(out.logits)
+            logits = out.logits
     return GenerationOutput(
         sequences=tokens[:, : step + 1], num_tokens=num_tokens,
         prefill_seconds=prefill_seconds, decode_seconds=time.perf_counter() - start,
     )
+
+
+def left_pad_prompts(prompts: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, np.ndarray]:
+    """One left-padded batch from single-prompt processor outputs (batch 1 each); media concatenated in row
+    order, which is the order the vision features are placed in."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    ids = np.full((len(prompts), width), pad_token_id, np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        ids[i, width - n:] = p["input_ids"][0]
+        mask[i, width - n:] = 1 if p.get("attention_mask") is None else p["attention_mask"][0]
+    out = dict(input_ids=ids, attention_mask=mask)
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            out[key] = np.concatenate(parts)
+    return out

@@ -195,6 +195,24 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, tuple[np
     return config, adapters
 
 
+def fold_adapter(model: "paddle.nn.Layer", directory: str | os.PathLike) -> list[str]:
+    """Merge the adapter in `directory` into a plain model's weights in place (`W + A @ B * scaling`), for
+    serving an unmerged adapter at base-model speed; returns the merged weight names."""
+    import paddle
+
+    _, adapters = read_adapter(directory)
+    params = dict(model.named_parameters())
+    for name, (a, b, scaling) in adapters.items():
+        if name not in params or list(params[name].shape) != [a.shape[0], b.shape[1]]:
+            found = list(params[name].shape) if name in params else "no such weight"
+            raise ValueError(f"{Path(directory) / LORA_WEIGHTS_NAME}: adapter for {name} "
+                             f"([{a.shape[0]}, {b.shape[1]}]) does not fit the model ({found})")
+        weight = params[name]
+        merged = weight.astype("float32").numpy() + a @ b * scaling
+        weight.set_value(paddle.to_tensor(merged).astype(weight.dtype))
+    return sorted(adapters)
+
+
 def load_adapter(model: "paddle.nn.Layer", directory: str | os.PathLike) -> list[str]:
     """Add the adapter in `directory` to a plain single-process model; returns the wrapped layer names."""
     import paddle

@@ -141,6 +141,8 @@ class Qwen2VLTextModel(nn.Layer):
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, attention_mask, cache, segment_ids)
+        if cache is not None:
+            cache.advance(x.shape[1])
         return self.norm(x)
 
 

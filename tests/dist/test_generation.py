@@ -11,7 +11,7 @@ from hf_oracle import Sample, build_batch, hf_model, tiny_config
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import network.generation as generation
-from network.generation import GenerationConfig, _process_logits, _select, generate
+from network.generation import GenerationConfig, _process_logits, _select, generate, left_pad_prompts
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -43,18 +43,7 @@ def _prompt(config, sample, seed) -> dict:
 
 def _left_pad(config, prompts: list[dict]) -> dict:
     """Rows of single-prompt batches, left-padded into one batch (media concatenated in row order)."""
-    width = max(p["input_ids"].shape[1] for p in prompts)
-    ids = np.full((len(prompts), width), config.pad_token_id, np.int64)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        n = p["input_ids"].shape[1]
-        ids[i, width - n:], mask[i, width - n:] = p["input_ids"][0], 1
-    out = dict(input_ids=ids, attention_mask=mask)
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [p[key] for p in prompts if key in p]
-        if parts:
-            out[key] = np.concatenate(parts)
-    return out
+    return left_pad_prompts(prompts, config.pad_token_id)
 
 
 def _hf_generate(hf, batch: dict, **kwargs) -> np.ndarray:
@@ -159,6 +148,28 @@ def test_stop_tokens_end_rows_independently(models):
         assert (out.sequences[row, n:] == config.pad_token_id).all()
     assert out.sequences.shape[1] == out.num_tokens.max()
     print(f"[generate] stop token {stop}: tokens per row {out.num_tokens.tolist()} (of {NEW_TOKENS})")
+
+
+def test_streamer_stops_rows_and_the_others_continue_unchanged(models):
+    """Rows the streamer stops leave the batch (their cache rows are dropped); the rest decode exactly as before."""
+    config, _, ours, _ = models
+    batch = _left_pad(config, _batch_prompts(config))
+    free = generate(ours, **batch, generation_config=_greedy()).sequences
+    stop_at = {1: 3, 0: 7}  # row -> its last step
+    seen_steps = []
+
+    def streamer(tokens):
+        seen_steps.append(tokens.copy())
+        step = len(seen_steps) - 1
+        return np.array([stop_at.get(row) == step for row in range(len(tokens))])
+
+    out = generate(ours, **batch, generation_config=_greedy(), streamer=streamer)
+    assert out.num_tokens.tolist() == [8, 4, NEW_TOKENS]
+    np.testing.assert_array_equal(out.sequences[2], free[2])
+    for row, last in stop_at.items():
+        np.testing.assert_array_equal(out.sequences[row, : last + 1], free[row, : last + 1])
+        assert (out.sequences[row, last + 1:] == config.pad_token_id).all()
+    assert (np.stack(seen_steps) == out.sequences.T).all()
 
 
 def test_repetition_penalty_matches_hf(models):

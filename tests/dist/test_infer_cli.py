@@ -4,14 +4,16 @@ import json
 import re
 
 import numpy as np
-import paddle
 import pytest
 from PIL import Image
+from tiny_model import save_tiny_model
 
 import launch.evaluate_answers as evaluate_answers
 from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
+from autoparallel.engine.lora_trainer import gather_adapter
+from ckpt_tools.lora_merge import merge_lora
 from launch.infer import Answer, infer_main
-from network.config import Qwen2VLConfig
+from network.lora import LoraArgs, apply_lora, save_adapter
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.processor import Qwen2VLProcessor
 
@@ -22,17 +24,8 @@ MAX_NEW = "8"
 def setup(tmp_path_factory):
     """A safetensors model dir with processor files, a pdparams dir without (embedded tokenizer), media files."""
     root = tmp_path_factory.mktemp("infer")
-    paddle.seed(0)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.preset("tiny"))
-    # O(1)-scale weights: decisive argmaxes, so padded and unpadded runs cannot flip a near-tie.
-    rng = np.random.default_rng(0)
-    for name, p in model.named_parameters():
-        scale = np.prod(p.shape[1:]) ** -0.5 if p.ndim >= 2 else 0.1
-        mean = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        p.set_value(rng.normal(mean, scale, p.shape).astype("float32"))
-    model.save_pretrained(str(root / "st"), format="safetensors")
-    Qwen2VLProcessor.from_pretrained(None).save_pretrained(str(root / "st"))
-    model.save_pretrained(str(root / "pd"), format="paddle")
+    model = save_tiny_model(root / "st")
+    save_tiny_model(root / "pd", format="paddle", processor_files=False, model=model)
     media = root / "media"
     (media / "frames").mkdir(parents=True)
     colours = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 205, 30)]
@@ -109,6 +102,7 @@ def test_tensor_parallel_streams_the_single_process_answer(setup, capsys, tmp_pa
     ("bad_jsonl", "line 1: expected a JSON object"),
     ("bad_top_p", "top_p"),
     ("bad_degree", "num_attention_heads=4 is not divisible by tensor_parallel_degree=3"),
+    ("not_an_adapter", "--lora .*: not an adapter directory \\(no lora_config.json"),
 ])
 def test_clear_errors(setup, capsys, tmp_path, case, message):
     st, img = setup / "st", setup / "media/img0.png"
@@ -125,11 +119,33 @@ def test_clear_errors(setup, capsys, tmp_path, case, message):
         "bad_jsonl": ["--model", st, "--input", tmp_path / "bad.jsonl", "--output", tmp_path / "o"],
         "bad_top_p": ["--model", st, "--prompt", "x", "--image", img, "--top_p", "0", "--max_new_tokens", "1"],
         "bad_degree": ["--model", st, "--prompt", "x", "--tensor_parallel_degree", "3"],
+        "not_an_adapter": ["--model", st, "--prompt", "x", "--lora", tmp_path],
     }[case]
     code, out, err = _run(capsys, *argv)
     assert code == 2 and not out
     assert err.startswith("qwen2vl-ap infer: error: ")
     assert re.search(message, err), err
+
+
+def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys, tmp_path):
+    """`--lora DIR` (unmerged paddlenlp adapter) == `merge-lora` output directory, and differs from the base."""
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(setup / "st"))
+    args = LoraArgs(lora_rank=4, lora_alpha=8)
+    apply_lora(model, args)
+    rng = np.random.default_rng(3)
+    for name, p in model.named_parameters():
+        if name.endswith(".lora_B"):  # trained adapters are non-zero
+            p.set_value(rng.normal(0, 1.0, p.shape).astype("float32"))
+    save_adapter(tmp_path / "adapter", gather_adapter(model), args)
+    merge_lora(str(setup / "st"), str(tmp_path / "adapter"), str(tmp_path / "merged"), progress=False)
+    common = ["--image", setup / "media/img1.png", "--prompt", "What colour is it?", "--max_new_tokens", MAX_NEW,
+              "--no-stream"]
+    code, folded, err = _run(capsys, "--model", setup / "st", "--lora", tmp_path / "adapter", *common)
+    assert code == 0, err
+    code, merged, _ = _run(capsys, "--model", tmp_path / "merged", *common)
+    code, base, _ = _run(capsys, "--model", setup / "st", *common)
+    assert folded == merged != base
+    print(f"[infer] --lora folded == merge-lora output: {folded.strip()!r} (base: {base.strip()!r})")
 
 
 def test_answer_accuracy(setup, tmp_path, monkeypatch):
