@@ -22,6 +22,7 @@ import yaml
 
 from autoparallel.data.config import DataConfig
 from network.config import PRESETS, Qwen2VLConfig
+from network.hub import CONFIG_FILES, ModelNotFoundError, resolve_model_dir
 from network.lora import LoraArgs
 from placements.degrees import ParallelDegrees
 
@@ -42,8 +43,13 @@ class ModelArgs:
     train_merger: bool = False
     recompute: bool = False
     bf16: bool = False
+    fp16: bool = False  # PaddleMIX's key; only false is accepted (fp16 needs loss scaling, bf16 does not)
+    # bf16 O2 keeps fp32 gradients for the fp32 master weights (Paddle's `master_grad`); GPU builds only.
+    amp_master_grad: bool = False
 
     def __post_init__(self) -> None:
+        if self.fp16:
+            raise ValueError("fp16: true is not supported (fp16 training needs dynamic loss scaling): use bf16: true")
         if not self.freeze_vit:
             raise ValueError("freeze_vit=false (training the vision tower) is not supported yet: the ViT is frozen "
                              "and runs dense per rank; set freeze_vit: true (train_merger: true trains the merger)")
@@ -124,7 +130,8 @@ class TrainingArgs:
 
 @dataclass
 class ParallelArgs:
-    data_parallel_degree: int = 1
+    # None: derived from the world size as PaddleNLP does, world / (tp x pp x sharding) (`resolve_data_parallel`).
+    data_parallel_degree: Optional[int] = None
     tensor_parallel_degree: int = 1
     sharding_parallel_degree: int = 1
     pipeline_parallel_degree: int = 1
@@ -132,8 +139,12 @@ class ParallelArgs:
     sequence_parallel: bool = False  # decoder activations sequence-sharded inside the mp group
     # Decoder layers per pipeline stage (empty: balanced by the cost model in placements/).
     layers_per_stage: list[int] = field(default_factory=list)
+    sep_parallel_degree: int = 1  # PaddleNLP's context parallel: only 1 (sequence_parallel shards within mp)
 
     def __post_init__(self) -> None:
+        if self.sep_parallel_degree != 1:
+            raise ValueError(f"sep_parallel_degree={self.sep_parallel_degree} is not supported (only 1): "
+                             "sequence_parallel: true shards activations along the sequence within the mp group")
         if self.sharding not in ("", "stage1", "stage2", "stage3"):
             raise ValueError(f"sharding={self.sharding!r} must be one of stage1, stage2, stage3 (or empty)")
         if self.sequence_parallel and self.tensor_parallel_degree < 2:
@@ -141,9 +152,19 @@ class ParallelArgs:
         if self.sequence_parallel and self.pipeline_parallel_degree > 1:
             raise ValueError("sequence_parallel=true with pipeline_parallel_degree > 1 is not supported yet")
 
+    def resolve_data_parallel(self, world_size: int) -> None:
+        """Set an unset data_parallel_degree from the world size; an explicit one is checked by validate_degrees."""
+        if self.data_parallel_degree is not None:
+            return
+        others = self.tensor_parallel_degree * self.pipeline_parallel_degree * self.sharding_parallel_degree
+        if world_size % others:
+            raise ValueError(f"{world_size} processes are not a multiple of tensor x pipeline x sharding degrees "
+                             f"= {others}, so no data_parallel_degree fits")
+        self.data_parallel_degree = world_size // others
+
     def degrees(self) -> ParallelDegrees:
         return ParallelDegrees(
-            data_parallel_degree=self.data_parallel_degree,
+            data_parallel_degree=self.data_parallel_degree or 1,
             tensor_parallel_degree=self.tensor_parallel_degree,
             sharding_parallel_degree=self.sharding_parallel_degree,
             sharding_stage=int(self.sharding[-1]) if self.sharding else 0,
@@ -156,18 +177,50 @@ class ParallelArgs:
 # on any other key that nothing reads).
 UNREAD_KEYS: dict[str, str] = {
     "freeze_vit": "only true is accepted (the ViT is frozen and dense per rank); false is a config error",
+    "fp16": "PaddleMIX's key; only false is accepted (fp16 needs loss scaling; bf16 is the supported half type)",
+    "sep_parallel_degree": "PaddleNLP's context parallel; only 1 is accepted (sequence_parallel shards within mp)",
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,
-                             "parallel": ParallelArgs}
-COMMANDS = ("sft", "lora")
+                             "parallel": ParallelArgs, "lora": LoraArgs}
+# Both commands take every key; they differ in the default of `lora` (PaddleMIX scripts pass `--lora True` to
+# the same finetune script, so `sft --lora true` trains adapters exactly like `lora`).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"sft": {"lora": False}, "lora": {"lora": True}}
+COMMANDS = tuple(COMMAND_DEFAULTS)
 
 
 def section_classes(command: str) -> dict[str, type]:
-    """The sections a command accepts (`lora` adds the LoRA keys)."""
+    """The sections a command accepts."""
     if command not in COMMANDS:
         raise ValueError(f"unknown training command {command!r}")
-    return SECTIONS | ({"lora": LoraArgs} if command == "lora" else {})
+    return SECTIONS
+
+
+# ---- compatibility-only keys ------------------------------------------------------------------------------
+# PaddleMIX/PaddleNLP training arguments that only select code paths of those projects. They are accepted so a
+# script's argument list runs unchanged, and listed in one notice; they change nothing here. Value: the values
+# accepted (None: any) and why the key has no effect.
+COMPATIBILITY_ONLY: dict[str, tuple[Optional[tuple[str, ...]], str]] = {
+    "do_train": (None, "sft/lora always train"),
+    "do_eval": (None, "evaluation follows evaluation_strategy"),
+    "enable_auto_parallel": (None, "always semi-automatic parallel"),
+    "use_intermediate_api": (None, "plans are applied with dist.parallelize"),
+    "to_static": (("0", "false", "False"), "dygraph only"),
+    "auto_parallel_resume_form_hybrid_parallel": (None, "resume reads this project's dist checkpoints"),
+    "overwrite_output_dir": (None, "checkpoints are published atomically and never overwritten mid-run"),
+    "logging_dir": (None, "metrics go to output_dir/metrics.jsonl, worker logs to output_dir/logs"),
+    "report_to": (None, "metrics go to output_dir/metrics.jsonl"),
+    "save_strategy": (("steps",), "saving follows save_steps"),
+    "optim": (("adamw", "adamw_torch"), "the optimizer is AdamW"),
+    "hybrid_parallel_topo_order": (None, "the mesh order is fixed by the plan (dp, mp)"),
+    "fp16_opt_level": (("O2",), "bf16 runs at level O2"),
+}
+
+
+def _compatibility_value(key: str, value: Any, source: str) -> None:
+    allowed, why = COMPATIBILITY_ONLY[key]
+    if allowed is not None and str(value) not in allowed and str(value).lower() not in allowed:
+        raise ConfigError(f"{key}={value!r} ({source}): only {', '.join(allowed)} is supported ({why})")
 
 
 # ---- values -----------------------------------------------------------------------------------------------
@@ -252,8 +305,10 @@ class RunConfig:
     data: DataConfig
     train: TrainingArgs
     parallel: ParallelArgs
-    lora: Optional[LoraArgs] = None
+    lora: LoraArgs
     sources: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    # Keys of COMPATIBILITY_ONLY that were given (accepted, without effect), for the one notice line.
+    compatibility_keys: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, command: str, sources: list[tuple[str, dict[str, Any]]]) -> "RunConfig":
@@ -261,8 +316,13 @@ class RunConfig:
         classes = section_classes(command)
         owner = _owners(classes)
         values: dict[str, dict[str, Any]] = {name: {} for name in classes}
-        for source, layer in sources:
+        ignored: list[str] = []
+        for source, layer in [(f"{command} default", COMMAND_DEFAULTS[command]), *sources]:
             for key, raw in layer.items():
+                if key in COMPATIBILITY_ONLY:
+                    _compatibility_value(key, raw, source)
+                    ignored += [key] if key not in ignored else []
+                    continue
                 if key not in owner:
                     close = difflib.get_close_matches(key, owner, n=3)
                     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -277,7 +337,7 @@ class RunConfig:
                 raise ConfigError(f"section {name}: {exc}") from None
             except ValueError as exc:  # __post_init__ range checks
                 raise ConfigError(str(exc)) from None
-        return cls(command=command, sources=list(sources), **built)
+        return cls(command=command, sources=list(sources), compatibility_keys=ignored, **built)
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> "RunConfig":
         """The same sources plus one more layer (e.g. a planner's candidate change)."""
@@ -285,7 +345,14 @@ class RunConfig:
 
     @property
     def uses_lora(self) -> bool:
-        return self.lora is not None and self.lora.lora
+        return self.lora.lora
+
+    def compatibility_notice(self) -> Optional[str]:
+        """One line naming the given keys that have no effect here (None when there are none)."""
+        if not self.compatibility_keys:
+            return None
+        return ("accepted for PaddleMIX compatibility, no effect here: "
+                + ", ".join(f"{k} ({COMPATIBILITY_ONLY[k][1]})" for k in self.compatibility_keys))
 
     def section_items(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in section_classes(self.command)}
@@ -301,12 +368,16 @@ class RunConfig:
 
 
 def model_config(model_name_or_path: str) -> Qwen2VLConfig:
-    """A preset name, or a local directory holding config.json (nothing is downloaded)."""
+    """A preset name, a local directory holding config.json, or a Hub id (only its config files are fetched)."""
     if model_name_or_path in PRESETS:
         return Qwen2VLConfig.preset(model_name_or_path)
-    path = Path(model_name_or_path)
+    try:
+        path = Path(resolve_model_dir(model_name_or_path, CONFIG_FILES))
+    except ModelNotFoundError as exc:
+        raise ConfigError(f"model_name_or_path: {exc} (presets: {', '.join(sorted(PRESETS))})") from None
     if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model_name_or_path={model_name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
-            "local directory with config.json (models are never downloaded: copy the checkpoint locally)")
-    return Qwen2VLConfig.from_pretrained(str(path))
+        raise ConfigError(f"model_name_or_path={model_name_or_path!r}: {path} has no config.json")
+    try:
+        return Qwen2VLConfig.from_pretrained(str(path))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model_name_or_path={model_name_or_path!r}: {exc}") from None

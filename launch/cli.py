@@ -4,6 +4,7 @@ command scales to several nodes with `--nnodes/--master/--rank`."""
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 from network.log import setup_logging
@@ -90,8 +91,14 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+# Third-party warnings every run prints that say nothing about the user's run (workers keep them in their logs).
+KNOWN_WARNINGS = ("No ccache found",)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

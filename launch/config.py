@@ -61,10 +61,22 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
     return overrides
 
 
+# Launcher options a config file may set as defaults (the command line wins): the demo presets name their process
+# count and leave data_parallel_degree to be derived from it, so `--tensor_parallel_degree 2` alone re-lays them.
+LAUNCH_DEFAULTS = ("nproc_per_node",)
+
+
 def load_run_config(command: str, config: str | None, overrides: dict[str, Any]) -> RunConfig:
     """YAML (or the command's default preset) then command-line overrides."""
     path = resolve_config_path(config or DEFAULT_CONFIGS[command])
-    return RunConfig.build(command, [(str(path), read_yaml(path)), ("command line", overrides)])
+    data = {k: v for k, v in read_yaml(path).items() if k not in LAUNCH_DEFAULTS}
+    return RunConfig.build(command, [(str(path), data), ("command line", overrides)])
+
+
+def launch_defaults(command: str, config: str | None) -> dict[str, str]:
+    """The LAUNCH_DEFAULTS the config file (or the command's default preset) sets."""
+    data = read_yaml(resolve_config_path(config or DEFAULT_CONFIGS[command]))
+    return {k: str(data[k]) for k in LAUNCH_DEFAULTS if k in data}
 
 
 def load_resolved(command: str, path: str | Path) -> RunConfig:

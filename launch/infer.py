@@ -33,7 +33,9 @@ import paddle
 from launch.launcher import WorkerLaunch
 from network.config import Qwen2VLConfig
 from network.device import bf16_supported
-from network.generation import GenerationConfig, GenerationOutput, generate
+from network.formats import CheckpointError, FormatError
+from network.generation import SAMPLING_KEYS, CheckpointGenerationDefaults, GenerationConfig, GenerationOutput, generate
+from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.processor import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, Qwen2VLProcessor
@@ -82,10 +84,11 @@ def render_prompt(processor: Qwen2VLProcessor, prompt: str, num_images: int, num
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def stop_token_ids(processor: Qwen2VLProcessor, model_config) -> tuple[int, ...]:
-    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos and the model config's eos."""
+def stop_token_ids(processor: Qwen2VLProcessor, model_config, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos, the model config's eos and `extra` (the eos
+    ids of the checkpoint's generation_config.json)."""
     ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.eos_token_id,
-           model_config.eos_token_id}
+           model_config.eos_token_id, *extra}
     return tuple(sorted(i for i in ids if i is not None))
 
 
@@ -184,7 +187,8 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-ap infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams)")
+    p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams) "
+                                                  "or a Hub id such as Qwen/Qwen2-VL-2B-Instruct (Hub cache)")
     p.add_argument("--lora", help="adapter directory (lora_config.json + lora_model_state.pdparams), folded at load")
     p.add_argument("--prompt", help="the question (single request)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -195,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="batch mode: JSONL of {id, answer, num_tokens}")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--repetition_penalty", type=float)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
     p.add_argument("--max_pixels", type=int)
@@ -249,11 +254,14 @@ def _requests(args: argparse.Namespace) -> list[Request]:
     return requests
 
 
-def check_model_args(model_dir: str, tensor_parallel_degree: int, lora_dir: str | None = None,
-                     dtype: str = "float32") -> None:
-    """Problems with the model options as one `InferError`, before any process starts or weight loads."""
-    if not os.path.isdir(model_dir):
-        raise InferError(f"model directory not found: {model_dir}")
+def check_model_args(model: str, tensor_parallel_degree: int, lora_dir: str | None = None,
+                     dtype: str = "float32") -> str:
+    """The model directory `model` names (a directory, or a Hub id through the Hub cache); problems with the
+    model options as one `InferError`, before any process starts or weight loads."""
+    try:
+        model_dir = resolve_model_dir(model)
+    except ModelNotFoundError as exc:
+        raise InferError(str(exc)) from None
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise InferError(f"{model_dir} has no config.json: not a model directory")
     if lora_dir is not None:
@@ -274,19 +282,21 @@ def check_model_args(model_dir: str, tensor_parallel_degree: int, lora_dir: str 
         problems = degree_problems(degrees, Qwen2VLConfig.from_pretrained(model_dir))
         if problems:
             raise InferError("; ".join(problems))
+    return model_dir
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise InferError("--batch_size must be >= 1")
-    check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
+    args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
 
 
-def _generation_config(args: argparse.Namespace) -> GenerationConfig:
-    """Validated settings; the stop tokens are filled in once the processor and model are loaded."""
+def _generation_config(args: argparse.Namespace, defaults: CheckpointGenerationDefaults) -> GenerationConfig:
+    """Validated settings: the command line, else the checkpoint's generation_config.json, else greedy. The stop
+    tokens are filled in once the processor and model are loaded."""
+    given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
     try:
-        return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        return GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed, **{**defaults.sampling, **given})
     except ValueError as e:
         raise InferError(str(e)) from None
 
@@ -340,11 +350,21 @@ def load_for_rank(args: argparse.Namespace) -> tuple[Qwen2VLProcessor, Any, int]
     return processor, load_model(args.model, args.tensor_parallel_degree, args.dtype, args.lora), rank
 
 
+def checkpoint_stop_ids(processor: Qwen2VLProcessor, model, model_dir: str) -> tuple[int, ...]:
+    """`stop_token_ids` with the eos ids of the checkpoint's generation_config.json."""
+    try:
+        eos = CheckpointGenerationDefaults.read(model_dir).eos_token_ids
+    except ValueError as e:
+        raise InferError(str(e)) from None
+    return stop_token_ids(processor, model.config, eos)
+
+
 def _run(args: argparse.Namespace, requests: list[Request], generation_config: GenerationConfig) -> int:
     """Load, answer, write (rank 0). Every tensor-parallel rank runs this with the same inputs."""
     tp = args.tensor_parallel_degree
     processor, model, rank = load_for_rank(args)
-    generation_config = dataclasses.replace(generation_config, stop_token_ids=stop_token_ids(processor, model.config))
+    generation_config = dataclasses.replace(generation_config,
+                                            stop_token_ids=checkpoint_stop_ids(processor, model, args.model))
     rank0_path = os.environ.get(RANK0_STDOUT_ENV)
     out = open(rank0_path, "a", encoding="utf-8") if rank0_path and rank == 0 else sys.stdout
     single = not args.input
@@ -390,11 +410,15 @@ def infer_main(argv: list[str]) -> int:
     try:
         _check_args(args)
         requests = _requests(args)
-        generation_config = _generation_config(args)
+        try:
+            defaults = CheckpointGenerationDefaults.read(args.model)
+        except ValueError as e:
+            raise InferError(str(e)) from None
+        generation_config = _generation_config(args, defaults)
         if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
         return _run(args, requests, generation_config)
-    except InferError as e:
+    except (InferError, FormatError, CheckpointError) as e:  # bad inputs, refused or corrupt weight files
         print(f"qwen2vl-ap infer: error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,7 @@ from autoparallel.planning.fit import advise as advise_run
 from autoparallel.planning.memory import GiB
 from autoparallel.planning.render import gib, render_report
 from autoparallel.planning.setup import PlanOptions, Planned, plan_run
-from launch.config import load_run_config, parse_overrides, read_yaml, resolve_config_path
+from launch.config import launch_defaults, load_run_config, parse_overrides, read_yaml, resolve_config_path
 from launch.launcher import split_launch_options
 
 
@@ -50,6 +50,8 @@ def plan_main(argv: list[str]) -> int:
     overrides: dict[str, Any] = parse_overrides(rest)
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     values = {k: overrides.pop(k) for k in list(overrides) if k in fields}
+    if "data_parallel_degree" not in overrides:  # as `sft`: the file's process count, dp derived from it
+        launch = {**launch_defaults(_command(config, overrides), config), **launch}
     values |= {k: v for k, v in launch.items() if k in ("nproc_per_node", "nnodes")}
     casts = {"device_memory_gb": float, "supervised_fraction": float, "reserve_gb": float, "image_size": int,
              "images_per_sample": int, "nproc_per_node": int, "nnodes": lambda x: int(str(x).split(":")[0]),

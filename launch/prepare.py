@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
-from autoparallel.data.records import DataError, load_meta
+from autoparallel.data.records import DataError, RecordStore, missing_media_error
 from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
-from launch.config import load_run_config, parse_overrides
+from launch.config import launch_defaults, load_run_config, parse_overrides
 from network.config import Qwen2VLConfig
 from network.formats import CheckpointError
+from network.log import logger
 from placements.degrees import DegreeError, validate_degrees
 
 
@@ -32,8 +33,8 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
             continue
         if not Path(value).is_file():
             raise ConfigError(f"{key}={value!r}: file not found")
-        try:  # the meta file and the annotation/root paths it names (cheap: annotations are not parsed here)
-            load_meta(value)
+        try:
+            check_records(cfg, value, train=key == "meta_path")
         except DataError as exc:
             raise ConfigError(f"{key}: {exc}") from None
     if cfg.parallel.pipeline_parallel_degree > 1 and cfg.train.evaluation_strategy != "no":
@@ -44,6 +45,26 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     if cfg.train.evaluation_strategy == "steps" and cfg.train.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
     return config
+
+
+def check_records(cfg: RunConfig, meta_path: str, train: bool) -> None:
+    """What is cheap to find before workers start: the meta and annotation files parse, every record is valid
+    (placeholder counts, roles, JSON), its media files exist, and the training set fills one global batch.
+    Decoding media stays with the workers (their errors are relayed as one line too). With skip_bad_samples,
+    bad records are left to the loader, which skips and counts them."""
+    skip = cfg.data.skip_bad_samples
+    store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip)
+    if not skip:
+        for conv in store.conversations:
+            for path in (*conv.images, *conv.videos):
+                if not os.path.exists(path):
+                    raise missing_media_error(conv, path)
+    per_device = cfg.train.per_device_train_batch_size if train else cfg.train.per_device_eval_batch_size
+    dp = cfg.parallel.degrees().dp
+    if train and len(store) < per_device * dp:
+        raise DataError(meta_path, None, f"the dataset has {len(store)} samples, fewer than one global batch of "
+                                         f"{per_device * dp} (per_device_train_batch_size {per_device} x {dp} "
+                                         "data-parallel ranks)", kind="too small")
 
 
 def _ensure_synthetic_data(cfg: RunConfig) -> None:
@@ -60,12 +81,20 @@ def _ensure_synthetic_data(cfg: RunConfig) -> None:
 def check_launch_options(launch: dict[str, str]) -> None:
     """Launcher options are checked here too, so a typo fails before paddle.distributed.launch waits for peers."""
     problems = []
+    if launch.get("run_mode", "collective") != "collective":
+        problems.append(f"--run_mode {launch['run_mode']!r} is not supported (only collective)")
+    devices = launch.get("devices")
+    if devices is not None and not all(d.strip() for d in devices.split(",")):
+        problems.append(f"--devices {devices!r} must be a comma-separated list of device ids")
+    nproc = launch.get("nproc_per_node", "")
+    if devices is not None and nproc.isdigit() and int(nproc) != len(devices.split(",")):
+        problems.append(f"--nproc_per_node {nproc} disagrees with --devices {devices!r}")
     for key in ("nproc_per_node", "rank"):
         if key in launch and not launch[key].isdigit():
             problems.append(f"--{key} {launch[key]!r} must be a non-negative integer")
     if launch.get("nproc_per_node") == "0":
         problems.append("--nproc_per_node must be >= 1")
-    nnodes = launch.get("nnodes", "1")
+    nnodes = launch.get("nnodes", str(len(launch["ips"].split(","))) if "ips" in launch else "1")
     parts = nnodes.split(":")
     if len(parts) > 2 or not all(part.isdigit() and int(part) >= 1 for part in parts):
         problems.append(f"--nnodes {nnodes!r} must be N or MIN:MAX with N >= 1")
@@ -73,8 +102,11 @@ def check_launch_options(launch: dict[str, str]) -> None:
         max_nodes = int(parts[-1])
         if launch.get("rank", "").isdigit() and int(launch["rank"]) >= max_nodes:
             problems.append(f"--rank {launch['rank']} must be < --nnodes {nnodes}")
-        if max_nodes > 1 and "master" not in launch:
+        if max_nodes > 1 and "master" not in launch and "ips" not in launch:
             problems.append(f"--nnodes {nnodes} needs --master HOST:PORT (an address of node 0 every node reaches)")
+        if "ips" in launch and len(launch["ips"].split(",")) != max_nodes:
+            problems.append(f"--ips {launch['ips']!r} lists {len(launch['ips'].split(','))} nodes but --nnodes is "
+                            f"{nnodes}")
     master = launch.get("master")
     if master is not None:
         host, _, port = master.rpartition(":")
@@ -84,18 +116,45 @@ def check_launch_options(launch: dict[str, str]) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def node_count(launch: dict[str, str]) -> int:
+    """Nodes of the job: --nnodes (its minimum when elastic), else the length of --ips, else 1."""
+    if "nnodes" in launch:
+        return int(launch["nnodes"].split(":")[0])
+    return len(launch["ips"].split(",")) if "ips" in launch else 1
+
+
 def prepare_run(command: str, config: Optional[str], argv_overrides: list[str],
                 launch: dict[str, str]) -> tuple[Path, int, str]:
     """Parent side of `qwen2vl-ap sft|lora`: resolve, validate and write the run config.
 
     Returns (run config path, processes per node, output_dir)."""
     cfg = load_run_config(command, config, parse_overrides(argv_overrides))
+    if cfg.parallel.data_parallel_degree is None:  # the file's process count, from which dp is derived
+        launch = {**launch_defaults(command, config), **launch}
     check_launch_options(launch)
-    nnodes = int(launch.get("nnodes", "1").split(":")[0])
-    degrees = cfg.parallel.degrees()
-    nproc = int(launch.get("nproc_per_node", max(1, degrees.world_size // nnodes)))
+    notice = cfg.compatibility_notice()
+    if notice:
+        logger.info("%s", notice)
+    nnodes = node_count(launch)
+    if "nproc_per_node" in launch:
+        nproc = int(launch["nproc_per_node"])
+    elif "devices" in launch:
+        nproc = len(launch["devices"].split(","))
+    else:
+        nproc = max(1, cfg.parallel.degrees().world_size // nnodes)
+    try:
+        cfg.parallel.resolve_data_parallel(nproc * nnodes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _ensure_synthetic_data(cfg)
     validate(cfg, nproc * nnodes)
+    d, train = cfg.parallel.degrees(), cfg.train
+    stage = f" (sharding stage{d.sharding_stage})" if d.sharding_stage else ""
+    logger.info("%s%s: %s on %d processes = dp %d%s x mp %d x pp %d; global batch %d = %d per device x %d "
+                "accumulation x %d", command, " (LoRA)" if cfg.uses_lora else "", cfg.model.model_name_or_path,
+                d.world_size, d.dp, stage, d.mp, d.pipeline_parallel_degree,
+                train.per_device_train_batch_size * train.gradient_accumulation_steps * d.dp,
+                train.per_device_train_batch_size, train.gradient_accumulation_steps, d.dp)
     try:
         check_writable(cfg.train.output_dir)
         resolve_resume_path(cfg.train.resume_from_checkpoint, cfg.train.output_dir)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launch.infer import InferError, check_model_args, load_for_rank, relaunch_needed, stop_token_ids
+from launch.infer import InferError, check_model_args, checkpoint_stop_ids, load_for_rank, relaunch_needed
 from launch.launcher import WorkerLaunch, stop
 from network.log import logger
 
@@ -34,7 +34,8 @@ RANK0_PID_ENV = "QWEN2VL_AP_SERVE_PID_FILE"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-ap serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams)")
+    p.add_argument("--model", required=True, help="model directory (merged, HF safetensors or model_state.pdparams) "
+                                                  "or a Hub id such as Qwen/Qwen2-VL-2B-Instruct (Hub cache)")
     p.add_argument("--lora", help="adapter directory (lora_config.json + lora_model_state.pdparams), folded at load")
     p.add_argument("--served_model_name", help="the `model` name clients use (default: the model folder's name)")
     p.add_argument("--host", default="127.0.0.1")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
+    args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
     positive = ("max_batch_size", "max_tokens", "max_images", "max_image_pixels", "max_video_frames")
     bad = [f"--{k}" for k in positive if getattr(args, k) < 1] + (["--max_videos"] if args.max_videos < 0 else [])
     if bad:
@@ -135,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
         max_model_len=args.max_model_len or model.config.max_position_embeddings, limits=limits,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), default_max_tokens=args.max_tokens, defaults=defaults)
-    batcher = Batcher(model, processor, stop_token_ids(processor, model.config), args.max_batch_size,
+    batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,
                       args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None)
     app = create_app(batcher, processor, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,

@@ -19,6 +19,10 @@ _OPTIONAL = ("hidden_act", "attention_dropout", "image_token_id", "video_token_i
              "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+# transformers' Qwen2VLVisionConfig defaults (the shared 675M ViT of every published Qwen2-VL size).
+QWEN2_VL_VISION_DEFAULTS = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
+
+
 @dataclass(kw_only=True)
 class VisionConfig:
     """Fields every Qwen-VL vision tower has."""
@@ -142,6 +146,10 @@ class Qwen2VLConfig:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(MODEL_TYPES)}")
         vis = need(d, "vision_config")
+        if model_type == "qwen2_vl":
+            # transformers >= 4.45 writes only the non-default vision keys: a missing one takes HF's
+            # Qwen2VLVisionConfig default (the merger width defaults to the LLM's, which it must equal).
+            vis = {**QWEN2_VL_VISION_DEFAULTS, **vis}
         common = dict(
             depth=need(vis, "depth", "vision_config."),
             num_heads=need(vis, "num_heads", "vision_config."),
@@ -232,7 +240,7 @@ class Qwen2VLConfig:
 
 def _vision(hidden_size: int) -> Qwen2VLVisionConfig:
     # Every published Qwen2-VL size shares the same 675M-parameter ViT; only the merger output differs.
-    return Qwen2VLVisionConfig(depth=32, embed_dim=1280, hidden_size=hidden_size, num_heads=16, mlp_ratio=4)
+    return Qwen2VLVisionConfig(hidden_size=hidden_size, **QWEN2_VL_VISION_DEFAULTS)
 
 
 def _vision_2_5(hidden_size: int) -> Qwen2_5_VLVisionConfig:

@@ -119,6 +119,37 @@ def load_metadata(path: str) -> Metadata:
     return meta
 
 
+# ---- small state pickles (RNG states) -----------------------------------------------------------------------
+NUMPY_ARRAY_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, f: io.BufferedReader, allowed: dict[tuple[str, str], Any]):
+        super().__init__(f)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}") from None
+
+
+def load_restricted_pickle(path: str | os.PathLike, allowed: dict[tuple[str, str], Any]) -> Any:
+    """Unpickle a small state file resolving only the `allowed` globals ((module, name) -> object), so a crafted
+    file cannot run code; anything else is a FormatError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return _AllowListUnpickler(f, allowed).load()
+    except (EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError, IndexError) as exc:
+        raise FormatError(f"{path}: refused to load ({type(exc).__name__}: {exc})") from None
+
+
 # ---- lazy pickle index -------------------------------------------------------------------------------------
 @dataclass
 class _Payload:

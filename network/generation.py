@@ -22,8 +22,10 @@ row costs nothing in later steps. Rows never interact, so this changes no row's 
 """
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -60,6 +62,36 @@ class GenerationConfig:
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+
+GENERATION_CONFIG = "generation_config.json"
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+@dataclass
+class CheckpointGenerationDefaults:
+    """What a checkpoint's `generation_config.json` says: its stop ids (the Hub's Qwen2-VL files list
+    151645 `<|im_end|>` and 151643 `<|endoftext|>`) and sampling settings (do_sample false means greedy)."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    sampling: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, model_dir: str | None) -> "CheckpointGenerationDefaults":
+        path = os.path.join(model_dir, GENERATION_CONFIG) if model_dir else None
+        if not path or not os.path.isfile(path):
+            return cls()
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        eos = data.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else eos or []
+        sampling = {k: data[k] for k in SAMPLING_KEYS if isinstance(data.get(k), (int, float))}
+        if data.get("do_sample") is False:
+            sampling["temperature"] = 0.0
+        return cls(tuple(int(i) for i in eos), sampling)
 
 
 @dataclass

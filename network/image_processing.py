@@ -87,6 +87,7 @@ def open_image(image: ImageLike) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         try:
             img = Image.open(image)
+            _refuse_bomb(img, image)
             img.load()
         except (OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image file {os.fspath(image)!r}: {e}") from e
@@ -102,9 +103,19 @@ def image_hw(image: ImageLike) -> tuple[int, int]:
         return image.height, image.width
     try:
         with Image.open(image) as img:
+            _refuse_bomb(img, image)
             return img.height, img.width
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image file {os.fspath(image)!r}: {e}") from e
+
+
+def _refuse_bomb(img: Image.Image, path: ImageLike) -> None:
+    """PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes it all; every image is resized to at
+    most max_pixels anyway, so a header claiming more is refused before any pixel is decoded."""
+    if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height} pixels exceed the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -4,13 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from network.image_processing import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
-    DEFAULT_VIDEO_MAX_PIXELS,
-    DEFAULT_VIDEO_MIN_PIXELS,
-)
 from network.processor import DEFAULT_SYSTEM_PROMPT
+
+
+def _bounds_ok(low: Optional[int], high: Optional[int]) -> bool:
+    return (low is None or low > 0) and (high is None or high > 0) and (low is None or high is None or low <= high)
 
 
 @dataclass
@@ -20,14 +18,16 @@ class DataConfig:
     # Used by the demo when meta_path is unset: the synthetic dataset is generated there (or reused).
     synthetic_data_dir: Optional[str] = None
     max_seq_length: int = 2048
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Pixel bounds: None takes the checkpoint's preprocessor config (HF's defaults for a preset), so training and
+    # `infer` see the same resolution unless the run config sets one.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     # PaddleMIX compatibility: cap the long side before min/max pixels apply (None = no cap).
     image_resolution: Optional[int] = None
     video_fps: float = 2.0
     video_maxlen: int = 64  # max sampled frames per video
-    video_min_pixels: int = DEFAULT_VIDEO_MIN_PIXELS
-    video_max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS
+    video_min_pixels: Optional[int] = None
+    video_max_pixels: Optional[int] = None
     skip_bad_samples: bool = False
     # Named like HF's `data_seed` so it does not collide with the trainer's `seed` in the flat key space.
     data_seed: int = 42
@@ -38,8 +38,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         checks = {
             "max_seq_length": self.max_seq_length >= 8,
-            "min_pixels": 0 < self.min_pixels <= self.max_pixels,
-            "video_min_pixels": 0 < self.video_min_pixels <= self.video_max_pixels,
+            "min_pixels": _bounds_ok(self.min_pixels, self.max_pixels),
+            "video_min_pixels": _bounds_ok(self.video_min_pixels, self.video_max_pixels),
             "image_resolution": self.image_resolution is None or self.image_resolution > 0,
             "video_fps": self.video_fps > 0,
             "video_maxlen": self.video_maxlen >= 2,
@@ -48,3 +48,9 @@ class DataConfig:
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+
+    @property
+    def pixel_overrides(self) -> dict[str, int]:
+        """The image-processor settings this config sets (the rest come from the checkpoint)."""
+        keys = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "image_resolution")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}

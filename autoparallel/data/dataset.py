@@ -41,6 +41,7 @@ from autoparallel.data.records import (
     DataError,
     RecordStore,
     SkipLog,
+    missing_media_error,
 )
 from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
@@ -55,10 +56,9 @@ _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_
 
 def build_processor(config: DataConfig, path: Optional[str] = None,
                     processor: Optional[Qwen2VLProcessor] = None) -> Qwen2VLProcessor:
-    """The processor with the data config's pixel limits (they override a checkpoint's preprocessor config)."""
-    overrides = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                     video_min_pixels=config.video_min_pixels, video_max_pixels=config.video_max_pixels,
-                     image_resolution=config.image_resolution)
+    """The processor with the pixel limits the data config sets (they override a checkpoint's preprocessor config;
+    unset ones keep it)."""
+    overrides = config.pixel_overrides
     if processor is None:
         return Qwen2VLProcessor.from_pretrained(path, **overrides)
     return Qwen2VLProcessor(processor.tokenizer, dataclasses.replace(processor.image_processor, **overrides))
@@ -215,7 +215,7 @@ class SFTDataset:
     # ---- probing (no pixel decoding) ----------------------------------------------------------------------------
     def _media_error(self, conv: Conversation, path: str, e: Exception) -> DataError:
         if not os.path.exists(path):
-            return DataError(conv.file, conv.index, f"media file not found: {path}", kind="missing media")
+            return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
 
     def _probe_tokens(self, conv: Conversation) -> tuple[list[int], list[int]]:

@@ -67,6 +67,8 @@ class SFTDataLoader:
     """Iterate this rank's batches of one epoch at a time (`for batch in loader`); batches are `collate` dicts
     plus `global_num_labels` (int), `epoch` and `step`."""
 
+    _executor: Optional[Executor] = None  # class default: close()/__del__ work even if __init__ raised early
+
     def __init__(self, dataset: SFTDataset, per_device_batch_size: int, dp_world_size: int = 1, dp_rank: int = 0,
                  num_workers: Optional[int] = None, worker_type: Literal["thread", "process"] = "thread",
                  prefetch_batches: int = 2, shuffle: bool = True, seed: Optional[int] = None):

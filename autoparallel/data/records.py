@@ -3,8 +3,12 @@
 Meta JSON (PaddleMIX): `{name: {"annotation" | "file_name": path, "repeat_time": float = 1, "root"?: dir,
 "length"?: int}}` ("length" is informational). Relative annotation/root paths resolve against the meta file's
 directory when they exist there (so a dataset folder can be moved as a whole), else against the working directory
-(PaddleMIX's behaviour). Relative media paths are joined
-to `root` when it is given (PaddleMIX ignores `root`); otherwise they are taken as given (working directory).
+(PaddleMIX's behaviour). A relative media path is used as given (working directory) when that file exists, else
+under the entry's `root`: PaddleMIX ignores `root` and its own meta files carry paths that already start with it,
+while InternVL-style meta files give paths relative to `root`. When neither exists, the error names both.
+
+`repeat_time` r: r < 1 keeps the first int(N * r) records of the file (PaddleMIX's `raw_data[:int(N * r)]`);
+r >= 1 repeats the file floor(r) times plus a seeded sample (without replacement) of the fraction.
 
 Record forms (JSON list or JSONL, by file extension):
 - messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}], "images": [...], "videos": [...]}`
@@ -12,7 +16,9 @@ Record forms (JSON list or JSONL, by file extension):
   "image" | "images": path or list, "video" | "videos": path or list}`
 A conversation is an optional system message, then user/assistant turns alternating, ending with an assistant
 answer. `<image>`/`<video>` placeholders may appear in system and user messages, never in answers, and their
-counts must equal the numbers of images/videos (used in order of appearance).
+counts must equal the numbers of images/videos (used in order of appearance). A record with images (videos) and no
+placeholder at all gets one `<image>\n` (`<video>\n`) per file prepended to its first user message, as PaddleMIX
+and InternVL do; `Conversation.added_placeholders` counts them for the data report.
 """
 from __future__ import annotations
 
@@ -112,6 +118,8 @@ class Conversation:
     turns: tuple[tuple[str, Optional[str]], ...]  # answer None only in generation prompts
     images: tuple[str, ...]
     videos: tuple[str, ...]
+    root: Optional[str] = None  # the meta entry's root: a missing media file's message names both candidates
+    added_placeholders: int = 0  # placeholders prepended to the first user message (media without any)
 
 
 def _resolve_file(path: str, meta_dir: str) -> str:
@@ -247,23 +255,52 @@ def parse_record(record: Any, file: str, index: int, root: Optional[str]) -> Con
             raise DataError(file, index, f"media placeholder in the answer of turn {k}", kind="placeholder mismatch")
     images = _media_list(record, ("images", "image"), file, index)
     videos = _media_list(record, ("videos", "video"), file, index)
+    added = 0
+    for placeholder, media in ((VIDEO_PLACEHOLDER, videos), (IMAGE_PLACEHOLDER, images)):  # images end up first
+        if media and not any(placeholder in text for text in (system or "", *(user for user, _ in turns))):
+            first_user, first_answer = turns[0]
+            turns = ((f"{placeholder}\n" * len(media) + first_user, first_answer), *turns[1:])
+            added += len(media)
     prompt_text = (system or "") + "".join(user for user, _ in turns)
     for placeholder, media, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
         count = prompt_text.count(placeholder)
         if count != len(media):
             raise DataError(file, index, f"{count} {placeholder} placeholders but {len(media)} {name}",
                             kind="placeholder mismatch")
+    return Conversation(file, index, system, turns, tuple(resolve_media(p, root) for p in images),
+                        tuple(resolve_media(p, root) for p in videos), root, added)
 
-    def resolve(path: str) -> str:
-        return os.path.join(root, path) if root and not os.path.isabs(path) else path
 
-    return Conversation(file, index, system, turns, tuple(map(resolve, images)), tuple(map(resolve, videos)))
+def media_candidates(path: str, root: Optional[str]) -> list[str]:
+    """Where a record's media path may be: as given, then under the meta entry's root (relative paths only)."""
+    if root is None or os.path.isabs(path):
+        return [path]
+    return [path, os.path.join(root, path)]
+
+
+def resolve_media(path: str, root: Optional[str]) -> str:
+    """The first existing candidate of `media_candidates`, else the last one (the error then names them all)."""
+    candidates = media_candidates(path, root)
+    return next((c for c in candidates[:-1] if os.path.exists(c)), candidates[-1])
+
+
+def missing_media_error(conv: Conversation, path: str) -> DataError:
+    """The error for a media file that does not exist, naming every place it was looked for."""
+    under_root = os.path.join(conv.root, "") if conv.root else None
+    if under_root and path.startswith(under_root):  # resolve_media tried the path as given first
+        where = f"neither {path[len(under_root):]} (as given) nor {path} (under root) exists"
+    else:
+        where = path
+    return DataError(conv.file, conv.index, f"media file not found: {where}", kind="missing media")
 
 
 def repeat_indices(num_records: int, repeat_time: float, seed: int, name: str) -> np.ndarray:
-    """Indices realising `repeat_time`: floor(repeat_time) full copies plus a seeded sample without replacement
-    of the fraction, int(num_records * repeat_time) in total. Deterministic in (seed, name)."""
+    """Indices realising `repeat_time`, int(num_records * repeat_time) in total: below 1 the first records (as
+    PaddleMIX), else floor(repeat_time) full copies plus a seeded sample without replacement of the fraction.
+    Deterministic in (seed, name)."""
     total = int(num_records * repeat_time)
+    if repeat_time < 1:
+        return np.arange(total, dtype=np.int64)
     full = min(int(repeat_time), total // max(num_records, 1))
     extra = total - full * num_records
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -281,12 +318,14 @@ class RecordStore:
         self.sources = load_meta(meta_path)
         self.skips = skips if skips is not None else SkipLog()
         self.conversations: list[Conversation] = []
+        self.added_placeholders = 0  # over valid records (each once, however often repeat_time draws it)
         per_sample: list[np.ndarray] = []
         for source in self.sources:
             valid: list[Conversation] = []
             for index, raw in enumerate(read_annotation(source.annotation)):
                 try:
                     valid.append(parse_record(raw, source.annotation, index, source.root))
+                    self.added_placeholders += valid[-1].added_placeholders
                 except DataError as e:
                     if not skip_bad:
                         raise

@@ -3,7 +3,7 @@
 Layout of `output_dir/checkpoint-N/`:
   dist_ckpt/            `dist.save_state_dict` of model + optimizer (`{rank}_{uid}.distcp` + `{uid}.metadata`)
   trainer_state.json    step, epoch, data-loader position, LR-scheduler state, metrics so far (written last)
-  rng_state_{rank}.pkl  Python/NumPy/Paddle RNG states of each rank
+  rng_state_{rank}.pkl  Python/NumPy/Paddle RNG states of each rank (read back with a restricted unpickler)
   config.yaml, config.json, tokenizer/processor files
 
 Every rank writes into `output_dir/.tmp-checkpoint-N/`; after a barrier rank 0 renames it to `checkpoint-N`.
@@ -28,7 +28,8 @@ import paddle.distributed as dist
 from safetensors import SafetensorError
 
 from autoparallel.engine import faults
-from network.formats import CheckpointError, load_metadata
+from network.formats import (NUMPY_ARRAY_GLOBALS, CheckpointError, FormatError, index_pickle, load_metadata,
+                             load_restricted_pickle)
 from network.log import logger
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -73,6 +74,8 @@ def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[Path
         return None
     if resume == "auto":
         checkpoints = list_checkpoints(output_dir)
+        if checkpoints:
+            check_dist_files(checkpoints[-1][1] / DIST_DIR)
         return checkpoints[-1][1] if checkpoints else None
     path = Path(resume)
     if path.name == DIST_DIR:
@@ -82,6 +85,7 @@ def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[Path
     if not is_complete(path):
         raise CheckpointError(
             f"resume_from_checkpoint={resume!r} is incomplete (needs {TRAINER_STATE} and {DIST_DIR}/*.metadata)")
+    check_dist_files(path / DIST_DIR)
     return path
 
 
@@ -258,5 +262,22 @@ def load_rng_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
     file = path / f"rng_state_{rank}.pkl"
     if not file.is_file():
         return None
-    with open(file, "rb") as handle:
-        return pickle.load(handle)
+    # Restricted: numpy arrays and Paddle's generator state only, so a crafted file cannot run code.
+    allowed = {**NUMPY_ARRAY_GLOBALS, ("paddle.base.libpaddle", "GeneratorState"): type(paddle.get_rng_state()[0])}
+    try:
+        return load_restricted_pickle(file, allowed)
+    except FormatError as exc:
+        raise CheckpointError(f"resume_from_checkpoint: {exc}") from None
+
+
+def check_dist_files(dist_dir: Path) -> None:
+    """Paddle's `dist.load_state_dict` unpickles `*.metadata` and `*.distcp` files with plain pickle. Read each
+    one first with the restricted unpicklers of network/formats.py (no tensor data is read), so a crafted file is
+    refused, naming it, before Paddle ever opens it."""
+    try:
+        for file in sorted(dist_dir.glob("*.metadata")):
+            load_metadata(str(file))
+        for file in sorted(dist_dir.glob("*.distcp")):
+            index_pickle(str(file))
+    except FormatError as exc:
+        raise CheckpointError(f"resume_from_checkpoint: refusing {exc}") from None

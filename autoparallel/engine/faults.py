@@ -5,18 +5,20 @@
   save   die in the middle of writing checkpoint-N (after its tensors, before it is published)
   hang   stop making progress (sleep forever) right after step N, like a rank stuck on a dead file system
   nan    multiply this rank's loss of step N by NaN before backward, so loss and gradients of the step are NaN
+  sigkill  SIGKILL itself right after optimizer step N, as the out-of-memory killer does
 The launcher stops the other ranks of a dead rank; a hung rank is ended by the timeouts (see RELIABILITY.md).
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from network.log import logger
 
 ENV = "QWEN2VL_AP_FAULT"
 EXIT_CODE = 17
-ACTIONS = ("train", "save", "hang", "nan")
+ACTIONS = ("train", "save", "hang", "nan", "sigkill")
 
 
 def _parse(spec: str) -> dict[str, str]:
@@ -43,6 +45,9 @@ def maybe_fail(rank: int, step: int, at: str) -> None:
     if _requested(rank, step, at):
         logger.error("fault injection: rank %d dies at %s of step %d", rank, at, step)
         os._exit(EXIT_CODE)
+    if at == "train" and _requested(rank, step, "sigkill"):
+        logger.error("fault injection: rank %d sends itself SIGKILL after step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
     if at == "train" and _requested(rank, step, "hang"):
         logger.error("fault injection: rank %d hangs after step %d", rank, step)
         while True:

@@ -11,9 +11,10 @@ from network.device import bf16_supported
 
 
 def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: float = 0.0) -> float:
-    """Linear warmup then cosine/linear decay to `min_ratio`, or constant; `step` counts from 0."""
+    """Linear warmup then cosine/linear decay to `min_ratio`, or constant; `step` counts from 0. Warmup is
+    PaddleNLP's (and HF's) `step / warmup`: the first step runs at learning rate 0."""
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if kind == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

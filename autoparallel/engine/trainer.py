@@ -42,7 +42,9 @@ from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
+from network.hub import resolve_model_dir
 from network.log import logger
+from network.processor import Qwen2VLProcessor
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import video_tokens_per_second
 
@@ -82,8 +84,15 @@ def build_model(cfg: RunConfig) -> Qwen2VLForConditionalGeneration:
         return Qwen2VLForConditionalGeneration(model_config(name))
     dtype = param_dtype(cfg)
     if needs_dense_load(cfg.parallel.degrees().sharding_stage):
-        return Qwen2VLForConditionalGeneration.from_pretrained(name, dtype)
+        return Qwen2VLForConditionalGeneration.from_pretrained(resolve_model_dir(name), dtype)
     return Qwen2VLForConditionalGeneration.lazy(model_config(name), dtype)
+
+
+def build_processor_for(cfg: RunConfig) -> Qwen2VLProcessor:
+    """The checkpoint's tokenizer and preprocessor config (its pixel limits are the defaults the data config may
+    override), or the embedded tokenizer and HF defaults for a preset."""
+    name = cfg.model.model_name_or_path
+    return Qwen2VLProcessor.from_pretrained(None if name in PRESETS else resolve_model_dir(name))
 
 
 def apply_recompute(model: Qwen2VLForConditionalGeneration) -> None:
@@ -122,7 +131,11 @@ class Trainer:
         # Sequence-sharded activations need a sequence length divisible by mp.
         self.seq_multiple = self.degrees.mp if cfg.parallel.sequence_parallel else 1
 
-        self.dataset = SFTDataset(cfg.data, video_tokens_per_second=video_tokens_per_second(network_config))
+        self.dataset = SFTDataset(cfg.data, processor=build_processor_for(cfg),
+                                   video_tokens_per_second=video_tokens_per_second(network_config))
+        if self.rank == 0 and self.dataset.records.added_placeholders:
+            logger.info("added %d <image>/<video> placeholders to records that had media but none (PaddleMIX rule)",
+                        self.dataset.records.added_placeholders)
         self.loader = SFTDataLoader(self.dataset, cfg.train.per_device_train_batch_size, self.degrees.dp,
                                     self.dp_rank, seed=cfg.data.data_seed)
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.gradient_accumulation_steps)
@@ -135,7 +148,8 @@ class Trainer:
         if use_bf16(cfg):  # GPU only (see README); the weights are bf16 already (param_dtype), lazy ones stay lazy
             # master_grad: fp32 gradients (`main_grad`, read by autoparallel.gradients), as PaddleMIX trains.
             self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
-                                                        dtype="bfloat16", master_weight=True, master_grad=True)
+                                                        dtype="bfloat16", master_weight=True,
+                                                        master_grad=cfg.model.amp_master_grad)
         self.clip_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else None
         if self.stage is not None:
             self.model, self.optimizer, _ = parallelize_stage(
@@ -175,7 +189,7 @@ class Trainer:
         if self.resume_path is not None:
             allocate_for_resume(self.model)
         else:
-            load_sharded(self.model, self.cfg.model.model_name_or_path, part=self.stage is not None)
+            load_sharded(self.model, resolve_model_dir(self.cfg.model.model_name_or_path), part=self.stage is not None)
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, paddle.Tensor]:
@@ -327,7 +341,8 @@ class Trainer:
         if self.rank == 0 and by_kind:
             logger.warning("skipped %d bad samples: %s", sum(by_kind.values()), json.dumps(by_kind))
         metrics.log({"step": self.step, "skipped_samples": sum(by_kind.values()), "skipped_by_kind": by_kind,
-                     "skipped_nonfinite": self.skipped_nonfinite})
+                     "skipped_nonfinite": self.skipped_nonfinite,
+                     "placeholders_added": self.dataset.records.added_placeholders})
         metrics.close()
         self.loader.close()
         barrier()

@@ -8,6 +8,7 @@ from typing import Any
 from autoparallel.config import ConfigError, RunConfig
 from autoparallel.planning.memory import GiB, PlanSetup
 from autoparallel.planning.setup import PlanOptions, Planned, plan_run
+from network.image_processing import DEFAULT_MIN_PIXELS
 
 Change = tuple[str, dict[str, Any]]
 
@@ -57,7 +58,7 @@ def _largest_max_pixels(base: Planned, cfg: RunConfig, options: PlanOptions, lim
     """The largest max_pixels (whole 28x28 merged tokens) that fits, by bisection (memory grows with it)."""
     factor = base.setup.config.vision_config.patch_size * base.setup.config.vision_config.spatial_merge_size
     t, h, w = base.setup.workload.image_grid
-    min_pixels = cfg.data.min_pixels
+    min_pixels = cfg.data.min_pixels or DEFAULT_MIN_PIXELS
     lo, hi = max(1, -(-min_pixels // factor ** 2)), h * w // 4 - 1
     best = None
     while lo <= hi:

@@ -71,15 +71,19 @@ def _model_config(name: str) -> Qwen2VLConfig:
 def plan_run(cfg: RunConfig, options: PlanOptions) -> Planned:
     """The `PlanSetup` and memory plan of a run config."""
     model = _model_config(cfg.model.model_name_or_path)
-    degrees = cfg.parallel.degrees()
     world = options.nproc_per_node * options.nnodes if options.nproc_per_node else None
+    if world and cfg.parallel.data_parallel_degree is None:
+        try:  # as the launcher does: derived from the world size (a world that fits none is a problem below)
+            cfg.parallel.resolve_data_parallel(world)
+        except ValueError:
+            pass
+    degrees = cfg.parallel.degrees()
     # Planning a GPU run on a CPU machine: the CPU build's own limits do not apply.
     problems = degree_problems(degrees, model, world, allow_pipeline=True, cpu_build=options.device == "cpu")
     v = model.vision_config
-    processor = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                      image_resolution=cfg.data.image_resolution, patch_size=v.patch_size,
+    processor = Qwen2VLImageProcessor(**cfg.data.pixel_overrides, patch_size=v.patch_size,
                                       temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
-    side = options.image_size or cfg.data.image_resolution or math.isqrt(cfg.data.max_pixels)
+    side = options.image_size or cfg.data.image_resolution or math.isqrt(processor.max_pixels)
     grid = processor.grid_thw(side, side)
     rh, rw = processor.resized_hw(side, side)
     image_tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size ** 2

@@ -11,7 +11,7 @@ import pytest
 
 from autoparallel.data import DataConfig, DataError, SFTDataset
 from cli_runs import FAST, metrics, no_leftover_processes, sft  # noqa: F401
-from hostile_data import CASES, MAX_SEQ_LENGTH, record, write_hostile_dataset
+from hostile_data import CASES, MAX_SEQ_LENGTH, record, truncated, write_hostile_dataset, written
 from network.processor import Qwen2VLProcessor
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -46,6 +46,7 @@ HANDLED = {
     "rgba": lambda s: grid(s) == [1, 4, 4],  # alpha dropped, as HF's convert("RGB")
     "exif_rotated": lambda s: grid(s) == [1, 8, 4],  # stored 56 wide x 112 high: orientation ignored, as HF
     "animated_gif": lambda s: grid(s) == [1, 4, 4],  # first frame only
+    "media_without_placeholder": lambda s: grid(s) == [1, 4, 4] and (s["input_ids"] == 151655).sum() == 4,
 }
 
 
@@ -116,4 +117,80 @@ def test_training_in_skip_mode_finishes_with_the_skip_count(tmp_path):
     expected = {e: sum(1 for *_, k in CASES.values() if k == e) for *_, e in CASES.values() if e != "ok"}
     expected["invalid text"] = 1
     final = records[-1]
-    assert final["skipped_by_kind"] == expected and final["skipped_samples"] == sum(expected.values()) == 10, final
+    assert final["skipped_by_kind"] == expected and final["skipped_samples"] == sum(expected.values()) == 9, final
+    assert final["placeholders_added"] == 1  # media_without_placeholder
+
+
+def good_records(root: Path, n: int) -> list[dict]:
+    from hostile_data import noise, saved
+
+    return [record("<image>What colour is the shape?", "images", [saved(noise(56, 56, seed=i), root / f"g{i}.png")])
+            for i in range(n)]
+
+
+# case -> (bad annotation content or None, expected text in the one line, found before workers start)
+CORPUS = {
+    "missing_image": (lambda r: [record("<image>q", "images", ["nope.png"])], "media file not found", True),
+    "truncated_image": (lambda r: [record("<image>q", "images", [truncated(r / "t.png", "PNG")])],
+                        "unreadable media", False),
+    "fake_image": (lambda r: [record("<image>q", "images", [written(r / "fake.png", b"GIF89a but not really")])],
+                   "unreadable media", False),
+    "placeholder_mismatch": (lambda r: [record("<image><image>q", "images", ["g0.png"])],
+                             "2 <image> placeholders but 1 images", True),
+    "invalid_json": (lambda r: b"[{not json", "invalid JSON", True),
+    "missing_meta": (None, "file not found", True),
+    "smaller_than_one_global_batch": (lambda r: [], "fewer than one global batch of 4", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_hostile_dataset_gives_one_clean_line(tmp_path, case):
+    """No skip mode: every broken dataset stops the run with one line naming file, record and reason (found in
+    the parent where cheap, else relayed from the worker), a non-zero exit code and no traceback."""
+    make_bad, reason, in_parent = CORPUS[case]
+    root = tmp_path / "data"
+    root.mkdir()
+    good = good_records(root, 1 if case == "smaller_than_one_global_batch" else 3)
+    ann = root / "ann.json"
+    if make_bad is None:
+        meta = str(root / "missing" / "meta.json")
+    else:
+        bad = make_bad(root)
+        ann.write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad + good).encode())
+        meta = str(root / "meta.json")
+        Path(meta).write_text(json.dumps({"d": {"annotation": "ann.json", "root": "."}}))
+    out = tmp_path / "run"
+    run = sft(out, ["--meta_path", meta, "--data_parallel_degree", "2", "--max_steps", "1", *FAST])
+    assert run.returncode == (2 if in_parent else 1), run.logs()
+    lines = [line for line in run.stderr.splitlines() if line.startswith("qwen2vl-ap sft:")]
+    assert len(lines) == 1, run.stderr
+    assert reason in lines[0]
+    assert (meta if case in ("missing_meta", "smaller_than_one_global_batch") else str(ann)) in lines[0]
+    if case not in ("missing_meta", "invalid_json", "smaller_than_one_global_batch"):
+        assert "record 0" in lines[0]
+    assert "Traceback" not in run.stdout + run.stderr
+    if not in_parent:
+        assert "Traceback" in run.worker_logs()  # the details stay in the worker log
+
+
+def test_verbose_shows_the_worker_traceback(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    records = [record("<image>q", "images", [truncated(root / "t.png", "PNG")])] + good_records(root, 3)
+    (root / "ann.json").write_text(json.dumps(records))
+    (root / "meta.json").write_text(json.dumps({"d": {"annotation": "ann.json", "root": "."}}))
+    run = sft(tmp_path / "run", ["--meta_path", str(root / "meta.json"), "--data_parallel_degree", "2",
+                                 "--max_steps", "1", "--verbose", *FAST])
+    assert run.returncode == 1 and "Traceback" in run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("qwen2vl-ap sft: error: rank ")
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_its_last_log_line(tmp_path):
+    meta, _ = write_hostile_dataset(tmp_path / "data")
+    run = sft(tmp_path / "run", ["--meta_path", meta, "--data_parallel_degree", "2", "--skip_bad_samples", "true",
+                                 "--max_steps", "3", *FAST], env={"QWEN2VL_AP_FAULT": "rank=1,step=1,at=sigkill"})
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("qwen2vl-ap sft: error: rank 1 was killed by SIGKILL (out of memory?); its last log "
+                           "line: "), run.stderr
+    assert "fault injection: rank 1 sends itself SIGKILL after step 1" in last

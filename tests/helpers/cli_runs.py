@@ -60,6 +60,7 @@ class Run:
     output_dir: Path
     env: Optional[dict[str, str]] = None
     command: str = "sft"  # or "lora"
+    cwd: Path = REPO  # relative paths in args resolve here (the repository is on PYTHONPATH wherever it runs)
     tag: str = ""
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
@@ -71,15 +72,16 @@ class Run:
     def log_root(self) -> Path:
         """`--log_dir` when given, else the CLI's default `output_dir/logs`."""
         given = [self.args[i + 1] for i, a in enumerate(self.args[:-1]) if a == "--log_dir"]
-        return Path(given[-1]) if given else self.output_dir / "logs"
+        return self.cwd / given[-1] if given else self.output_dir / "logs"
 
     def start(self) -> "Run":
         self.tag = self.tag or uuid.uuid4().hex
         STARTED_TAGS.append(self.tag)
         env = dict(os.environ, **(self.env or {}), **{TAG_ENV: self.tag})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", self.command, *self.args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", self.command, *self.args], cwd=self.cwd,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
     def wait(self, timeout: float = 600) -> "Run":
@@ -129,9 +131,9 @@ def no_leftover_processes():
 
 
 def sft(output_dir: Path, args: list[str], env: Optional[dict[str, str]] = None, timeout: float = 600,
-        command: str = "sft") -> Run:
+        command: str = "sft", cwd: Path = REPO) -> Run:
     """Run to completion; no process of the run may outlive the command."""
-    run = Run(["--output_dir", str(output_dir), *args], output_dir, env, command).start().wait(timeout)
+    run = Run(["--output_dir", str(output_dir), *args], output_dir, env, command, cwd).start().wait(timeout)
     assert_no_processes_left([run.tag])
     return run
 

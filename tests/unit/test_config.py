@@ -116,3 +116,17 @@ def test_to_dict_round_trips_and_loads_in_transformers(name, tmp_path):
     widths = (v.embed_dim, v.hidden_size) if ours.model_type == "qwen2_vl" else (v.hidden_size, v.out_hidden_size)
     assert widths == (ours.vision_config.embed_dim, ours.vision_config.hidden_size)
     assert hf.vision_start_token_id == ours.vision_start_token_id and hf.image_token_id == ours.image_token_id
+
+
+def test_compact_vision_config_takes_hf_vision_defaults(tmp_path):
+    """transformers >= 4.45 re-saves only non-default vision keys (LLaMA-Factory/TRL outputs, QVQ copies)."""
+    compact = copy.deepcopy(HUB_CONFIGS["qwen2-vl-2b"])
+    compact["vision_config"] = {"hidden_size": 1536, "in_chans": 3, "model_type": "qwen2_vl", "spatial_patch_size": 14}
+    (tmp_path / "config.json").write_text(json.dumps(compact))
+    ours = Qwen2VLConfig.from_pretrained(str(tmp_path))
+    assert ours == Qwen2VLConfig.preset("qwen2-vl-2b")
+    hf = transformers.AutoConfig.from_pretrained(str(tmp_path)).vision_config  # the oracle: HF's own defaults
+    v = ours.vision_config
+    assert (v.depth, v.embed_dim, v.num_heads, v.mlp_ratio, v.patch_size, v.spatial_merge_size,
+            v.temporal_patch_size) == (hf.depth, hf.embed_dim, hf.num_heads, hf.mlp_ratio, hf.patch_size,
+                                       hf.spatial_merge_size, hf.temporal_patch_size)

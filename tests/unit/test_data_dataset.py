@@ -1,6 +1,7 @@
 """SFT sample building: template ids, label masks, vision-token expansion, truncation, media errors, video."""
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -219,3 +220,40 @@ def test_media_errors_name_file_record_and_reason(tmp_path, processor, case, kin
         assert str(info.value).startswith(f"{tmp_path / 'ann.json'}, record 1: {reason}")
         assert ("nope.mp4" if case == "video_missing" else "bad.png") in str(info.value)
     assert ds[0]["num_labels"] == 2
+
+
+def test_missing_media_names_both_candidates(tmp_path, processor, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = make_dataset(tmp_path, [user_assistant(("<image>q", "a"), images=["imgs/nope.png"])], processor)
+    for call in (ds.probe, ds.sample):
+        with pytest.raises(DataError) as info:
+            call(0)
+        assert info.value.kind == "missing media"
+        assert str(info.value) == (f"{tmp_path / 'ann.json'}, record 0: media file not found: neither imgs/nope.png "
+                                   f"(as given) nor {tmp_path / 'imgs' / 'nope.png'} (under root) exists")
+
+
+def bomb_png(path, side=100_000):
+    """A PNG whose header claims side x side 8-bit grey pixels (10^10) in a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * (side + 1) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path.name
+
+
+@pytest.mark.parametrize("side", [100_000, 12_000])  # 12000^2 = 144M: above PIL's limit, below its 2x error
+def test_decompression_bomb_image_is_a_data_error(tmp_path, processor, side):
+    name = bomb_png(tmp_path / "bomb.png", side)
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000
+    ds = make_dataset(tmp_path, [user_assistant(("<image>q", "a"), images=[name])], processor)
+    for call in (ds.probe, ds.sample):
+        with pytest.raises(DataError) as info:
+            call(0)
+        assert info.value.kind == "unreadable media" and re.search("decompression.bomb", str(info.value))
+        assert str(info.value).startswith(f"{tmp_path / 'ann.json'}, record 0: unreadable media ")

@@ -169,3 +169,15 @@ def test_background_workers_match_in_process_decoding(synthetic, worker_type):
         assert loader.state_dict()["step"] == 4  # prefetched batches are not counted as consumed
     finally:
         loader.close()
+
+
+def test_a_loader_whose_constructor_failed_is_collected_silently(synthetic, monkeypatch):
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        SFTDataLoader(synthetic, 64, 2, 0, num_workers=0)  # fails before any executor exists
+    gc.collect()
+    assert unraisable == []  # no "AttributeError: _executor" from __del__

@@ -51,7 +51,8 @@ def test_both_record_forms_round_trip(tmp_path, ext):
     first, second, third = (store.conversation(i) for i in range(3))
     assert first.system == "Be brief." and first.turns == (("<image>What is it?", "A cat."),
                                                            ("And <image> this?", "A dog."))
-    assert first.images == (os.path.join(str(tmp_path), "a.png"), "/abs/b.png")  # root joined, absolute kept
+    # neither a.png nor v.mp4 exists as given (working directory): root-joined; absolute paths kept
+    assert first.images == (os.path.join(str(tmp_path), "a.png"), "/abs/b.png")
     assert second.system is None and second.turns == (("<video>Describe.", "Rain."),)
     assert second.videos == (os.path.join(str(tmp_path), "v.mp4"),) and second.images == ()
     assert third.turns == (("Hi", "Hello"),) and (first.file, first.index, third.index) == (ann, 0, 2)
@@ -64,6 +65,46 @@ def test_without_root_media_paths_are_taken_as_given(tmp_path):
     assert load_meta(meta)[0].annotation == ann
 
 
+def test_media_path_that_exists_as_given_is_not_joined_to_root(tmp_path, monkeypatch):
+    """PaddleMIX's baseline_6data_330k.json: root "playground/data/dvqa/" and annotation paths that already
+    start with it (relative to the working directory); InternVL-style paths relative to root also resolve."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "playground" / "data" / "dvqa"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"x")
+    (root / "b.png").write_bytes(b"x")
+    records = [{"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+                "images": [path]} for path in ("playground/data/dvqa/images/a.png", "b.png", "missing.png")]
+    ann = write_json(tmp_path / "ann.json", records)
+    meta = write_json(tmp_path / "meta.json", {"dvqa": {"annotation": "ann.json", "root": "playground/data/dvqa/"}})
+    store = RecordStore(meta, seed=0)
+    assert store.conversation(0).images == ("playground/data/dvqa/images/a.png",)  # as given, no doubled prefix
+    assert store.conversation(1).images == (os.path.join(str(root), "b.png"),)  # under root
+    missing = store.conversation(2)
+    assert missing.images == (os.path.join(str(root), "missing.png"),) and missing.root == str(root)
+    assert missing.file == ann
+
+
+def test_media_without_placeholder_gets_one_prepended_to_the_first_user_message(tmp_path):
+    records = [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "What is it?"},
+                      {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Sure?"},
+                      {"role": "assistant", "content": "Yes."}], "images": ["a.png", "b.png"]},
+        {"conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Rain."}],
+         "video": "v.mp4"},
+        {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+         "images": ["c.png"]},
+    ]
+    meta = write_json(tmp_path / "meta.json", {"d": {"annotation": write_json(tmp_path / "a.json", records)}})
+    store = RecordStore(meta, seed=0)
+    first, second, third = (store.conversation(i) for i in range(3))
+    assert first.turns == (("<image>\n<image>\nWhat is it?", "A cat."), ("Sure?", "Yes.")) and first.system == "S"
+    assert second.turns == (("<video>\nDescribe.", "Rain."),)
+    assert third.turns == (("<image>q", "a"),)
+    assert (first.added_placeholders, second.added_placeholders, third.added_placeholders) == (2, 1, 0)
+    assert store.added_placeholders == 3  # the data report's count
+
+
 @pytest.mark.parametrize("repeat_time,expected", [(0.5, 5), (2, 20), (1.5, 15), (0, 0), (0.05, 0)])
 def test_repeat_time_counts_are_deterministic(repeat_time, expected):
     a = repeat_indices(10, repeat_time, seed=3, name="d")
@@ -71,8 +112,15 @@ def test_repeat_time_counts_are_deterministic(repeat_time, expected):
     assert np.bincount(a, minlength=10).max(initial=0) <= int(np.ceil(repeat_time))
     if repeat_time == 2:
         assert (np.bincount(a) == 2).all()
-    if repeat_time == 0.5:  # a different seed picks a different subset (overwhelmingly likely for C(10,5))
-        assert len(set(a) ^ set(repeat_indices(10, 0.5, seed=4, name="d"))) > 0
+    if repeat_time == 1.5:  # the fraction above 1 is a seeded sample: another seed picks another subset
+        assert not np.array_equal(a, repeat_indices(10, 1.5, seed=4, name="d"))
+
+
+@pytest.mark.parametrize("repeat_time", [0.5, 0.35, 0.99])
+def test_repeat_time_below_one_keeps_the_first_records_as_paddlemix(repeat_time):
+    # PaddleMIX: raw_data[:int(len(raw_data) * repeat_time)], whatever the seed
+    for seed in (0, 1, 2):
+        assert repeat_indices(10, repeat_time, seed=seed, name="d").tolist() == list(range(int(10 * repeat_time)))
 
 
 def test_repeat_time_in_meta(tmp_path):
@@ -96,8 +144,8 @@ BAD_RECORDS = [
      "empty answer in turn 0", "empty answer"),
     ({"messages": [{"role": "user", "content": "<image><image>q"}, {"role": "assistant", "content": "a"}],
       "images": ["x.png"]}, "2 <image> placeholders but 1 images", "placeholder mismatch"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-      "videos": ["x.mp4"]}, "0 <video> placeholders but 1 videos", "placeholder mismatch"),
+    ({"messages": [{"role": "user", "content": "<video>q"}, {"role": "assistant", "content": "a"}],
+      "videos": ["x.mp4", "y.mp4"]}, "1 <video> placeholders but 2 videos", "placeholder mismatch"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<image>"}],
       "images": ["x.png"]}, "placeholder in the answer", "placeholder mismatch"),
     ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},

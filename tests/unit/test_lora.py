@@ -2,6 +2,7 @@
 and the adapter files (ours, paddlenlp's `LoRAModel`, and the merge formula of `read_adapter`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from autoparallel.engine.lora_trainer import gather_adapter
 from autoparallel.parallelize import parallelize_config
-from launch.config import load_run_config
+from launch.config import launch_defaults, load_run_config
 from network.lora import (LORA_CONFIG_NAME, PADDLEMIX_TARGETS, LoraArgs, apply_lora, load_adapter, read_adapter,
                           save_adapter)
 from parallel_cases import build_model, build_optimizer, micro_batches, tiny_config
@@ -50,13 +51,15 @@ def test_args_defaults_scaling_and_validation():
 
 def test_presets():
     tiny = load_run_config("lora", None, {})  # `qwen2vl-ap lora` with no arguments
-    assert tiny.train.output_dir == "output/tiny_lora" and tiny.parallel.data_parallel_degree == 2
+    assert tiny.train.output_dir == "output/tiny_lora" and tiny.parallel.data_parallel_degree is None
+    assert launch_defaults("lora", None) == {"nproc_per_node": "2"}  # dp 2 derived from the 2 processes
     assert tiny.lora == LoraArgs()
     big = load_run_config("lora", "qwen2vl_2b_lora_auto", {})
     sft = load_run_config("sft", "qwen2vl_2b_sft_auto", {})
     assert (big.lora.lora_rank, big.lora.lora_alpha, big.lora.lora_dropout, big.lora.rslora) == (16, 256, 0.0, False)
     assert big.lora.lora_target_modules == PADDLEMIX_TARGETS
-    same = {k: v for k, v in sft.to_flat_dict().items() if k != "output_dir"}
+    lora_keys = {f.name for f in dataclasses.fields(LoraArgs)}
+    same = {k: v for k, v in sft.to_flat_dict().items() if k != "output_dir" and k not in lora_keys}
     assert {k: big.to_flat_dict()[k] for k in same} == same  # everything else as the SFT 2B preset
     override = load_run_config("lora", "qwen2vl_2b_lora_auto",
                                {"lora_target_modules": "model.layers.*q_proj.*,lm_head"})
