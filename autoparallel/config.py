@@ -25,6 +25,7 @@ from network.config import PRESETS, Qwen2VLConfig
 from network.hub import CONFIG_FILES, ModelNotFoundError, resolve_model_dir
 from network.lora import LoraArgs
 from placements.degrees import ParallelDegrees
+from placements.qwen2_vl import Trainable
 
 RUN_CONFIG_FILE = "run_config.yaml"
 
@@ -39,9 +40,13 @@ class ModelArgs:
     # A preset name (`tiny`, `qwen2-vl-2b`, ...) builds random weights; a directory loads a checkpoint
     # (HF safetensors or PaddleMIX `model_state.pdparams`).
     model_name_or_path: str = "tiny"
+    # What trains (ms-swift's names; other spellings are KEY_ALIASES). A frozen ViT (and merger) runs dense per
+    # rank outside the distributed model; a trainable one is replicated on the mesh (placements/qwen2_vl.py).
     freeze_vit: bool = True
-    train_merger: bool = False
-    recompute: bool = False
+    freeze_merger: bool = True
+    freeze_llm: bool = False
+    recompute: bool = False  # decoder layers (and a trainable ViT's blocks unless vit_recompute says otherwise)
+    vit_recompute: Optional[bool] = None  # None: as `recompute`
     bf16: bool = False
     fp16: bool = False  # PaddleMIX's key; only false is accepted (fp16 needs loss scaling, bf16 does not)
     # bf16 O2 keeps fp32 gradients for the fp32 master weights (Paddle's `master_grad`); GPU builds only.
@@ -50,9 +55,15 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.fp16:
             raise ValueError("fp16: true is not supported (fp16 training needs dynamic loss scaling): use bf16: true")
-        if not self.freeze_vit:
-            raise ValueError("freeze_vit=false (training the vision tower) is not supported yet: the ViT is frozen "
-                             "and runs dense per rank; set freeze_vit: true (train_merger: true trains the merger)")
+        if self.freeze_vit and self.freeze_merger and self.freeze_llm:
+            raise ValueError("freeze_vit, freeze_merger and freeze_llm are all true: nothing would train")
+
+    def trainable(self) -> Trainable:
+        return Trainable(vit=not self.freeze_vit, merger=not self.freeze_merger, llm=not self.freeze_llm)
+
+    @property
+    def recompute_vit(self) -> bool:
+        return self.recompute if self.vit_recompute is None else self.vit_recompute
 
 
 @dataclass
@@ -61,6 +72,9 @@ class TrainingArgs:
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-5
+    # Per-module peak learning rates (None: learning_rate), on the same warmup/decay schedule.
+    vit_lr: Optional[float] = None
+    merger_lr: Optional[float] = None
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
@@ -96,6 +110,9 @@ class TrainingArgs:
             "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "learning_rate": self.learning_rate >= 0,
+            # Module rates are scales of the global schedule (autoparallel/engine/optim.py): needs a base rate.
+            "vit_lr": self.vit_lr is None or self.vit_lr >= 0 and self.learning_rate > 0,
+            "merger_lr": self.merger_lr is None or self.merger_lr >= 0 and self.learning_rate > 0,
             "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0,
             "warmup_steps": self.warmup_steps >= 0,
             "max_grad_norm": self.max_grad_norm >= 0,
@@ -176,9 +193,22 @@ class ParallelArgs:
 # Keys the schema accepts although no code reads them, each with the reason (tests/unit/test_config_schema.py fails
 # on any other key that nothing reads).
 UNREAD_KEYS: dict[str, str] = {
-    "freeze_vit": "only true is accepted (the ViT is frozen and dense per rank); false is a config error",
     "fp16": "PaddleMIX's key; only false is accepted (fp16 needs loss scaling; bf16 is the supported half type)",
     "sep_parallel_degree": "PaddleNLP's context parallel; only 1 is accepted (sequence_parallel shards within mp)",
+}
+
+# Other frameworks' spellings of our keys: alias -> (key, the alias means the negation). ms-swift: freeze_aligner,
+# aligner_lr; LLaMA-Factory: freeze_vision_tower, freeze_multi_modal_projector, freeze_language_model; Qwen2-VL's
+# own fine-tuning recipe: vision_tower_lr, mm_projector_lr; train_merger is this project's older key.
+KEY_ALIASES: dict[str, tuple[str, bool]] = {
+    "freeze_vision_tower": ("freeze_vit", False),
+    "freeze_aligner": ("freeze_merger", False),
+    "freeze_multi_modal_projector": ("freeze_merger", False),
+    "train_merger": ("freeze_merger", True),
+    "freeze_language_model": ("freeze_llm", False),
+    "vision_tower_lr": ("vit_lr", False),
+    "aligner_lr": ("merger_lr", False),
+    "mm_projector_lr": ("merger_lr", False),
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,
@@ -318,17 +348,25 @@ class RunConfig:
         values: dict[str, dict[str, Any]] = {name: {} for name in classes}
         ignored: list[str] = []
         for source, layer in [(f"{command} default", COMMAND_DEFAULTS[command]), *sources]:
-            for key, raw in layer.items():
-                if key in COMPATIBILITY_ONLY:
-                    _compatibility_value(key, raw, source)
-                    ignored += [key] if key not in ignored else []
+            spelled: dict[str, str] = {}  # key -> how this layer spelled it (aliases may collide)
+            for given, raw in layer.items():
+                if given in COMPATIBILITY_ONLY:
+                    _compatibility_value(given, raw, source)
+                    ignored += [given] if given not in ignored else []
                     continue
+                key, negate = KEY_ALIASES.get(given, (given, False))
                 if key not in owner:
-                    close = difflib.get_close_matches(key, owner, n=3)
+                    close = difflib.get_close_matches(key, [*owner, *KEY_ALIASES], n=3)
                     hint = f"; did you mean {', '.join(close)}?" if close else ""
                     raise ConfigError(f"unknown config key {key!r} ({source}){hint}")
                 section, annotation = owner[key]
-                values[section][key] = _convert(raw, annotation, key, source)
+                value = _convert(raw, annotation, given, source)
+                value = not value if negate else value
+                if key in spelled and values[section][key] != value:
+                    raise ConfigError(f"{given}={raw!r} ({source}) contradicts {spelled[key]} "
+                                      f"(both set {key})")
+                spelled[key] = f"{given}={raw!r}"
+                values[section][key] = value
         built = {}
         for name, section_cls in classes.items():
             try:

@@ -4,9 +4,16 @@ loss head on the supervised positions only.
 Vision. The frozen ViT blocks run densely on this rank's own patches (any number of images/videos of any
 size). Their output [P_local, E] is zero-padded to the longest over dp and lifted to a dp-sharded
 [dp, P_max, E]; a trainable merger (replicated) runs on that as dist ops — a frozen one runs densely before
-the lift. A per-rank index [dp, b*S] (-1 for text) pulls each vision token into the token embeddings with
-take_along_axis + where, so no LocalLayer is involved and a trainable merger's gradients are summed over dp by
-the autograd of those ops (LocalLayer/local_map with a Partial output gives wrong gradients in Paddle 3.3.1).
+the lift. A trainable ViT runs as dist ops from the start: this rank's pixels, rotary tables and per-patch
+frame ids are padded to P_max and lifted the same way, and `forward_padded` runs the blocks on [dp, P_max, ...]
+with attention restricted to each frame (padding is a frame of its own, so real rows are exact). A rank with
+no image lifts only padding: it joins every collective of the ViT's forward and backward, and since no token
+reads its padded rows its gradient contribution is exactly zero.
+
+A per-rank index [dp, b*S] (-1 for text) pulls each vision token into the token embeddings with
+take_along_axis + where, so no LocalLayer is involved and a trainable merger's (and ViT's) gradients are summed
+over dp by the autograd of those ops (LocalLayer/local_map with a Partial output gives wrong gradients in
+Paddle 3.3.1).
 
 Loss. Token cross-entropy summed over the global batch, divided by the number of supervised tokens over the
 whole global batch (all dp ranks and all accumulation micro-steps): the loss and its gradients do not depend
@@ -22,11 +29,38 @@ import paddle.distributed as dist
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
 from network.loss import linear_cross_entropy
+from network.modeling_vision import vision_segment_ids
 
 # Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away
 # from the padding after it, and padded positions are never read (loss_index, vision_index). So the decoder
 # gets no key mask: the GPU path runs causal flash attention instead of a dense [b, 1, S, S] mask.
 TRAINING_KEY_MASK = None
+
+
+def _padded(local: paddle.Tensor, rows: int, value: float = 0.0) -> paddle.Tensor:
+    """`local` [n, ...] padded with `value` rows to [rows, ...]."""
+    pad = paddle.full([rows - local.shape[0], *local.shape[1:]], value, local.dtype)
+    return paddle.concat([local, pad])
+
+
+def distributed_vision_features(visual: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
+    """Trainable ViT: patch features [dp, P_max, E] (dp-sharded) computed as dist ops on every rank's patches."""
+    c, rows = visual.config, batch.max_patches
+    patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size ** 2
+    head_dim = c.embed_dim // c.num_heads
+    if batch.pixel_values is None:
+        # A rank without images still joins every collective; its empty pixels take the tower's dtype (bf16 under
+        # O2), the rotary tables stay fp32 as the tower computes them.
+        pixels = paddle.zeros([0, patch_dim], visual.patch_embed.proj.weight.dtype)
+        cos, sin = paddle.zeros([0, head_dim]), paddle.zeros([0, head_dim])
+        segments = paddle.zeros([0], "int64")
+    else:
+        pixels = batch.pixel_values
+        cos, sin = visual.rotary_cos_sin(batch.grid_thw)
+        segments = paddle.to_tensor(vision_segment_ids(batch.grid_thw))
+    lifted = [lift_local(_padded(x, rows, pad).unsqueeze(0), batch.mesh, 0)
+              for x, pad in ((pixels, 0.0), (cos, 0.0), (sin, 0.0), (segments, -1))]
+    return visual.forward_padded(*lifted)
 
 
 def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
@@ -36,16 +70,19 @@ def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
         return embeds
     visual, mesh = model.visual, batch.mesh
     embed_dim = visual.config.embed_dim
-    # A trainable merger was parallelized (dist parameters); a frozen one stayed dense like the ViT blocks.
+    # Parallelized (dist parameters) from the first trainable part of the tower on; the rest stayed dense.
     merger_distributed = visual.merger.mlp[0].weight.is_dist()
-    with paddle.no_grad():
-        # A rank without images still runs the merger: its empty input takes the tower's dtype (bf16 under O2).
-        local = (paddle.zeros([0, embed_dim], visual.patch_embed.proj.weight.dtype) if batch.pixel_values is None
-                 else visual.forward_features(batch.pixel_values, batch.grid_thw))
-        local = paddle.concat([local, paddle.zeros([batch.max_patches - local.shape[0], embed_dim], local.dtype)])
-        if not merger_distributed:
-            local = visual.merger(local)
-    lifted = lift_local(local.unsqueeze(0), mesh, 0)  # [dp, P_max, E], or merged already [dp, M_max, H]
+    if visual.patch_embed.proj.weight.is_dist():
+        lifted = distributed_vision_features(visual, batch)
+    else:
+        with paddle.no_grad():
+            # A rank without images still runs the merger: its empty input takes the tower's dtype (bf16 under O2).
+            local = (paddle.zeros([0, embed_dim], visual.patch_embed.proj.weight.dtype) if batch.pixel_values is None
+                     else visual.forward_features(batch.pixel_values, batch.grid_thw))
+            local = _padded(local, batch.max_patches)
+            if not merger_distributed:
+                local = visual.merger(local)
+        lifted = lift_local(local.unsqueeze(0), mesh, 0)  # [dp, P_max, E], or merged already [dp, M_max, H]
     features = (visual.merger(lifted).reshape([lifted.shape[0], -1, embeds.shape[-1]]) if merger_distributed
                 else lifted)
     index = batch.vision_index

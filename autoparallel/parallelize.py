@@ -1,10 +1,11 @@
 """Apply the Qwen2-VL plan (placements/, plain data) to a plain model and its optimizer with `dist.parallelize`.
 
-Order: CPU workarounds -> freeze the vision tower -> `dist.parallelize` (tensor-parallel plan, then ZeRO
-stage over "dp", every other parameter replicated). The frozen vision tower (all of it, or all but the merger
-with `train_merger`) is kept out of the distributed model: it runs as plain dense ops on each rank's own
-patches (see step.py), so its weights stay ordinary tensors, get no gradient and no optimizer state, and are
-identical on every rank.
+Order: CPU workarounds -> freeze what does not train -> `dist.parallelize` (tensor-parallel plan, then ZeRO
+stage over "dp", every other parameter replicated). The frozen vision tower up to its first trainable part
+(`Trainable.dense`: all of it by default, the ViT blocks with a trainable merger) is kept out of the
+distributed model: it runs as plain dense ops on each rank's own patches (autoparallel/forward.py), so its
+weights stay ordinary tensors, get no gradient and no optimizer state, and are identical on every rank. A
+trainable ViT is replicated like any parameter the plan does not split, and ZeRO treats it like the rest.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from network.config import Qwen2VLConfig
 from network.log import logger
 from placements.degrees import ParallelDegrees
 from placements.lora import lora_plan
-from placements.qwen2_vl import COLWISE, ROWWISE, is_trainable, tensor_parallel_plan
+from placements.qwen2_vl import COLWISE, ROWWISE, FROZEN_VISION, Trainable, tensor_parallel_plan, trainable_problem
 
 
 def paddle_plan(plan: dict[str, str]) -> dict[str, dist.ColWiseParallel | dist.RowWiseParallel]:
@@ -38,22 +39,22 @@ def parallelize_config(config: Qwen2VLConfig, mp: int, sharding_stage: int) -> d
     }
 
 
-def freeze(model: paddle.nn.Layer, train_merger: bool = False) -> None:
-    """stop_gradient on the vision tower (and the merger unless `train_merger`). Never unfreezes: variants
-    (LoRA) freeze more in `Trainer.prepare_model`."""
+def freeze(model: paddle.nn.Layer, trainable: Trainable = FROZEN_VISION) -> None:
+    """stop_gradient on every part `trainable` leaves frozen. Never unfreezes: variants (LoRA) freeze more in
+    `Trainer.prepare_model`."""
     for name, param in model.named_parameters():
-        if not is_trainable(name, train_merger):
+        if not trainable.trains(name):
             param.stop_gradient = True
 
 
 @contextlib.contextmanager
-def _frozen_vision_detached(model: paddle.nn.Layer, train_merger: bool) -> Iterator[None]:
+def _frozen_vision_detached(model: paddle.nn.Layer, trainable: Trainable) -> Iterator[None]:
     # dist.parallelize turns every parameter it can reach into a replicated dist tensor and hands all of them
     # to the optimizer (ZeRO-2/3 then hook or shard them: stage 2 refuses stop_gradient tensors). Hiding the
-    # frozen vision submodules keeps them dense and out of the optimizer.
+    # dense vision submodules keeps them dense and out of the optimizer.
     children = model.visual._sub_layers
     order = list(children)
-    hidden = {k: children.pop(k) for k in order if not (train_merger and k == "merger")}
+    hidden = {k: children.pop(k) for k in order if trainable.dense(f"visual.{k}.")}
     try:
         yield
     finally:
@@ -82,21 +83,24 @@ def parallelize(
     mesh: dist.ProcessMesh,
     degrees: ParallelDegrees,
     *,
-    train_merger: bool = False,
+    trainable: Trainable = FROZEN_VISION,
 ) -> tuple[paddle.nn.Layer, paddle.optimizer.Optimizer | None]:
     """Shard `model` (in place) and wrap `optimizer` for `mesh`; returns what to train with.
 
     `optimizer` must be an AdamW or SGD over `model.parameters()` (a flat list: `dist.parallelize` rebuilds it
     from the model and does not keep parameter groups; use `apply_decay_param_fun` for weight-decay rules).
     """
+    problem = trainable_problem(model.config, trainable)
+    if problem:
+        raise ValueError(problem)
     cpu_compat.apply()
-    freeze(model, train_merger)
+    freeze(model, trainable)
     config = parallelize_config(model.config, degrees.mp, degrees.sharding_stage)
-    with _frozen_vision_detached(model, train_merger), _optimizer_trainable_only():
+    with _frozen_vision_detached(model, trainable), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
     if degrees.sharding_stage == 3 and cpu_compat.runs_on_cpu():
         cpu_compat.enable_zero3_gather(model, mesh.dim_names.index("dp"))
-    logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, train_merger=%s",
+    logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, training %s",
                 mesh.dim_names, mesh.shape, degrees.sharding_stage,
-                len(config["mp_config"]["parallelize_plan"]), train_merger)
+                len(config["mp_config"]["parallelize_plan"]), trainable.names())
     return model, optimizer

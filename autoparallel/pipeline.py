@@ -51,7 +51,7 @@ from network.config import Qwen2VLConfig
 from network.log import logger
 from network.modeling_qwen2_vl import mrope_cos_sin
 from placements.degrees import ParallelDegrees
-from placements.qwen2_vl import PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, pipeline_layer_split
+from placements.qwen2_vl import FROZEN_VISION, PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, Trainable, pipeline_layer_split
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def build_stage_model(model: paddle.nn.Layer, stage: Stage) -> paddle.nn.Layer:
 
 
 def parallelize_stage(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, stage: Stage,
-                      degrees: ParallelDegrees, *, train_merger: bool = False
+                      degrees: ParallelDegrees, *, trainable: Trainable = FROZEN_VISION
                       ) -> tuple[paddle.nn.Layer, paddle.optimizer.Optimizer, float | None]:
     """`parallelize` on the stage's sub-mesh; returns (model, optimizer, clip_norm). The optimizer's
     ClipGradByGlobalNorm is removed (its norm would cover one stage) and its clip_norm returned for
@@ -138,7 +138,7 @@ def parallelize_stage(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimi
         raise ValueError(f"pipeline parallel supports ClipGradByGlobalNorm or no clipping, not {type(clip).__name__}")
     optimizer._grad_clip = None
     stage_degrees = dataclasses.replace(degrees, pipeline_parallel_degree=1)
-    model, optimizer = parallelize(model, optimizer, stage.mesh, stage_degrees, train_merger=train_merger)
+    model, optimizer = parallelize(model, optimizer, stage.mesh, stage_degrees, trainable=trainable)
     return model, optimizer, None if clip is None else float(clip.clip_norm)
 
 

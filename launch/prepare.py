@@ -14,6 +14,7 @@ from network.config import Qwen2VLConfig
 from network.formats import CheckpointError
 from network.log import logger
 from placements.degrees import DegreeError, validate_degrees
+from placements.qwen2_vl import trainable_problem
 
 
 def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
@@ -26,6 +27,9 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
                          global_batch_size=cfg.train.global_batch_size)
     except DegreeError as exc:
         raise ConfigError(str(exc)) from None
+    problem = trainable_problem(config, cfg.model.trainable())
+    if problem:
+        raise ConfigError(problem)
     if cfg.data.meta_path is None and cfg.data.synthetic_data_dir is None:
         raise ConfigError("meta_path is not set (or set synthetic_data_dir for the generated demo dataset)")
     for key, value in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
@@ -42,6 +46,9 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
                           "set evaluation_strategy: no (or evaluate the merged model with qwen2vl-ap infer)")
     if cfg.parallel.pipeline_parallel_degree > 1 and cfg.uses_lora:
         raise ConfigError("LoRA with pipeline_parallel_degree > 1 is not supported yet")
+    if cfg.parallel.pipeline_parallel_degree > 1 and not cfg.model.freeze_vit:
+        raise ConfigError("freeze_vit: false with pipeline_parallel_degree > 1 is not supported yet (not tested): "
+                          "train the ViT with dp/mp/sharding layouts")
     if cfg.train.evaluation_strategy == "steps" and cfg.train.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
     return config

@@ -5,7 +5,9 @@ kv_heads < heads). Text attention is causal with an optional key-padding mask; w
 the last q_len of the kv_len positions (kv_len >= q_len), so causality is aligned bottom-right. Vision attention
 is block-diagonal: token i attends to token j only if both fall in the same `Segments` segment (one image or
 one video frame). Packed text rows (padding-free packing, several samples per row) pass `segment_ids`: a
-query attends only to keys of its own sample, causally, so each sample sees exactly what it would alone.
+query attends only to keys of its own sample, causally, so each sample sees exactly what it would alone. A
+trainable ViT runs each dp rank's patches as one padded row of a batch and passes non-causal `segment_ids` (one id
+per image/frame, the padding a segment of its own).
 
 Kernels. On a GPU with flash attention (sm80+) and half-precision q/k/v: varlen `flash_attn_unpadded` for
 segments, causal `flash_attention` without any mask when nothing is padded (training batches are right-padded,
@@ -62,10 +64,15 @@ def attention(
     attention_mask: [batch, kv_len], 1 = token, 0 = padding (keys at padding are never attended); leave it out
     for right-padded batches whose padded positions are never read.
     segments: block-diagonal attention within each segment of a single packed sequence (batch 1).
-    segment_ids: int [batch, seq] (q_len == kv_len, no cache): the sample each token belongs to in a packed row.
+    segment_ids: int [batch, seq] (q_len == kv_len, no cache): tokens attend only within their own id (the sample
+    of a packed text row, or the image/frame of a padded ViT row).
     """
     if segment_ids is not None and _use_gpu_kernels(q):
-        return _gpu_packed_attention(q, k, v, causal, segment_ids)
+        if causal:
+            return _gpu_packed_attention(q, k, v, causal, segment_ids)
+        # Padded ViT rows: short, padding runs included; SDPA with the block-diagonal map (additive_mask).
+        mask = additive_mask(q.shape[1], k.shape[1], False, None, q.dtype, segment_ids)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if _use_gpu_kernels(q):
         return _gpu_attention(q, k, v, causal, attention_mask, segments)
     if segments is not None:
@@ -110,10 +117,7 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     if kv_heads != heads:
         qt = qt.reshape([b, kv_heads, heads // kv_heads * q_len, head_dim])
     scores = paddle.matmul(qt, kt.astype("float32"), transpose_y=True)
-    allowed = _allowed(q_len, kv_len, causal, attention_mask)
-    if segment_ids is not None:
-        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        allowed = same if allowed is None else paddle.logical_and(allowed, same)
+    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
     if allowed is not None:
         # A large finite negative (not -inf) keeps fully masked padding rows finite, as HF does.
         scores = scores.reshape([b, heads, q_len, kv_len])
@@ -126,7 +130,7 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     return out.transpose([0, 2, 1, 3])
 
 
-def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask) -> paddle.Tensor | None:
+def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=None) -> paddle.Tensor | None:
     """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed."""
     allowed = None
     if causal and q_len > 1:  # a single query (decoding) is the newest position: it sees every key
@@ -135,6 +139,9 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask) -> paddle.Te
     if attention_mask is not None:
         keys = attention_mask.astype("bool")[:, None, None, :]
         allowed = keys if allowed is None else paddle.logical_and(allowed, keys)
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        allowed = same if allowed is None else paddle.logical_and(allowed, same)
     return allowed
 
 
@@ -158,9 +165,9 @@ def kv_for_kernel(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> tuple
     return k, v
 
 
-def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype) -> paddle.Tensor:
+def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype, segment_ids=None) -> paddle.Tensor:
     """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked)."""
-    allowed = _allowed(q_len, kv_len, causal, attention_mask)
+    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
     # Built in fp32 and cast: every bf16/fp16 value, its minimum included, is exact in fp32.
     low = paddle.full([], paddle.finfo(dtype).min, "float32")
     return paddle.where(allowed, paddle.zeros([], "float32"), low).astype(dtype)

@@ -9,8 +9,9 @@ PretrainedConfig fields our config does not have. Its file format is kept: `lora
 `LoRAModel.from_pretrained(plain_model, dir)` and PaddleMIX's merge script read. Adapter files are read with the
 restricted unpickler of `network.formats`, so a crafted adapter cannot run code.
 
-Frozen vision. The ViT blocks run as dense per-rank ops outside the distributed model while they are frozen, so
-adapters there are rejected; the merger may carry adapters (`visual.merger.mlp.*`).
+Vision. Adapters may target the ViT (`visual.blocks.*.attn.qkv`, `.attn.proj`, `.mlp.fc1`, `.mlp.fc2`) and the
+merger (`visual.merger.mlp.*`): the engine then runs that part of the tower as dist ops and trains only its
+adapters (autoparallel/engine/lora_trainer.py).
 """
 from __future__ import annotations
 
@@ -35,8 +36,6 @@ LORA_CONFIG_NAME = "lora_config.json"
 LORA_WEIGHTS_NAME = "lora_model_state.pdparams"
 LORA_PARAMS = ("lora_A", "lora_B")
 LORA_SUFFIXES = tuple(f".{p}" for p in LORA_PARAMS)
-# The frozen vision tower's blocks: dense per rank, no adapters (the merger is not among them).
-FROZEN_VISION_PREFIXES = ("visual.blocks.", "visual.patch_embed.")
 
 # PaddleMIX auto_2b_lora_bs32_1e8.sh: every projection of every decoder layer.
 PADDLEMIX_TARGETS = ["model.layers.*q_proj.*", "model.layers.*k_proj.*", "model.layers.*v_proj.*",
@@ -84,10 +83,6 @@ class LoraArgs:
                    lora_target_modules=list(config.get("target_modules") or []), lora=False)
 
 
-def is_frozen_vision(name: str) -> bool:
-    return name.startswith(FROZEN_VISION_PREFIXES)
-
-
 def _lora_linear_cls() -> type:
     # paddlenlp's import takes ~10 s and ~250 MB: only processes that build LoRA layers pay for it.
     from paddlenlp.peft.lora.lora_layers import LoRALinear
@@ -96,17 +91,11 @@ def _lora_linear_cls() -> type:
 
 
 def target_names(model: "paddle.nn.Layer", patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear sublayers matching any pattern; raises on frozen-ViT or missing targets."""
+    """Names of the nn.Linear sublayers matching any pattern; raises when none matches."""
     import paddle
 
     linears = [name for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)]
     names = [n for n in linears if any(re.fullmatch(p, n) for p in patterns)]
-    dense = [n for n in names if is_frozen_vision(n)]
-    if dense:
-        raise ValueError(
-            f"lora_target_modules {patterns} match {len(dense)} layers of the frozen vision tower "
-            f"(e.g. {dense[0]}): the ViT blocks run as dense per-rank ops outside the distributed model and take no "
-            "adapters; target the decoder (model.layers.*) or the merger (visual.merger.mlp.*)")
     for pattern in patterns:
         if not any(re.fullmatch(pattern, n) for n in names):
             logger.warning("lora_target_modules: %r matches no Linear layer", pattern)

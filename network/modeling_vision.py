@@ -61,6 +61,12 @@ def layer_norm(dim: int) -> nn.Layer:
     return nn.LayerNorm(dim, epsilon=_LN_EPS)
 
 
+def vision_segment_ids(grid_thw: np.ndarray) -> np.ndarray:
+    """int64 [N]: the frame (attention block) of every patch, numbered from 0 as `vision_cu_seqlens` orders them."""
+    lengths = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return np.repeat(np.arange(len(lengths)), lengths).astype(np.int64)
+
+
 class PatchEmbed(nn.Layer):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -69,9 +75,10 @@ class PatchEmbed(nn.Layer):
         self.proj = nn.Conv3D(config.in_channels, config.embed_dim, kernel, stride=kernel, bias_attr=False)
 
     def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        """[..., N, C*T*P*P] -> [..., N, embed_dim]."""
         c = self.config
         x = pixel_values.reshape([-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size])
-        return self.proj(x.astype(self.proj.weight.dtype)).reshape([-1, c.embed_dim])
+        return self.proj(x.astype(self.proj.weight.dtype)).reshape(list(pixel_values.shape[:-1]) + [c.embed_dim])
 
 
 class VisionAttention(nn.Layer):
@@ -82,14 +89,19 @@ class VisionAttention(nn.Layer):
         self.qkv = nn.Linear(config.embed_dim, config.embed_dim * 3)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
-    def forward(self, x: paddle.Tensor, segments: Segments, cos: paddle.Tensor, sin: paddle.Tensor):
-        seq = x.shape[0]
-        q, k, v = self.qkv(x).reshape([seq, 3, self.num_heads, -1]).unbind(axis=1)
+    def forward(self, x: paddle.Tensor, segments: Segments | None, cos: paddle.Tensor, sin: paddle.Tensor,
+                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
+        """x [N, E] packed patches split by `segments`, or [B, N, E] padded rows split by `segment_ids`."""
+        lead = list(x.shape[:-1])
+        q, k, v = self.qkv(x).reshape(lead + [3, self.num_heads, -1]).unbind(axis=-3)
         # Rotary in fp32 like the reference, then back to the activation dtype.
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q, k = ((t.astype("float32") * cos + rotate_half(t.astype("float32")) * sin).astype(v.dtype) for t in (q, k))
-        out = attention(q[None], k[None], v[None], causal=False, segments=segments)
-        return self.proj(out.reshape([seq, -1]))
+        if segment_ids is None:
+            out = attention(q[None], k[None], v[None], causal=False, segments=segments)
+        else:
+            out = attention(q, k, v, causal=False, segment_ids=segment_ids)
+        return self.proj(out.reshape(lead + [-1]))
 
 
 class VisionMlp(nn.Layer):
@@ -113,8 +125,8 @@ class Qwen2VLVisionBlock(nn.Layer):
         self.attn = VisionAttention(config)
         self.mlp = mlp(config)
 
-    def forward(self, x, segments: Segments, cos, sin) -> paddle.Tensor:
-        x = x + self.attn(self.norm1(x), segments, cos, sin)
+    def forward(self, x, segments: Segments | None, cos, sin, segment_ids=None) -> paddle.Tensor:
+        x = x + self.attn(self.norm1(x), segments, cos, sin, segment_ids)
         return x + self.mlp(self.norm2(x))
 
 
@@ -165,6 +177,17 @@ class Qwen2VisionTransformer(nn.Layer):
         segments = vision_segments(grid_thw)
         for block in self.blocks:
             x = block(x, segments, cos, sin)
+        return x
+
+    def forward_padded(self, pixel_values: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
+                       segment_ids: paddle.Tensor) -> paddle.Tensor:
+        """`forward_features` on a batch of padded rows: pixel_values [B, N, C*T*P*P], the rows' rotary tables
+        cos/sin [B, N, head_dim] (`rotary_cos_sin` of each row's grids) and segment_ids [B, N] (one id per
+        image/frame, padding in a segment of its own) -> [B, N, embed_dim]. Exact per row: a patch attends only
+        to its own image/frame, so padding changes nothing in the real rows."""
+        x = self.patch_embed(pixel_values)
+        for block in self.blocks:
+            x = block(x, None, cos, sin, segment_ids)
         return x
 
     def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:

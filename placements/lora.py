@@ -20,7 +20,7 @@ import re
 
 from network.config import Qwen2VLConfig
 from network.lora import LORA_PARAMS
-from placements.qwen2_vl import COLWISE, ROWWISE, ParamLayout, is_dense_vision, split_shape, style_for, \
+from placements.qwen2_vl import COLWISE, ROWWISE, ParamLayout, split_shape, style_for, \
     tensor_parallel_plan
 
 # Which adapter matrix is split, and with which style, per base style: the one whose dim the base splits
@@ -40,7 +40,7 @@ def lora_plan(plan: dict[str, str]) -> dict[str, str]:
 def adapter_shapes(parameter_shapes: dict[str, tuple[int, ...]], targets: list[str],
                    rank: int) -> dict[str, tuple[int, ...]]:
     """"<layer>.lora_A" [in, r] and "<layer>.lora_B" [r, out] for every Linear matching a target regex
-    (`re.fullmatch` on the layer name, as network.lora does); rejects frozen-ViT layers like it."""
+    (`re.fullmatch` on the layer name, as network.lora does)."""
     shapes = {}
     for name, shape in parameter_shapes.items():
         layer, _, attr = name.rpartition(".")
@@ -49,8 +49,6 @@ def adapter_shapes(parameter_shapes: dict[str, tuple[int, ...]], targets: list[s
             continue
         if not any(re.fullmatch(p, layer) for p in targets):
             continue
-        if is_dense_vision(layer, train_merger=True):
-            raise ValueError(f"lora_target_modules match {layer}: the ViT blocks run dense and take no adapters")
         shapes[f"{layer}.lora_A"], shapes[f"{layer}.lora_B"] = (shape[0], rank), (rank, shape[1])
     return shapes
 

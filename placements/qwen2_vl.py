@@ -14,9 +14,11 @@ weights are [in, out]:
   The loss on vocab-split logits is `autoparallel.forward.vocab_parallel_chunk` (no [B, S, V] gather).
 - k/v are dropped from the plan (replicated) when mp > num_key_value_heads: each rank then reads the KV
   heads its query heads need after `repeat_kv`.
-- The vision tower is not in the plan. Frozen (by default all of it) it stays dense per rank, out of the
-  distributed model and the optimizer, and runs on that rank's own images. With `train_merger` the merger
-  is replicated on the mesh (dist tensors) so its gradients are summed over dp.
+- The vision tower is not in the tensor-parallel plan. Frozen (by default all of it) it stays dense per rank,
+  out of the distributed model and the optimizer, and runs on that rank's own images. A trainable part
+  (`Trainable.vit` / `.merger`) is replicated on the mesh (dist tensors) so its gradients are summed over dp,
+  and everything after it in the tower runs as dist ops too (a frozen merger behind a trainable ViT is
+  replicated, without gradient or optimizer state).
 
 `dp_config` shards optimizer states (stage 1), + gradients (2), + parameters (3) over "dp" on the first
 tensor dim not already split by "mp" (Paddle's rule, mirrored in `layout`).
@@ -43,6 +45,7 @@ TP_PLAN: dict[str, str] = {
 }
 _KV_KEYS = ("model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj")
 
+VISION_PREFIX = "visual."
 MERGER_PREFIX = "visual.merger."
 
 # Sequence parallel inside the mp regions (`sequence_parallel: true`, mp > 1). Between the attention and MLP
@@ -143,16 +146,61 @@ def tensor_parallel_plan(config: Qwen2VLConfig, mp: int) -> dict[str, str]:
     return plan
 
 
-def is_trainable(name: str, train_merger: bool = False) -> bool:
-    """Everything but the vision tower; the merger too when `train_merger`."""
+def model_part(name: str) -> str:
+    """"vit", "merger" or "llm": the part of Qwen2-VL a parameter (or sublayer) name belongs to."""
     if name.startswith(MERGER_PREFIX):
-        return train_merger
-    return not name.startswith("visual.")
+        return "merger"
+    return "vit" if name.startswith(VISION_PREFIX) else "llm"
 
 
-def is_dense_vision(name: str, train_merger: bool = False) -> bool:
-    """Frozen vision parameters stay out of the distributed model (dense, per rank, no optimizer)."""
-    return name.startswith("visual.") and not is_trainable(name, train_merger)
+@dataclass(frozen=True)
+class Trainable:
+    """Which parts of Qwen2-VL train: the ViT (patch embedding + blocks), the merger (aligner), the LLM
+    (embeddings, decoder, head). The default is the usual SFT recipe: LLM only."""
+
+    vit: bool = False
+    merger: bool = False
+    llm: bool = True
+
+    @classmethod
+    def holding(cls, names) -> "Trainable":
+        """The parts these parameter (or layer) names belong to: what trains under LoRA with adapters there."""
+        parts = {model_part(n) for n in names}
+        return cls(vit="vit" in parts, merger="merger" in parts, llm="llm" in parts)
+
+    def names(self) -> str:
+        """The parts that train, e.g. "vit+merger+llm"."""
+        return "+".join(p for p in ("vit", "merger", "llm") if getattr(self, p)) or "nothing"
+
+    def trains(self, name: str) -> bool:
+        return getattr(self, model_part(name))
+
+    def dense(self, name: str) -> bool:
+        """Kept out of the distributed model (dense, per rank, no optimizer): the frozen vision tower up to its
+        first trainable part — the merger runs as dist ops once the ViT before it does."""
+        part = model_part(name)
+        return part == "vit" and not self.vit or part == "merger" and not (self.vit or self.merger)
+
+
+FROZEN_VISION = Trainable()
+
+
+def trainable_problem(config: Qwen2VLConfig, trainable: Trainable) -> str | None:
+    """Why `trainable` cannot train on this model, or None. The trainable ViT runs as dist ops on padded patches
+    with attention per image/frame (autoparallel/forward.py); Qwen2.5-VL's windowed blocks and patch reordering
+    have no such path yet."""
+    if trainable.vit and config.model_type == "qwen2_5_vl":
+        return ("training the Qwen2.5-VL vision tower (freeze_vit: false, or LoRA on visual.blocks) is not supported "
+                "yet; its merger and the LLM can train (freeze_merger / freeze_llm)")
+    return None
+
+
+def is_trainable(name: str, trainable: Trainable = FROZEN_VISION) -> bool:
+    return trainable.trains(name)
+
+
+def is_dense_vision(name: str, trainable: Trainable = FROZEN_VISION) -> bool:
+    return trainable.dense(name)
 
 
 def parameter_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
@@ -221,25 +269,25 @@ def split_shape(shape: tuple[int, ...], dim: int | None, ways: int) -> tuple[int
 
 
 def layout(name: str, shape: tuple[int, ...], config: Qwen2VLConfig, dp: int, mp: int, sharding_stage: int,
-           train_merger: bool = False) -> ParamLayout:
+           trainable: Trainable = FROZEN_VISION) -> ParamLayout:
     """The plan's placement of one parameter (same rules as `dist.parallelize` + `shard_optimizer`)."""
     shape = tuple(shape)
-    dense = is_dense_vision(name, train_merger)
+    dense, trains = trainable.dense(name), trainable.trains(name)
     style = None if dense else style_for(name, tensor_parallel_plan(config, mp))
     mp_dim = None if style is None else (1 if style == COLWISE and len(shape) == 2 else 0)
-    # ZeRO shards over dp on the first tensor dim mp does not split; dim-0 size 1 stays whole.
+    # ZeRO shards what the optimizer holds over dp, on the first tensor dim mp does not split; dim-0 size 1
+    # stays whole. Frozen parameters (LLM under freeze_llm, a frozen merger behind a trainable ViT) stay whole.
     dp_dim = None
-    if sharding_stage and not dense and shape[0] != 1:
+    if sharding_stage and trains and shape[0] != 1:
         dp_dim = next((d for d in range(len(shape)) if d != mp_dim), None)
     mp_local = split_shape(shape, mp_dim, mp)
     zero_local = split_shape(mp_local, dp_dim, dp)
     on_dp = f"S({dp_dim})" if sharding_stage == 3 and dp_dim is not None else "R"
     on_mp = "R" if mp_dim is None else f"S({mp_dim})"
-    trainable = is_trainable(name, train_merger)
     return ParamLayout(
         name=name, shape=shape, placements=(on_dp, on_mp),
         local_shape=zero_local if sharding_stage == 3 else mp_local,
-        grad_local_shape=(zero_local if sharding_stage >= 2 else mp_local) if trainable else None,
-        state_local_shape=(zero_local if sharding_stage >= 1 else mp_local) if trainable else None,
+        grad_local_shape=(zero_local if sharding_stage >= 2 else mp_local) if trains else None,
+        state_local_shape=(zero_local if sharding_stage >= 1 else mp_local) if trains else None,
         dense=dense,
     )

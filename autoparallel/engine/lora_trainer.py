@@ -25,7 +25,7 @@ from autoparallel.config import RunConfig
 from autoparallel.engine.trainer import Trainer
 from network.log import logger
 from network.lora import LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, save_adapter
-from placements.qwen2_vl import MERGER_PREFIX
+from placements.qwen2_vl import Trainable
 
 
 def gather_adapter(model: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
@@ -58,13 +58,15 @@ class LoraTrainer(Trainer):
             logger.info("lora: false: full fine-tuning")
             return
         names = apply_lora(self.model, self.lora_args)
-        # Under lora, train_merger means "the merger trains through its adapters" (the adapter files carry
-        # only LoRA weights); parallelize then runs the merger as dist ops, its base weights stay frozen.
-        on_merger = any(n.startswith(MERGER_PREFIX) for n in names)
-        if self.cfg.model.train_merger and not on_merger:
-            raise ValueError("train_merger: true with lora trains the merger through adapters: add "
-                             "'visual.merger.mlp.*' to lora_target_modules (or set train_merger: false)")
-        self.cfg.model.train_merger = on_merger
+        # Under lora, an unfrozen ViT/merger trains through its adapters (the adapter files carry only LoRA
+        # weights); parallelize then runs that part as dist ops, its base weights stay frozen.
+        adapted = Trainable.holding(names)
+        for part, key, targets in (("vit", "freeze_vit", r"'visual.blocks.*.(attn.qkv|attn.proj|mlp.fc1|mlp.fc2)'"),
+                                   ("merger", "freeze_merger", "'visual.merger.mlp.*'")):
+            if getattr(self.trainable, part) and not getattr(adapted, part):
+                raise ValueError(f"{key}: false with lora trains the {part} through adapters: add {targets} to "
+                                 f"lora_target_modules (or set {key}: true)")
+        self.trainable = adapted
 
     def save(self) -> Path:
         if self.cfg.uses_lora:

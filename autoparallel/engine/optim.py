@@ -6,8 +6,9 @@ import math
 
 import paddle
 
-from autoparallel.config import RunConfig
+from autoparallel.config import RunConfig, TrainingArgs
 from network.device import bf16_supported
+from placements.qwen2_vl import model_part
 
 
 def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: float = 0.0) -> float:
@@ -25,6 +26,26 @@ def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: floa
 def no_weight_decay(name: str) -> bool:
     """Biases and norm weights are not decayed (HF/PaddleNLP rule)."""
     return name.endswith(".bias") or "norm" in name or "ln_q" in name
+
+
+def module_lr_scales(train: TrainingArgs) -> dict[str, float]:
+    """Peak LR of each model part relative to `learning_rate` ("vit", "merger"; absent = 1)."""
+    rates = {"vit": train.vit_lr, "merger": train.merger_lr}
+    return {part: lr / train.learning_rate for part, lr in rates.items() if lr is not None}
+
+
+def apply_module_learning_rates(model: paddle.nn.Layer, train: TrainingArgs) -> dict[str, float]:
+    """Give ViT/merger parameters their own peak LR on the shared warmup/decay schedule; returns the scales.
+
+    Paddle's optimizer multiplies its scheduled LR by each parameter's `optimize_attr["learning_rate"]`
+    (`Optimizer._create_param_lr`). Parameter groups would say the same, but `dist.parallelize` rebuilds the
+    optimizer from the model's flat parameter list and drops them; the attribute lives on the parameter
+    (`shard_tensor` carries it to the dist parameter), so this works before or after parallelizing.
+    """
+    scales = module_lr_scales(train)
+    for name, param in model.named_parameters():
+        param.optimize_attr["learning_rate"] = scales.get(model_part(name), 1.0)
+    return scales
 
 
 def use_bf16(cfg: RunConfig) -> bool:

@@ -29,7 +29,7 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dis
                                             load_trainer_state, optimizer_tensors, resolve_resume_path,
                                             restore_rng_state)
 from autoparallel.engine.metrics import MetricsLogger
-from autoparallel.engine.optim import build_optimizer, param_dtype, use_bf16
+from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
 from autoparallel.planning.memory_report import memory_report, render_memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
@@ -95,12 +95,13 @@ def build_processor_for(cfg: RunConfig) -> Qwen2VLProcessor:
     return Qwen2VLProcessor.from_pretrained(None if name in PRESETS else resolve_model_dir(name))
 
 
-def apply_recompute(model: Qwen2VLForConditionalGeneration) -> None:
-    """Activation checkpointing per decoder layer; the instance's forward is wrapped, so parameter names
-    (and checkpoint keys) stay unchanged."""
+def apply_recompute(model: Qwen2VLForConditionalGeneration, decoder: bool = True, vit: bool = False) -> None:
+    """Activation checkpointing per decoder layer and/or ViT block; the instance's forward is wrapped, so
+    parameter names (and checkpoint keys) stay unchanged. A frozen ViT runs under no_grad: nothing to recompute."""
     from paddle.distributed.fleet.utils import recompute
 
-    for layer in model.model.layers:
+    layers = [*(model.model.layers if decoder else []), *(model.visual.blocks if vit else [])]
+    for layer in layers:
         layer.forward = functools.partial(recompute, layer.forward, use_reentrant=False)
 
 
@@ -141,9 +142,11 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.gradient_accumulation_steps)
         self.total_steps = cfg.train.total_steps(self.steps_per_epoch)
 
+        self.trainable = cfg.model.trainable()
         self.prepare_model()
-        if cfg.model.recompute:
-            apply_recompute(self.model)
+        recompute_vit = self.trainable.vit and cfg.model.recompute_vit
+        if cfg.model.recompute or recompute_vit:
+            apply_recompute(self.model, decoder=cfg.model.recompute, vit=recompute_vit)
         optimizer, self.schedule = build_optimizer(self.model, cfg, self.total_steps)
         if use_bf16(cfg):  # GPU only (see README); the weights are bf16 already (param_dtype), lazy ones stay lazy
             # master_grad: fp32 gradients (`main_grad`, read by autoparallel.gradients), as PaddleMIX trains.
@@ -153,11 +156,14 @@ class Trainer:
         self.clip_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else None
         if self.stage is not None:
             self.model, self.optimizer, _ = parallelize_stage(
-                self.model, optimizer, self.stage, self.degrees, train_merger=cfg.model.train_merger)
+                self.model, optimizer, self.stage, self.degrees, trainable=self.trainable)
         else:
             self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
-                                                     train_merger=cfg.model.train_merger)
+                                                     trainable=self.trainable)
         self.load_weights()
+        scales = apply_module_learning_rates(self.model, cfg.train)
+        if scales:
+            logger.info("module learning rates (x learning_rate, same schedule): %s", scales)
         if cfg.parallel.sequence_parallel:
             apply_sequence_parallel(self.model)
         self.writer = CheckpointWriter(cfg.train.output_dir, self.rank, barrier, cfg.train.save_total_limit)
@@ -361,7 +367,7 @@ class Trainer:
         return dict(Counter(kind for _, _, kind in unique))
 
     def report_memory(self) -> None:
-        report = memory_report(self.model, self.optimizer, self.degrees, train_merger=self.cfg.model.train_merger)
+        report = memory_report(self.model, self.optimizer, self.degrees, trainable=self.trainable)
         text = render_memory_report(report)
         (self.output_dir / f"memory_rank{self.rank}.txt").write_text(text + "\n")
         if self.rank == 0:

@@ -64,7 +64,7 @@ def _trainable_local(setup: PlanSetup, stage: int) -> list[int]:
         return [numel(adapter_layout(name, shape, config, d.dp, d.mp, 0).local_shape) * size
                 for name, shape in adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank).items()
                 if stage in parameter_stages(name, config, split)]
-    layouts = (layout(name, shape, config, d.dp, d.mp, 0, setup.train_merger) for name, shape in shapes.items()
+    layouts = (layout(name, shape, config, d.dp, d.mp, 0, setup.trainable) for name, shape in shapes.items()
                if stage in parameter_stages(name, config, split))
     return [numel(lay.local_shape) * size for lay in layouts if lay.grad_local_shape is not None]
 

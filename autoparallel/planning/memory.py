@@ -4,7 +4,10 @@ State (exact, checked against `autoparallel.planning.memory_report.memory_report
 tests/dist/test_planner.py): every parameter's local shape comes from `placements.layout` (LoRA adapters from
 `placements.lora.adapter_layout`) over `parameter_shapes(config)`, the same rules `dist.parallelize` applies.
 
-- parameters in the model dtype; the frozen ViT dense and whole on every rank (no gradient, no state).
+- parameters in the model dtype; the frozen ViT dense and whole on every rank (no gradient, no state); a
+  trainable ViT (`Trainable.vit`) replicated on the mesh with gradients and AdamW state like any parameter the
+  tensor-parallel plan does not split (ZeRO shards it); frozen parts inside the distributed model (the LLM under
+  freeze_llm, LoRA base weights) keep their mp shard only.
 - gradients in the model dtype, only for trainable tensors; ZeRO-2/3 shard them over "dp".
 - AdamW: moment1 + moment2 in fp32, an fp32 master weight for bf16/fp16 parameters (O2), two [1] fp32
   beta-power accumulators per parameter (never sharded). ZeRO-1/2/3 shard moments and master weights.
@@ -32,7 +35,8 @@ import numpy as np
 from network.config import Qwen2VLConfig
 from placements.degrees import ParallelDegrees
 from placements.lora import adapter_layout, adapter_shapes
-from placements.qwen2_vl import ParamLayout, layout, parameter_shapes, parameter_stages, pipeline_layer_split
+from placements.qwen2_vl import (FROZEN_VISION, ParamLayout, Trainable, layout, parameter_shapes, parameter_stages,
+                                  pipeline_layer_split)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -61,6 +65,7 @@ class Workload:
     supervised_fraction: float = 0.25
     recompute: bool = False
     gradient_accumulation_steps: int = 1
+    vit_recompute: bool = False  # a trainable ViT's blocks recomputed in backward
 
     @property
     def tokens(self) -> int:
@@ -82,7 +87,7 @@ class PlanSetup:
     degrees: ParallelDegrees
     workload: Workload
     dtype: str = "float32"  # parameters and activations (bf16: O2 with fp32 master weights)
-    train_merger: bool = False
+    trainable: Trainable = FROZEN_VISION
     lora: LoraSpec | None = None
     # Attention kernel: flash (CUDA, half precision) keeps O(S) per layer; the exact math path (CPU, fp32)
     # keeps the [b, heads, S, S] probabilities. network/attention.py picks the same way.
@@ -92,6 +97,13 @@ class PlanSetup:
     @property
     def pp(self) -> int:
         return self.degrees.pipeline_parallel_degree
+
+    def trained(self) -> Trainable:
+        """What trains: `trainable`, or under LoRA the parts holding adapters (their base weights stay frozen)."""
+        if not self.lora:
+            return self.trainable
+        return Trainable.holding(adapter_shapes(parameter_shapes(self.config), list(self.lora.targets),
+                                                self.lora.rank))
 
     def stage_split(self) -> list[range]:
         """Decoder layers of each pipeline stage (one stage holding all when pp = 1)."""
@@ -147,7 +159,7 @@ class ParamRow:
     count: int
     layout: ParamLayout
     stages: tuple[int, ...]  # pipeline stages holding these tensors (each such rank holds the bytes)
-    kind: str  # "vit" (frozen, dense), "base" (frozen LoRA base), "trainable" (incl. LoRA adapters)
+    kind: str  # "vit" (frozen, dense), "base" (frozen in the dist model: LoRA base, freeze_llm), "trainable"
     param_bytes: int
     grad_bytes: int
     moment_bytes: int
@@ -167,8 +179,7 @@ def parameter_rows(setup: PlanSetup) -> list[ParamRow]:
     size = DTYPE_BYTES[setup.dtype]
     shapes = parameter_shapes(config)
     adapters = adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank) if setup.lora else {}
-    on_merger = any(n.startswith("visual.merger.") for n in adapters)
-    train_merger = on_merger if setup.lora else setup.train_merger
+    trainable = setup.trained()
     folded: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for name, shape in [*shapes.items(), *adapters.items()]:
         key = (re.sub(r"\.\d+\.", ".*.", name), tuple(shape), parameter_stages(name, config, split))
@@ -181,13 +192,14 @@ def parameter_rows(setup: PlanSetup) -> list[ParamRow]:
         else:
             # Frozen LoRA base weights are outside the optimizer: ZeRO never shards them.
             zero = 0 if setup.lora else d.sharding_stage
-            lay = layout(name, shape, config, d.dp, d.mp, zero, train_merger)
-        kind = "vit" if lay.dense else "base" if setup.lora is not None and name not in adapters else "trainable"
+            lay = layout(name, shape, config, d.dp, d.mp, zero, trainable)
+        frozen = lay.state_local_shape is None or (setup.lora is not None and name not in adapters)
+        kind = "vit" if lay.dense else "base" if frozen else "trainable"
         grad = moments = master = betas = 0
         if kind == "trainable":
             grad_shape = lay.grad_local_shape
             if d.sharding_stage == 2 and config.tie_word_embeddings and name in STAGE2_UNSHARDED_TIED_GRADS:
-                grad_shape = layout(name, shape, config, d.dp, d.mp, 0, train_merger).grad_local_shape
+                grad_shape = layout(name, shape, config, d.dp, d.mp, 0, trainable).grad_local_shape
             grad = numel(grad_shape) * size
             moments, master, betas = optimizer_state_bytes(numel(lay.state_local_shape), setup.dtype)
         rows.append(ParamRow(pattern, n, lay, stages, kind, n * numel(lay.local_shape) * size, n * grad,
@@ -212,11 +224,11 @@ def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
     master = total("master_bytes")
     mem.terms = [
         *([Term("frozen ViT (dense, every rank)", total("param_bytes", "vit"), "no gradient, no optimizer state")]
-          if stage == 0 else []),
-        *([Term("frozen base weights (LoRA)", total("param_bytes", "base"), "mp shard, not ZeRO-sharded")]
-          if setup.lora else []),
-        Term("LoRA adapters" if setup.lora else "trainable parameters", total("param_bytes", "trainable"),
-             setup.dtype),
+          if total("param_bytes", "vit") else []),
+        *([Term("frozen base weights (LoRA)" if setup.lora else "frozen weights (distributed model)",
+                total("param_bytes", "base"), "mp shard, not ZeRO-sharded")] if total("param_bytes", "base") else []),
+        Term("LoRA adapters" if setup.lora else f"trainable parameters ({setup.trained().names()})",
+             total("param_bytes", "trainable"), setup.dtype),
         Term("gradients", mem.grad, setup.dtype + (", ZeRO-sharded" if d.sharding_stage >= 2 else "")),
         Term("AdamW moment1 + moment2", total("moment_bytes"), "fp32" + (", ZeRO-sharded" if d.sharding_stage else "")),
         *([Term("fp32 master weights", master, "O2")] if master else []),
@@ -314,9 +326,9 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     batch = t * 8 * 6 + 2 * t * config.head_dim * e  # ids, labels, mask, [3, B, S] positions (int64); M-RoPE cos/sin
     # Non-reentrant recompute keeps only each layer's input; the layer under backward is recomputed in full.
     recomputed = layer if wl.recompute else 0
+    trained = setup.trained()
     merger = 0
-    if first and (setup.train_merger or
-                  (setup.lora and any(x.startswith("visual.merger") for x in setup.lora.targets))):
+    if first and (trained.merger or trained.vit):
         merger = 4 * p * v.embed_dim * e  # LayerNorm input, both Linear inputs, GELU input (run as dist ops)
     # Loss head on the K supervised positions only: vocab-split logits, CE in fp32. Kept for backward: the
     # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
@@ -336,6 +348,17 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     mlp_tensors = 3 if config.model_type == "qwen2_5_vl" else 2
     vit_block = max(vit_attn, mlp_tensors * p * v.mlp_hidden_size * e) + 4 * p * v.embed_dim * e
     vision = p * patch_dim * 4 + vit_block + 3 * t * w.h * e if p else 3 * t * w.h * e
+    # A trainable ViT (dist ops on this rank's padded patches) keeps per block: both LayerNorm inputs, the qkv
+    # output, fp32 rotary copies of q and k, the attention output, the MLP input and intermediates;
+    # on the math path also the fp32 [heads, P, P] probabilities and the boolean segment map.
+    vit_saved = 0
+    if first and trained.vit and p:
+        vit_attn_saved = 0 if setup.flash_attention else v.num_heads * p * p * 4 + p * p
+        mlp_saved = (mlp_tensors + 1) * p * v.mlp_hidden_size * e
+        block_saved = p * v.embed_dim * (6 * e + 4 * 4) + mlp_saved + vit_attn_saved
+        kept_blocks = v.depth * p * v.embed_dim * e if wl.vit_recompute else v.depth * block_saved
+        vit_saved = p * patch_dim * 4 + kept_blocks
+        vit_recomputed = block_saved if wl.vit_recompute else 0
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
     if wl.recompute:
@@ -348,7 +371,9 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
         Term("batch tensors + M-RoPE cos/sin", batch),
         *decoder,
         *([Term("stage output, kept for its backward", boundary, "[b, S, H]")] if boundary else []),
-        *([Term("trainable merger", merger)] if merger else []),
+        *([Term("trainable ViT" + (" (recompute: block inputs)" if wl.vit_recompute else ""), vit_saved,
+                f"x{v.depth} blocks on {p} patches")] if vit_saved else []),
+        *([Term("merger (dist ops)", merger)] if merger else []),
         *([Term(f"loss head on {k} supervised positions", head_saved, f"[{k}, {w.vocab}] fp32 x3")] if last else []),
     ]
     times = f"x{alive} micro-batches alive (FThenB)"
@@ -356,7 +381,10 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
                                           for x in per_micro]
     kept, one = sum(x.bytes for x in saved), sum(x.bytes for x in per_micro)
     phases = [
-        *([Term("vision (frozen ViT, no_grad)", kept - one + batch + vision,
+        *([Term("ViT backward", kept + vit_recomputed + vit_attn + vit_block,
+                "one block's gradient workspace")] if vit_saved else []),
+        *([Term("vision forward" if vit_saved else "vision (frozen ViT, no_grad)",
+                kept - one + batch + vision + vit_saved,
                 "pixels + one ViT block + embedding merge" + (f", {alive - 1} micro-batches kept" if alive > 1 else
                                                                ""))] if first else []),
         *([Term("loss forward", kept + head_forward), Term("loss backward", kept + head_backward)] if last else []),
@@ -400,7 +428,7 @@ def startup_memory(setup: PlanSetup, state: StateMemory) -> StartupMemory:
     for name, shape in parameter_shapes(config).items():
         if state.stage not in parameter_stages(name, config, split):
             continue
-        local = shape if dense_first else layout(name, shape, config, d.dp, d.mp, 0, setup.train_merger).local_shape
+        local = shape if dense_first else layout(name, shape, config, d.dp, d.mp, 0, setup.trainable).local_shape
         in_flight = numel(local) * (2 * CHECKPOINT_DTYPE_BYTES + extra)
         if in_flight > largest:
             largest, largest_name = in_flight, name

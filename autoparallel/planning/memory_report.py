@@ -17,7 +17,7 @@ import numpy as np
 
 from autoparallel.planning.memory import optimizer_state_bytes
 from placements.degrees import ParallelDegrees
-from placements.qwen2_vl import layout
+from placements.qwen2_vl import FROZEN_VISION, Trainable, layout
 
 if TYPE_CHECKING:
     import paddle
@@ -53,13 +53,13 @@ def _optimizer_states(optimizer) -> dict[str, list["paddle.Tensor"]]:
 
 
 def memory_report(model: "paddle.nn.Layer", optimizer, degrees: ParallelDegrees, *,
-                  train_merger: bool = False) -> dict:
+                  trainable: Trainable = FROZEN_VISION) -> dict:
     """{"params": {name: {"param"|"grad"|"optimizer": bytes, "ideal_param"|...: bytes}}, "total": {...}}."""
     states = _optimizer_states(optimizer) if optimizer is not None else {}
     config = model.config
     params, total = {}, dict.fromkeys([*_KINDS, *(f"ideal_{k}" for k in _KINDS)], 0)
     for name, p in model.named_parameters():
-        lay = layout(name, tuple(p.shape), config, degrees.dp, degrees.mp, degrees.sharding_stage, train_merger)
+        lay = layout(name, tuple(p.shape), config, degrees.dp, degrees.mp, degrees.sharding_stage, trainable)
         size = p.element_size()
         ideal_opt = 0
         if lay.state_local_shape is not None:

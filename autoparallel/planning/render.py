@@ -14,17 +14,18 @@ from autoparallel.planning.memory import GiB, LoraSpec, ParamRow, PlanSetup, Wor
 from autoparallel.planning.setup import PlanOptions, Planned
 from network.config import Qwen2VLConfig
 from placements.degrees import ParallelDegrees
-from placements.qwen2_vl import (PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, SP_GATHER_OUTPUT, SP_GATHER_REGION,
-                                  SP_PLAN, SP_SCATTER_INPUT)
+from placements.qwen2_vl import (FROZEN_VISION, PP_FIRST_STAGE, PP_LAST_STAGE, PP_TIED_HEAD, SP_GATHER_OUTPUT,
+                                  SP_GATHER_REGION, SP_PLAN, SP_SCATTER_INPUT, Trainable)
 
 def table_setup(config: Qwen2VLConfig, dp: int = 1, mp: int = 1, sharding_stage: int = 0, *, pp: int = 1,
                 layers_per_stage: list[int] | None = None, sequence_parallel: bool = False,
-                train_merger: bool = False, dtype: str | None = None, lora: LoraSpec | None = None) -> PlanSetup:
+                trainable: Trainable = FROZEN_VISION, dtype: str | None = None,
+                lora: LoraSpec | None = None) -> PlanSetup:
     """A `PlanSetup` for the plan table alone (state bytes do not depend on the workload)."""
     degrees = ParallelDegrees(data_parallel_degree=1 if sharding_stage else dp, tensor_parallel_degree=mp,
                               sharding_parallel_degree=dp if sharding_stage else 1, sharding_stage=sharding_stage,
                               pipeline_parallel_degree=pp, sequence_parallel=sequence_parallel)
-    return PlanSetup(config, degrees, Workload(1, 1), dtype=dtype or config.dtype, train_merger=train_merger,
+    return PlanSetup(config, degrees, Workload(1, 1), dtype=dtype or config.dtype, trainable=trainable,
                      lora=lora, layers_per_stage=tuple(layers_per_stage) if layers_per_stage else None)
 
 
@@ -85,7 +86,7 @@ def render_plan_table(setup: PlanSetup) -> str:
     table = [header]
     for r in rows:
         lay = r.layout
-        where = "dense (frozen ViT)" if lay.dense else f"[{lay.placements[0]}, {lay.placements[1]}]"
+        where = "dense (frozen)" if lay.dense else f"[{lay.placements[0]}, {lay.placements[1]}]"
         stage = (" + ".join(map(str, r.stages)) + (" (tied copy)" if len(r.stages) > 1 else ""),) if staged else ()
         table.append((r.pattern, str(r.count), *stage, str(list(lay.shape)), where, str(list(lay.local_shape)),
                       _mib(r.param_bytes), _mib(r.grad_bytes), _mib(r.optimizer_bytes)))
@@ -97,7 +98,7 @@ def render_plan_table(setup: PlanSetup) -> str:
         table.append((label, *blank, *(_mib(sum(getattr(r, k) for r in held)) for k in keys)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     title = (f"plan: dp={d.dp} mp={d.mp} pp={pp} sharding_stage={d.sharding_stage} "
-             f"sequence_parallel={d.sequence_parallel} dtype={setup.dtype} train_merger={setup.train_merger}"
+             f"sequence_parallel={d.sequence_parallel} dtype={setup.dtype} trainable: {setup.trained().names()}"
              + (f" lora_rank={setup.lora.rank}" if setup.lora else ""))
     lines = [title] + ["  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths))) for row in table]

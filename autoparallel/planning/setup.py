@@ -97,9 +97,10 @@ def plan_run(cfg: RunConfig, options: PlanOptions) -> Planned:
     workload = Workload(batch=cfg.train.per_device_train_batch_size, seq_len=cfg.data.max_seq_length, image_grid=grid,
                         images_per_sample=options.images_per_sample,
                         supervised_fraction=options.supervised_fraction, recompute=cfg.model.recompute,
+                        vit_recompute=cfg.model.recompute_vit,
                         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
     setup = PlanSetup(config=model, degrees=degrees, workload=workload, dtype="bfloat16" if half else "float32",
-                      train_merger=cfg.model.train_merger, lora=lora, flash_attention=half,
+                      trainable=cfg.model.trainable(), lora=lora, flash_attention=half,
                       layers_per_stage=tuple(cfg.parallel.layers_per_stage) or None)
     reserve = options.reserve_gb if options.reserve_gb is not None else (1.0 if options.device == "gpu" else 0.0)
     stages = stage_memory_plans(setup, int(reserve * GiB))

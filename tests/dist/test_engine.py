@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "launch.cli"]
 FAST = ["--per_device_train_batch_size", "2", "--max_seq_length", "128", "--evaluation_strategy", "no",
         "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--save_total_limit", "0"]
+# Trainable ViT (ms-swift spellings), its blocks recomputed, its own LR.
+VIT = ["--freeze_vit", "false", "--freeze_aligner", "false", "--recompute", "true", "--vit_lr", "2e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,9 @@ def test_sft_writes_metrics_checkpoint_and_loss_falls(meta, tmp_path):
     (["--data_parallel_degree", "2"], ["--data_parallel_degree", "2"]),
     (["--tensor_parallel_degree", "2", "--data_parallel_degree", "1", "--per_device_train_batch_size", "4"],
      ["--data_parallel_degree", "2"]),
-], ids=["dp2->dp2", "mp2->dp2"])
+    (["--tensor_parallel_degree", "2", "--data_parallel_degree", "1", "--per_device_train_batch_size", "4", *VIT],
+     ["--data_parallel_degree", "1", "--sharding", "stage2", "--sharding_parallel_degree", "2", *VIT]),
+], ids=["dp2->dp2", "mp2->dp2", "vit:mp2->sharding2"])
 def test_resume_continues_exactly(meta, tmp_path, first, second):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert_ok(sft(["--meta_path", meta, "--output_dir", str(straight), "--max_steps", "6", "--save_steps", "3",
@@ -101,6 +105,10 @@ def test_resume_continues_exactly(meta, tmp_path, first, second):
     assert model_keys
     for key in model_keys:
         np.testing.assert_allclose(wb[key], wa[key], rtol=0, atol=1e-6, err_msg=key)
+    if "--freeze_vit" in first:  # the ViT trained before and after the resume, and its weights are checkpointed
+        at_resume = merged_weights(straight / "checkpoint-3")
+        vit_keys = [k for k in model_keys if k.startswith(("visual.blocks.", "visual.patch_embed."))]
+        assert vit_keys and all(not np.array_equal(at_resume[k], wb[k]) for k in vit_keys)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(meta, tmp_path):

@@ -25,9 +25,11 @@ from hf_oracle import Sample, build_batch, tiny_config
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[2]
-# untied small-vocab tiny model; adapters on every decoder projection, the merger and the (untied) head
-ARGS = LoraArgs(lora_rank=4, lora_alpha=32, lora_target_modules=PADDLEMIX_TARGETS + ["visual.merger.mlp.2", "lm_head"])
-ADAPTED = 7 * 2 + 2
+# untied small-vocab tiny model; adapters on every decoder projection, two ViT layers, the merger and the
+# (untied) head
+ARGS = LoraArgs(lora_rank=4, lora_alpha=32, lora_target_modules=PADDLEMIX_TARGETS + [
+    "visual.blocks.0.attn.qkv", "visual.blocks.1.mlp.fc1", "visual.merger.mlp.2", "lm_head"])
+ADAPTED = 7 * 2 + 2 + 2
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 

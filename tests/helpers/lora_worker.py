@@ -22,13 +22,16 @@ from autoparallel.batch import shard_batch
 from autoparallel.forward import embed_inputs
 from autoparallel.step import train_step
 from dist_utils import write_result
+from placements.qwen2_vl import Trainable
 from parallel_cases import CLIP, LAYOUTS_2, LAYOUTS_4, build_model, build_optimizer, micro_batches, tiny_config
 
-LAYOUTS = {name: kw for name, kw, train_merger in LAYOUTS_2 + LAYOUTS_4 if not train_merger}
-# rank 4 / alpha 8 on the decoder and the merger's second Linear (a dist-op layer outside the TP plan).
+LAYOUTS = {name: kw for name, kw, mode in LAYOUTS_2 + LAYOUTS_4 if mode == "frozen"}
+# rank 4 / alpha 8 on the decoder, the merger's second Linear and two ViT layers (dist-op layers outside the TP
+# plan: the ViT then runs as dist ops on every rank's padded patches).
 LORA_ARGS = dict(lora_rank=4, lora_alpha=8, lora_target_modules=[
     "model.layers.*q_proj.*", "model.layers.*k_proj.*", "model.layers.*v_proj.*", "model.layers.*o_proj.*",
-    "model.layers.*gate_proj.*", "model.layers.*up_proj.*", "model.layers.*down_proj.*", "visual.merger.mlp.2"])
+    "model.layers.*gate_proj.*", "model.layers.*up_proj.*", "model.layers.*down_proj.*", "visual.merger.mlp.2",
+    "visual.blocks.0.attn.qkv", "visual.blocks.1.mlp.fc2"])
 
 
 def full(t: paddle.Tensor) -> np.ndarray:
@@ -46,8 +49,8 @@ def run_layout(name: str, out: str) -> dict:
     args = LoraArgs(**LORA_ARGS)
     apply_lora(model, args)
     optimizer = build_optimizer(model)
-    # the merger carries adapters, so it must run as dist ops (see network/lora.py)
-    model, optimizer = parallelize(model, optimizer, mesh, degrees, train_merger=True)
+    # the ViT and the merger carry adapters, so they must run as dist ops (see network/lora.py)
+    model, optimizer = parallelize(model, optimizer, mesh, degrees, trainable=Trainable(vit=True, merger=True))
     dp_rank = mesh_coordinate(mesh, "dp")
     losses = [train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss
               for step in micro_batches(config, degrees.dp, dp_rank)]

@@ -3,38 +3,54 @@
 Every layout trains on the same GLOBAL micro-batches (4 samples each, 2 micro-steps per step, 5 AdamW steps
 with ClipGradByGlobalNorm), so one single-process reference run serves all layouts. A dp rank takes a
 contiguous slice of each global micro-batch. Samples carry 0, 1 or 2 images of different sizes, so dp ranks
-hold different image and patch counts.
+hold different image and patch counts, and under dp 2 one rank of some micro-batches holds no image at all.
+
+Modes: what trains. "vit" trains the ViT, the merger and the LLM, with their own peak LRs (VIT_LR, MERGER_LR)
+on a warmup + cosine schedule, so one run checks the trainable ViT and the per-module LRs through
+`dist.parallelize`; "vit_only" (freeze_llm, frozen merger) trains the ViT alone through the frozen rest.
 """
 from __future__ import annotations
 
 import numpy as np
 import paddle
 
+from autoparallel.config import TrainingArgs
+from autoparallel.engine.optim import apply_module_learning_rates, lr_multiplier
 from network.config import Qwen2VLConfig
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import get_rope_index_for_config
+from placements.qwen2_vl import Trainable
 
 STEPS, ACCUMULATION, GLOBAL_MICRO_BATCH, SEQ = 5, 2, 4, 40
 LR, CLIP = 1e-3, 1.0
+VIT_LR, MERGER_LR = 2e-3, 5e-4
 SEED = 1234
-# (name, degrees kwargs, train_merger); nproc = product of degrees.
+MODES = {"frozen": Trainable(), "train_merger": Trainable(merger=True), "vit": Trainable(vit=True, merger=True),
+         "vit_only": Trainable(vit=True, llm=False)}
+SCHEDULED = ("vit", "vit_only")  # modes with module LRs on a warmup + cosine schedule
+# (name, degrees kwargs, mode); nproc = product of degrees.
 LAYOUTS_2 = [
-    ("dp2", dict(data_parallel_degree=2), False),
-    ("mp2", dict(tensor_parallel_degree=2), False),
-    ("sharding1", dict(sharding_parallel_degree=2, sharding_stage=1), False),
-    ("sharding2", dict(sharding_parallel_degree=2, sharding_stage=2), False),
-    ("sharding3", dict(sharding_parallel_degree=2, sharding_stage=3), False),
-    ("dp2_train_merger", dict(data_parallel_degree=2), True),
-    ("dp2_packed", dict(data_parallel_degree=2), False),
-    ("mp2_packed", dict(tensor_parallel_degree=2), False),
+    ("dp2", dict(data_parallel_degree=2), "frozen"),
+    ("mp2", dict(tensor_parallel_degree=2), "frozen"),
+    ("sharding1", dict(sharding_parallel_degree=2, sharding_stage=1), "frozen"),
+    ("sharding2", dict(sharding_parallel_degree=2, sharding_stage=2), "frozen"),
+    ("sharding3", dict(sharding_parallel_degree=2, sharding_stage=3), "frozen"),
+    ("dp2_train_merger", dict(data_parallel_degree=2), "train_merger"),
+    ("dp2_vit", dict(data_parallel_degree=2), "vit"),
+    ("mp2_vit", dict(tensor_parallel_degree=2), "vit"),
+    ("sharding2_vit", dict(sharding_parallel_degree=2, sharding_stage=2), "vit"),
+    ("sharding2_vit_only", dict(sharding_parallel_degree=2, sharding_stage=2), "vit_only"),
+    ("dp2_packed", dict(data_parallel_degree=2), "frozen"),
+    ("mp2_packed", dict(tensor_parallel_degree=2), "frozen"),
 ]
 # Layouts trained on packed rows (autoparallel.data.packing) of the same samples: they must match the
 # single-process reference trained on the samples one per row.
 PACKED = {"dp2_packed", "mp2_packed"}
 PACKED_ROW = 2 * SEQ
 LAYOUTS_4 = [
-    ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), False),
-    ("mp4_kv_replicated", dict(tensor_parallel_degree=4), False),
+    ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), "frozen"),
+    ("mp4_kv_replicated", dict(tensor_parallel_degree=4), "frozen"),
+    ("dp2mp2_vit", dict(data_parallel_degree=2, tensor_parallel_degree=2), "vit"),
 ]
 # image grids (t, h, w) in patches, per sample of the 4 * ACCUMULATION * STEPS samples (cycled)
 _IMAGES = [[(1, 4, 4)], [], [(1, 4, 4), (1, 4, 8)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [], []]
@@ -49,11 +65,25 @@ def build_model(config: Qwen2VLConfig) -> Qwen2VLForConditionalGeneration:
     return Qwen2VLForConditionalGeneration(config)
 
 
-def build_optimizer(model, paddle_clip: bool = False) -> paddle.optimizer.AdamW:
-    """AdamW. Layouts clip through the engine's step (`autoparallel.step.train_step(clip_norm=CLIP)`); the
-    single-process reference clips with Paddle's own ClipGradByGlobalNorm (`paddle_clip`), an independent oracle."""
+def mode_training_args(mode: str) -> TrainingArgs:
+    return TrainingArgs(learning_rate=LR, **(dict(vit_lr=VIT_LR, merger_lr=MERGER_LR) if mode in SCHEDULED else {}))
+
+
+def build_optimizer(model, paddle_clip: bool = False, mode: str = "frozen") -> paddle.optimizer.AdamW:
+    """AdamW (warmup + cosine in the SCHEDULED modes, constant LR otherwise). Layouts clip through the engine's step
+    (`autoparallel.step.train_step(clip_norm=CLIP)`); the single-process reference clips with Paddle's own
+    ClipGradByGlobalNorm (`paddle_clip`), an independent oracle. Call `apply_module_learning_rates` on the
+    model that trains (after `parallelize` for layouts) for the per-module LRs."""
     clip = paddle.nn.ClipGradByGlobalNorm(CLIP) if paddle_clip else None
-    return paddle.optimizer.AdamW(LR, parameters=model.parameters(), weight_decay=0.01, grad_clip=clip)
+    lr = (paddle.optimizer.lr.LambdaDecay(LR, lambda step: lr_multiplier(step, 2, STEPS, "cosine", 0.1))
+          if mode in SCHEDULED else LR)
+    return paddle.optimizer.AdamW(lr, parameters=model.parameters(), weight_decay=0.01, grad_clip=clip)
+
+
+def step_schedule(optimizer) -> None:
+    schedule = getattr(optimizer, "_inner_opt", optimizer)._learning_rate
+    if isinstance(schedule, paddle.optimizer.lr.LRScheduler):
+        schedule.step()
 
 
 def _sample(config: Qwen2VLConfig, rng: np.random.RandomState, grids) -> dict:
@@ -121,12 +151,6 @@ def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0,
     return out
 
 
-def trainable_names(model, train_merger: bool) -> list[str]:
-    from placements.qwen2_vl import is_trainable
-
-    return [n for n, _ in model.named_parameters() if is_trainable(n, train_merger)]
-
-
 def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
     """Single-process steps over `micro_batches` with the plain model's `causal_lm_loss` and the global token
     count as normalizer (what every layout must reproduce); returns the loss of each step."""
@@ -142,18 +166,19 @@ def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
             total += float(out.loss)
         optimizer.step()
         optimizer.clear_grad()
+        step_schedule(optimizer)
         losses.append(total)
     return losses
 
 
-def reference_run(train_merger: bool) -> dict:
+def reference_run(mode: str) -> dict:
     """Single process, plain model and `causal_lm_loss` with the global token count as normalizer."""
-    from placements.qwen2_vl import is_trainable
-
     config = tiny_config()
     model = build_model(config)
     for name, p in model.named_parameters():
-        p.stop_gradient = not is_trainable(name, train_merger)
-    losses = train_reference(model, build_optimizer(model, paddle_clip=True), config)
+        p.stop_gradient = not MODES[mode].trains(name)
+    optimizer = build_optimizer(model, paddle_clip=True, mode=mode)
+    apply_module_learning_rates(model, mode_training_args(mode))
+    losses = train_reference(model, optimizer, config)
     params = {n: p.numpy() for n, p in model.named_parameters()}
     return {"losses": losses, "params": params}

@@ -4,7 +4,7 @@
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
     --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
     --reference             single-process reference (launched with nproc 1 for the launcher's thread pinning):
-                            result.0.json {"frozen": losses, "train_merger": losses} + reference.{mode}.npz
+                            result.0.json {mode: losses} + reference.{mode}.npz and initial.npz (initial weights)
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import write_result
-from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, PACKED, build_model, build_optimizer, micro_batches,
-                            reference_run, tiny_config)
-from placements.qwen2_vl import is_trainable
+from autoparallel.engine.optim import apply_module_learning_rates
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
+                            mode_training_args, reference_run, step_schedule, tiny_config)
+from placements.qwen2_vl import model_part
 
-LAYOUTS = {name: (kw, train_merger) for name, kw, train_merger in LAYOUTS_2 + LAYOUTS_4}
+LAYOUTS = {name: (kw, mode) for name, kw, mode in LAYOUTS_2 + LAYOUTS_4}
 
 
 def _full(p: paddle.Tensor) -> np.ndarray:
@@ -44,41 +45,51 @@ def _local_bytes(t) -> int:
 
 
 def run_layout(name: str, out: str) -> dict:
-    kw, train_merger = LAYOUTS[name]
+    kw, mode = LAYOUTS[name]
+    trainable = MODES[mode]
     config = tiny_config()
     degrees = ParallelDegrees(**kw)
     mesh = build_mesh(degrees, config)
     model = build_model(config)
-    optimizer = build_optimizer(model)
-    frozen_before = {n: p.numpy().copy() for n, p in model.named_parameters() if n.startswith("visual.")
-                     and not is_trainable(n, train_merger)}
-    model, optimizer = parallelize(model, optimizer, mesh, degrees, train_merger=train_merger)
+    optimizer = build_optimizer(model, mode=mode)
+    frozen_before = {n: p.numpy().copy() for n, p in model.named_parameters() if not trainable.trains(n)}
+    model, optimizer = parallelize(model, optimizer, mesh, degrees, trainable=trainable)
+    apply_module_learning_rates(model, mode_training_args(mode))
+    inner = getattr(optimizer, "_inner_opt", optimizer)
+    # The LR the optimizer applied to one parameter of each part, read from the optimizer at every step.
+    names = {id(p): n for n, p in model.named_parameters()}
+    probes = {}
+    for p in inner._parameter_list:
+        if id(p) in names:
+            probes.setdefault(model_part(names[id(p)]), p)
     dp_rank = mesh_coordinate(mesh, "dp")
     start = time.time()
-    losses = [train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss
-              for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED)]
+    losses, lrs = [], []
+    for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED):
+        losses.append(train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss)
+        # After the update (the optimizer's LR tensor exists from its first step), before the schedule moves on.
+        lrs.append({part: float(inner._create_param_lr((p, None))) for part, p in probes.items()})
+        step_schedule(optimizer)
     seconds = time.time() - start
 
     params = dict(model.named_parameters())
-    report = memory_report(model, optimizer, degrees, train_merger=train_merger)
-    inner = getattr(optimizer, "_inner_opt", optimizer)
+    report = memory_report(model, optimizer, degrees, trainable=trainable)
     state_keys = {k for per in inner._accumulators.values() for k in per}
     direct = {  # independent of memory.py: every local tensor this rank holds
         "param": sum(_local_bytes(p) for p in params.values()),
         "grad": sum(_local_bytes(p.grad) for p in params.values() if p.grad is not None),
         "optimizer": sum(_local_bytes(t) for per in inner._accumulators.values() for t in per.values()),
     }
-    full = {n: _full(p) for n, p in params.items() if is_trainable(n, train_merger)}
+    full = {n: _full(p) for n, p in params.items() if trainable.trains(n)}
     if dist.get_rank() == 0:
         np.savez(os.path.join(out, f"params.{name}.npz"), **full)
     dist.barrier()
     return {
         "losses": losses,
+        "lrs": lrs,
         "seconds": seconds,
-        "frozen_identical": all(np.array_equal(params[n].numpy() if not params[n].is_dist()
-                                               else params[n]._local_value().numpy(), v)
-                                for n, v in frozen_before.items()),
-        "frozen_dense": all(not params[n].is_dist() for n in frozen_before),
+        "frozen_identical": all(np.array_equal(_full(params[n]), v) for n, v in frozen_before.items()),
+        "frozen_dense_as_planned": all(params[n].is_dist() != trainable.dense(n) for n in frozen_before),
         "frozen_with_state": sorted(n for n in frozen_before if params[n].name in state_keys),
         "memory": report,
         "direct": direct,
@@ -97,8 +108,10 @@ def main() -> None:
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     if args.reference:
         losses = {}
-        for mode, train_merger in (("frozen", False), ("train_merger", True)):
-            ref = reference_run(train_merger)
+        np.savez(os.path.join(args.out, "initial.npz"),
+                 **{n: p.numpy() for n, p in build_model(tiny_config()).named_parameters()})
+        for mode in MODES:
+            ref = reference_run(mode)
             np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
             losses[mode] = ref["losses"]
         write_result(args.out, rank, losses)

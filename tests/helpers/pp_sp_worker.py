@@ -184,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     if args.reference:
-        ref = reference_run(False)
+        ref = reference_run("frozen")
         np.savez(os.path.join(args.out, "reference.npz"), **{k: v for k, v in ref["params"].items() if is_trainable(k)})
         write_result(args.out, rank, {"losses": ref["losses"], "grad_norm": reference_grad_norm()})
         return

@@ -1,5 +1,5 @@
 """Every key the run-config schema accepts is read by the code, or is listed in `UNREAD_KEYS` with the reason it
-is accepted; a section can never stand for a key (typed access), and `freeze_vit: false` is a clear error."""
+is accepted; a section can never stand for a key (typed access), and `freeze_vit: false` trains the ViT."""
 from __future__ import annotations
 
 import ast
@@ -55,6 +55,7 @@ def test_sections_never_shadow_keys():
         cfg.learning_rate  # noqa: B018 - flat access is gone: keys are read through their section
 
 
-def test_freeze_vit_false_is_a_config_error():
-    with pytest.raises(ConfigError, match="freeze_vit=false"):
-        RunConfig.build("sft", [("test", {"freeze_vit": "false"})])
+def test_freeze_vit_false_trains_the_vit():
+    assert RunConfig.build("sft", [("test", {"freeze_vit": "false"})]).model.trainable().vit
+    with pytest.raises(ConfigError, match="nothing would train"):
+        RunConfig.build("sft", [("test", {"freeze_llm": "true"})])

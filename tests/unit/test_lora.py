@@ -85,13 +85,15 @@ def test_apply_lora_keeps_names_freezes_base_and_is_identity_at_step0(config, ba
 
 def test_targets(config):
     model = build_model(config)
-    with pytest.raises(ValueError, match="frozen vision tower"):
-        apply_lora(model, LoraArgs(lora_target_modules=["visual.blocks.*attn.qkv"]))
     with pytest.raises(ValueError, match="match no Linear"):
         apply_lora(model, LoraArgs(lora_target_modules=["model.embed_tokens", "nothing.*"]))
     # A pattern may also match containers and activations (mlp, mlp.1): only the Linears get adapters.
     assert apply_lora(model, LoraArgs(lora_target_modules=["visual.merger.mlp.*"])) == [
         "visual.merger.mlp.0", "visual.merger.mlp.2"]
+    # ViT layers take adapters too (the engine then runs the ViT as dist ops).
+    vit = apply_lora(build_model(config), LoraArgs(lora_target_modules=[r"visual.blocks.0.(attn.qkv|attn.proj|mlp.fc\d)"]))
+    assert vit == ["visual.blocks.0.attn.qkv", "visual.blocks.0.attn.proj", "visual.blocks.0.mlp.fc1",
+                   "visual.blocks.0.mlp.fc2"]
 
 
 def test_plan_entries_follow_the_base_layer(config):

@@ -12,6 +12,7 @@ from network.config import Qwen2VLConfig
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from autoparallel.planning.render import render_plan
 from placements import layout, parameter_shapes, tensor_parallel_plan
+from placements.qwen2_vl import Trainable
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,18 @@ def test_layout_rules(tiny):
     assert emb.placements == ("S(0)", "R") and emb.local_shape == (75968, 128)
     vit = layout("visual.blocks.0.attn.qkv.weight", (64, 192), tiny, dp=2, mp=2, sharding_stage=3)
     assert vit.dense and vit.local_shape == (64, 192) and vit.state_local_shape is None
-    merger = layout("visual.merger.mlp.0.weight", (256, 256), tiny, 2, 1, 1, train_merger=True)
+    merger = layout("visual.merger.mlp.0.weight", (256, 256), tiny, 2, 1, 1, Trainable(merger=True))
     assert merger.state_local_shape == (128, 256)
+    # A trainable ViT: replicated on the mesh, ZeRO-sharded like any parameter outside the TP plan; the merger
+    # behind it runs as dist ops even when frozen, and a frozen LLM keeps its mp shard without ZeRO.
+    vit_on = Trainable(vit=True, llm=False)
+    vit = layout("visual.blocks.0.attn.qkv.weight", (64, 192), tiny, dp=2, mp=2, sharding_stage=3, trainable=vit_on)
+    assert not vit.dense and vit.placements == ("S(0)", "R") and vit.local_shape == (32, 192)
+    frozen_merger = layout("visual.merger.mlp.0.weight", (256, 256), tiny, 2, 2, 3, vit_on)
+    assert not frozen_merger.dense and frozen_merger.state_local_shape is None and frozen_merger.local_shape == (256, 256)
+    q = layout("model.layers.0.self_attn.q_proj.weight", (128, 128), tiny, dp=2, mp=2, sharding_stage=3,
+               trainable=vit_on)
+    assert q.placements == ("R", "S(1)") and q.local_shape == (128, 64) and q.grad_local_shape is None
 
 
 def test_render_plan(tiny):
