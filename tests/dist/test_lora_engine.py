@@ -44,7 +44,8 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 def test_lora_exports_adapters_and_resumes_exactly_on_another_layout(meta, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    lora(["--meta_path", meta, "--tensor_parallel_degree", "2", "--per_device_train_batch_size", "4", *FAST],
+    # mp2 on 2 processes (dp derived: 1) with 4 samples per rank, resumed as dp2 with 2: the same global batch.
+    lora(["--meta_path", meta, "--tensor_parallel_degree", "2", *FAST, "--per_device_train_batch_size", "4"],
          straight)
     for directory in (straight / "checkpoint-2", straight / "checkpoint-4", straight):
         assert (directory / LORA_CONFIG_NAME).is_file() and (directory / LORA_WEIGHTS_NAME).is_file(), directory

@@ -106,7 +106,7 @@ def test_presets_plan_instantly(preset, capsys):
     assert elapsed < 5, f"{preset}: {elapsed:.1f}s"
 
 
-@pytest.mark.parametrize("config", ["qwen2_5_vl_7b_sft_auto", "qwen2_5_vl_7b_lora_auto"])
+@pytest.mark.parametrize("config", ["qwen2_5_vl_7b_sft_tp2", "qwen2_5_vl_7b_lora_tp2"])
 def test_qwen2_5_vl_configs_plan_from_the_hub_id(config, capsys):
     """The shipped Qwen2.5-VL configs name the Hub id; without a local copy plan uses the preset's shapes."""
     assert plan_main(["--config", config, "--nproc_per_node", "8"]) == 0

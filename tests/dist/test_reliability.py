@@ -212,7 +212,7 @@ def _bad_meta(tmp_path: Path) -> str:
     (["--pipeline_parallel_degree", "2", "--data_parallel_degree", "1", "--evaluation_strategy", "steps",
       "--eval_steps", "2"], "evaluation with pipeline_parallel_degree > 1 is not supported yet"),
     (["--sequence_parallel", "true"], "sequence_parallel=true needs tensor_parallel_degree > 1"),
-    (["--model_name_or_path", "/nonexistent/model"], "neither a preset"),
+    (["--model_name_or_path", "/nonexistent/model"], "model directory not found: /nonexistent/model (nor is it a Hub id"),
     (["--resume_from_checkpoint", "/nonexistent/ckpt"], "no such directory"),
     (["--nnodes", "2", "--rank", "2", "--master", "127.0.0.1:29500"], "--rank 2 must be < --nnodes 2"),
     (["--nnodes", "2", "--rank", "0"], "--nnodes 2 needs --master HOST:PORT"),
