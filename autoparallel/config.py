@@ -209,6 +209,8 @@ KEY_ALIASES: dict[str, tuple[str, bool]] = {
     "vision_tower_lr": ("vit_lr", False),
     "aligner_lr": ("merger_lr", False),
     "mm_projector_lr": ("merger_lr", False),
+    "padding_free": ("packing", False),  # ms-swift
+    "neat_packing": ("packing", False),  # LLaMA-Factory (packing without cross-sample attention, as ours)
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,

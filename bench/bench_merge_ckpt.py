@@ -29,7 +29,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the multi-process harness
 
-from ckpt_tools.merge import merge_dist_checkpoint, peak_rss_bytes  # noqa: E402
+from ckpt_tools.merge import merge_dist_checkpoint  # noqa: E402
+from network.process_memory import peak_rss_bytes  # noqa: E402
 from network.config import Qwen2VLConfig  # noqa: E402
 from placements.qwen2_vl import layout, parameter_shapes  # noqa: E402
 

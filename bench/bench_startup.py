@@ -5,7 +5,10 @@ Sides, each in a fresh process that reports its own load time (after imports) an
   every tensor loaded into it with set_value) — one process only (under mp2 it would be 2 x that);
 - lazy: `Qwen2VLForConditionalGeneration.from_pretrained` (lazy build, one tensor at a time) in fp32 and bf16;
 - lazy mp2: 2 processes, lazy build, tensor-parallel plan, each rank reads only its slices (`load_sharded`);
-- HF transformers `from_pretrained` on the same files, fp32 and bf16.
+- HF transformers `from_pretrained` on the same files, fp32 and bf16;
+- lora_mp2_run: `qwen2vl-ap lora` on that checkpoint, mp2, 2 optimizer steps of short synthetic samples: each
+  rank's peak RSS before the final save (the trainer writes it to memory_rank{r}.txt) against the planner's
+  per-rank peak for the same config, and the step time.
 The machine is shared: every child runs in its own cgroup-v1 memory cgroup (a limit, so an overrun kills only that
 child) when the cgroup file system is writable, and a side waits for enough free memory before it starts.
 """
@@ -31,7 +34,11 @@ GiB = 2**30
 CGROUP = Path("/sys/fs/cgroup/memory/bench16_startup")
 # Peak estimates used only to wait for free memory (and as the cgroup limit with headroom).
 EXPECTED_GIB = {"today": 11.0, "lazy_fp32": 9.5, "lazy_bf16": 5.0, "lazy_mp2": 2 * 6.0, "hf_fp32": 10.0,
-                "hf_bf16": 5.0}
+                "hf_bf16": 5.0, "lora_mp2_run": 2 * 8.0}
+# The real-shape LoRA run: mp2 on 2 processes, 2 steps of one short synthetic sample per step.
+LORA_RUN = {"tensor_parallel_degree": "2", "max_steps": "2", "max_seq_length": "256",
+            "per_device_train_batch_size": "1", "gradient_accumulation_steps": "1", "evaluation_strategy": "no",
+            "logging_steps": "1", "save_steps": "0", "dataloader_num_workers": "0", "warmup_steps": "0"}
 
 
 def write_checkpoint(path: Path) -> int:
@@ -62,7 +69,7 @@ def write_checkpoint(path: Path) -> int:
 
 # ---- children -------------------------------------------------------------------------------------------------
 def child(mode: str, model: str, out: str | None) -> None:
-    from ckpt_tools.merge import peak_rss_bytes
+    from network.process_memory import peak_rss_bytes
 
     if mode.startswith("hf_"):
         import torch
@@ -128,6 +135,29 @@ def _wait_for_memory(need_gib: float, patience: float = 240) -> bool:
     return True
 
 
+def lora_run_overrides(model: Path, out_dir: Path) -> dict[str, str]:
+    return {"model_name_or_path": str(model), "output_dir": str(out_dir / "run"),
+            "synthetic_data_dir": str(out_dir / "data"), **LORA_RUN}
+
+
+def lora_run_result(model: Path, out_dir: Path) -> dict:
+    """Per-rank peaks the trainer wrote, the planner's per-rank peak of the same config, the step time."""
+    from autoparallel.planning.setup import PlanOptions, plan_run
+    from launch.config import load_run_config
+
+    run = out_dir / "run"
+    peaks = []
+    for rank in (0, 1):
+        lines = (run / f"memory_rank{rank}.txt").read_text().splitlines()
+        peaks.append(float([x for x in lines if x.startswith("peak RSS")][-1].split(": ")[-1].split()[0]))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    step_times = [r["step_time_s"] for r in records if "step_time_s" in r]
+    cfg = load_run_config("lora", None, lora_run_overrides(model, out_dir))
+    planned = plan_run(cfg, PlanOptions(device="cpu", nproc_per_node=2)).memory
+    return {"per_rank_peak_gib": peaks, "peak_bytes": max(peaks) * GiB, "planned_bytes": planned.total,
+            "planned_phase": planned.peak_phase, "step_time_s": step_times[-1], "seconds": step_times[-1]}
+
+
 def run_side(mode: str, model: Path) -> dict:
     need = EXPECTED_GIB[mode]
     if not _wait_for_memory(need):
@@ -135,6 +165,10 @@ def run_side(mode: str, model: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     me = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", str(model)]
     out_dir = WORK.parent / f"out_{mode}"
+    if mode == "lora_mp2_run":
+        shutil.rmtree(out_dir, ignore_errors=True)
+        flags = [f"--{k}={v}" for k, v in lora_run_overrides(model, out_dir).items()]
+        me = [sys.executable, "-m", "launch.cli", "lora", *flags]
     if mode == "lazy_mp2":
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
@@ -145,6 +179,10 @@ def run_side(mode: str, model: Path) -> dict:
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"failed": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+    if mode == "lora_mp2_run":
+        result = lora_run_result(model, out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return result
     if mode == "lazy_mp2":
         ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("result.*.json"))]
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -159,7 +197,7 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--model")
     parser.add_argument("--out")
-    parser.add_argument("--sides", default="hf_bf16,lazy_bf16,hf_fp32,lazy_fp32,lazy_mp2,today")
+    parser.add_argument("--sides", default="hf_bf16,lazy_bf16,hf_fp32,lazy_fp32,lazy_mp2,today,lora_mp2_run")
     parser.add_argument("--keep", action="store_true", help="keep bench/_work/startup_2b for another run")
     args = parser.parse_args()
     if args.child:
@@ -199,6 +237,12 @@ def main() -> None:
                 "today's eager path, 1 process (fp32 build + random init, then load)" if today else None,
                 better="lower", extra=ok[mode],
                 note="" if today else f"today's side: {results.get('today')}"))
+    run = ok.get("lora_mp2_run")
+    if run:
+        common.emit(common.Record(
+            BENCH, f"qwen2vl-ap lora mp2, {name}, 2 steps of 256 tokens: peak RSS per rank (max of 2)", "GiB",
+            run["peak_bytes"] / GiB, run["planned_bytes"] / GiB, f"qwen2vl-ap plan, per rank ({run['planned_phase']})",
+            better="lower", extra=run, note=f"step time {run['step_time_s']:.1f} s (fp32 on CPU)"))
     for mode, result in results.items():
         if "peak_bytes" not in result:
             print(f"{mode}: {result}", flush=True)

@@ -12,9 +12,10 @@ import os
 import time
 from typing import Optional
 
-from ckpt_tools.merge import FORMATS, export_tensors, normalize_dtype, peak_rss_bytes, validate_against_config
+from ckpt_tools.merge import FORMATS, export_tensors, normalize_dtype, validate_against_config
 from ckpt_tools.model_dir import atomic_output_dir, copy_model_files
 from network.log import logger
+from network.process_memory import peak_rss_bytes
 from network.weights import index_weights
 
 

@@ -36,12 +36,12 @@ import ml_dtypes
 import numpy as np
 
 from ckpt_tools.distckpt import DistCheckpoint, is_dist_checkpoint
-from ckpt_tools.merge import (FORMATS, export_tensors, model_dir_of, normalize_dtype, peak_rss_bytes,
-                              validate_against_config)
+from ckpt_tools.merge import FORMATS, export_tensors, model_dir_of, normalize_dtype, validate_against_config
 from ckpt_tools.model_dir import CONFIG, MODEL_FILES, atomic_output_dir, copy_model_files
 from network.formats import CheckpointError, index_file, read_ref
 from network.log import logger
 from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs
+from network.process_memory import peak_rss_bytes
 from network.tokenizer import has_tokenizer_files
 from network.weights import SourceTensor, canonical_name, index_weights, is_linear_weight
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from typing import Callable, Optional
 
@@ -20,6 +19,7 @@ from ckpt_tools.distckpt import DIST_DIR, DistCheckpoint, resolve_dist_dir
 from ckpt_tools.model_dir import atomic_output_dir, check_shapes, copy_model_files, expected_shapes
 from network.formats import CheckpointError
 from network.log import logger
+from network.process_memory import peak_rss_bytes
 from network.weights import SourceTensor, is_linear_weight
 from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 
@@ -37,20 +37,6 @@ def normalize_dtype(dtype: Optional[str]) -> Optional[np.dtype]:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}, got {dtype!r}")
     return DTYPES[name]
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. Linux: VmHWM, because `ru_maxrss` after fork/vfork+exec starts at the
-    parent's RSS (the pre-exec mm's high-water mark is carried over), overstating a child started by a
-    big process."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def plan_tensors(tensors: list[SourceTensor], fmt: str, dtype: Optional[np.dtype]) -> list[PlannedTensor]:

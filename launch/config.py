@@ -48,15 +48,15 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         token = argv[i]
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}: overrides are --key value")
-        key = token[2:].replace("-", "_")
+        key = token[2:]
         if "=" in key:
-            key, value = key.split("=", 1)
+            key, value = key.split("=", 1)  # before the dash rule: a value keeps its dashes
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
             i += 1
         else:
             value = "true"
-        overrides[key] = value
+        overrides[key.replace("-", "_")] = value
         i += 1
     return overrides
 

@@ -49,6 +49,9 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     if cfg.parallel.pipeline_parallel_degree > 1 and not cfg.model.freeze_vit:
         raise ConfigError("freeze_vit: false with pipeline_parallel_degree > 1 is not supported yet (not tested): "
                           "train the ViT with dp/mp/sharding layouts")
+    if cfg.data.packing and cfg.parallel.sequence_parallel:
+        raise ConfigError("packing with sequence_parallel is not supported yet (packed rows are not tested with "
+                          "sequence-sharded activations): drop one of them")
     if cfg.train.evaluation_strategy == "steps" and cfg.train.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
     return config

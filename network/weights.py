@@ -30,7 +30,7 @@ from paddle.utils.dlpack import from_dlpack
 
 from network.formats import ArrayRef, FormatError, index_file, index_safetensors, read_ref, read_ref_slice
 from network.log import logger
-from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
+from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter, transpose_copy
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -65,7 +65,7 @@ def is_linear_weight(name: str) -> bool:
 
 
 def to_paddle_layout(name: str, array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array.T) if is_linear_weight(name) else array
+    return transpose_copy(array) if is_linear_weight(name) else array
 
 
 to_hf_layout = to_paddle_layout  # a 2-D transpose is its own inverse
@@ -107,7 +107,7 @@ class SourceTensor:
             array = full[(slice(None),) * stored_dim + (slice(start, stop),)]
         else:
             array = read_ref_slice(self.ref, stored_dim, start, stop).view(self.dtype)
-        return np.ascontiguousarray(array.T) if self.transposed else np.ascontiguousarray(array)
+        return transpose_copy(array) if self.transposed else np.ascontiguousarray(array)
 
 
 def weight_files(path: str) -> tuple[list[str], str]:

@@ -18,6 +18,9 @@ class DataConfig:
     # Used by the demo when meta_path is unset: the synthetic dataset is generated there (or reused).
     synthetic_data_dir: Optional[str] = None
     max_seq_length: int = 2048
+    # Padding-free packing (autoparallel/data/packing.py): each global batch's samples share rows of up to
+    # max_seq_length tokens, attention and M-RoPE positions stay per sample (aliases: padding_free, neat_packing).
+    packing: bool = False
     # Pixel bounds: None takes the checkpoint's preprocessor config (HF's defaults for a preset), so training and
     # `infer` see the same resolution unless the run config sets one.
     min_pixels: Optional[int] = None

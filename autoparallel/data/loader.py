@@ -34,6 +34,7 @@ from typing import Any, Iterator, Literal, Optional
 
 from autoparallel.data.collator import collate, padded_length
 from autoparallel.data.dataset import SFTDataset
+from autoparallel.data.packing import collate_packed, first_fit_decreasing, rank_rows, rows_per_rank
 from autoparallel.data.records import DataError
 from autoparallel.data.sampler import GlobalBatchSampler
 from network.log import logger
@@ -61,11 +62,20 @@ class _Plan:
     positions: list[int]  # permutation positions of this rank's samples (for decode-time replacements)
     indices: list[int]  # this rank's sample indices
     used: set[int]  # every index of the global batch
+    limits: list[int]  # longest decoded sample each of this rank's slots may take (a replacement must fit too)
+    rows: Optional[list[list[int]]] = None  # packing: this rank's rows as positions into `indices`
+    num_rows: int = 0  # packing: rows of every rank's batch (padding rows where a rank has fewer)
+    fill: float = 1.0  # packing: real tokens / computed positions over the global batch
 
 
 class SFTDataLoader:
     """Iterate this rank's batches of one epoch at a time (`for batch in loader`); batches are `collate` dicts
-    plus `global_num_labels` (int), `epoch` and `step`."""
+    plus `global_num_labels` (int), `epoch` and `step`.
+
+    With `packing` (data config) each global batch's samples are packed first-fit-decreasing into rows of up to
+    max_seq_length tokens (all ranks plan the same rows from the probed lengths) and rank r takes every dp-th row
+    (`collate_packed`; `fill` = real tokens / computed positions of the global batch). One step still consumes
+    one global batch of samples, so resuming and the sample order are those of the unpacked loader."""
 
     _executor: Optional[Executor] = None  # class default: close()/__del__ work even if __init__ raised early
 
@@ -74,6 +84,7 @@ class SFTDataLoader:
                  prefetch_batches: int = 2, shuffle: bool = True, seed: Optional[int] = None):
         self.dataset = dataset
         self.skip_bad = dataset.config.skip_bad_samples
+        self.packing = dataset.config.packing
         self.sampler = GlobalBatchSampler(len(dataset), per_device_batch_size, dp_world_size, dp_rank,
                                           dataset.config.data_seed if seed is None else seed, shuffle)
         self.num_workers = dataset.config.dataloader_num_workers if num_workers is None else num_workers
@@ -155,9 +166,26 @@ class SFTDataLoader:
                 used.add(index)
                 probed = self.dataset.probe(index)
             chosen.append((pos, index, probed))
-        local = [chosen[slot] for slot in self.sampler.local_slots()]
-        return _Plan(step, padded_length([c[2][0] for c in chosen]), sum(c[2][1] for c in chosen),
-                     [c[0] for c in local], [c[1] for c in local], used)
+        lengths = [c[2][0] for c in chosen]
+        labels = sum(c[2][1] for c in chosen)
+        if not self.packing:
+            local = [chosen[slot] for slot in self.sampler.local_slots()]
+            pad_to = padded_length(lengths)
+            return _Plan(step, pad_to, labels, [c[0] for c in local], [c[1] for c in local], used,
+                         [pad_to] * len(local))
+        # One window over the whole global batch: every rank plans the same rows from the same probes.
+        rows = first_fit_decreasing(lengths, self.dataset.config.max_seq_length, window=len(chosen))
+        mine = rank_rows(rows, self.sampler.dp_world_size, self.sampler.dp_rank)
+        slots = [slot for row in mine for slot in row]
+        local_rows, start = [], 0
+        for row in mine:
+            local_rows.append(list(range(start, start + len(row))))
+            start += len(row)
+        pad_to = padded_length([sum(lengths[i] for i in row) for row in rows])
+        num_rows = rows_per_rank(len(rows), self.sampler.dp_world_size)
+        fill = sum(lengths) / (num_rows * self.sampler.dp_world_size * pad_to)
+        return _Plan(step, pad_to, labels, [chosen[s][0] for s in slots], [chosen[s][1] for s in slots], used,
+                     [lengths[s] for s in slots], local_rows, num_rows, fill)
 
     # ---- decoding -----------------------------------------------------------------------------------------
     def _pool(self) -> Optional[Executor]:
@@ -190,18 +218,23 @@ class SFTDataLoader:
 
     def _finish(self, epoch: int, plan: _Plan, futures: list[Future]) -> dict[str, Any]:
         samples = []
-        for pos, future in zip(plan.positions, futures):
+        for pos, future, limit in zip(plan.positions, futures, plan.limits):
             result = future.result()
-            while isinstance(result, DataError) or len(result["input_ids"]) > plan.pad_to:
+            while isinstance(result, DataError) or len(result["input_ids"]) > limit:
                 if not isinstance(result, DataError):  # media decoded to more tokens than its headers said
                     result = DataError(*self._where(result["index"]), f"decoded to {len(result['input_ids'])} "
-                                       f"tokens, more than probed (pad_to={plan.pad_to})", kind="unreadable media")
+                                       f"tokens, more than probed ({limit})", kind="unreadable media")
                 self._skip(result)
-                pos, index = self._replacement(epoch, pos, plan.used, max_len=plan.pad_to)
+                pos, index = self._replacement(epoch, pos, plan.used, max_len=limit)
                 plan.used.add(index)
                 result = self._decode(index)
             samples.append(result)
-        batch = collate(samples, plan.pad_to)
+        if plan.rows is None:
+            batch = collate(samples, plan.pad_to)
+        else:
+            batch = collate_packed([[samples[i] for i in row] for row in plan.rows], plan.pad_to,
+                                   num_rows=plan.num_rows)
+            batch["fill"] = plan.fill  # of the global batch, the same on every rank
         batch.update(global_num_labels=plan.global_num_labels, epoch=epoch, step=plan.step)
         return batch
 

@@ -63,16 +63,52 @@ def _pack_row(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def rank_rows(rows: Sequence[Sequence[int]], dp_world_size: int, dp_rank: int) -> list[Sequence[int]]:
+    """The packed rows of one global batch that data-parallel rank `dp_rank` takes: every dp_world_size-th row,
+    so ranks hold equally many rows (up to one) and similar fill (first-fit-decreasing fills earlier rows first)."""
+    return list(rows[dp_rank::dp_world_size])
+
+
+def rows_per_rank(num_rows: int, dp_world_size: int) -> int:
+    """Rows every rank's batch has: the most any rank takes (the others add padding rows, so shapes match)."""
+    return -(-num_rows // dp_world_size)
+
+
 def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], pad_to: int | None = None,
-                   pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
+                   pad_token_id: int = PAD_TOKEN_ID, num_rows: int | None = None) -> dict[str, Any]:
     """`collate` of packed rows, with `segment_ids` int64 [B, P] (PADDING_SEGMENT on padding), the dataset
-    `indices` of every packed sample, and `fill` = real tokens / (B * P)."""
+    `indices` of every packed sample, and `fill` = real tokens / (B * P). `num_rows` (>= len(rows)) adds rows
+    of padding only (no token, no label) so every data-parallel rank has the same batch shape."""
     packed = [_pack_row(samples) for samples in rows]
-    batch = collate(packed, pad_to, pad_token_id)
+    if packed:
+        batch = collate(packed, pad_to, pad_token_id)
+    elif pad_to is None:
+        raise ValueError("collate_packed without rows needs pad_to")
+    else:  # this rank got no row of the global batch: padding only
+        batch = collate([_padding_sample()], pad_to, pad_token_id)
     segment_ids = np.full(batch["input_ids"].shape, PADDING_SEGMENT, np.int64)
     for r, row in enumerate(packed):
         segment_ids[r, :len(row["segment_ids"])] = row["segment_ids"]
     batch["segment_ids"] = segment_ids
+    batch = _with_padding_rows(batch, (num_rows or 0) - len(segment_ids), pad_token_id)
     batch["indices"] = [int(s["index"]) for samples in rows for s in samples]
-    batch["fill"] = batch["num_tokens"] / segment_ids.size
+    batch["fill"] = batch["num_tokens"] / batch["segment_ids"].size
+    return batch
+
+
+def _padding_sample() -> dict[str, Any]:
+    """A one-token sample of padding (no attention, no label), for a rank without any real row."""
+    return {"input_ids": np.array([PAD_TOKEN_ID]), "labels": np.array([-100]), "attention_mask": np.array([0]),
+            "position_ids": np.ones((3, 1), np.int64), "index": -1}
+
+
+def _with_padding_rows(batch: dict[str, Any], n: int, pad_token_id: int) -> dict[str, Any]:
+    """`batch` with `n` more rows of padding: the values `collate` pads with."""
+    if n <= 0:
+        return batch
+    width = batch["input_ids"].shape[1]
+    fills = {"input_ids": pad_token_id, "labels": -100, "attention_mask": 0, "segment_ids": PADDING_SEGMENT}
+    for key, value in fills.items():
+        batch[key] = np.concatenate([batch[key], np.full((n, width), value, np.int64)])
+    batch["position_ids"] = np.concatenate([batch["position_ids"], np.ones((3, n, width), np.int64)], axis=1)
     return batch

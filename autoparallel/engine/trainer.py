@@ -44,6 +44,7 @@ from autoparallel.step import scalar, train_step
 from network.config import PRESETS
 from network.hub import resolve_model_dir
 from network.log import logger
+from network.process_memory import peak_rss_bytes
 from network.processor import Qwen2VLProcessor
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import video_tokens_per_second
@@ -330,6 +331,8 @@ class Trainer:
                        "samples": train.per_device_train_batch_size * self.degrees.dp * len(raw),
                        "step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "epoch": self.loader.state_dict()["epoch"]}
+            if cfg.data.packing:  # real tokens / computed positions of this step's global batches
+                record["packing_fill"] = sum(b["fill"] for b in raw) / len(raw)
             if self.step == 1:
                 self.report_memory()
             if self.step % train.logging_steps == 0 or self.step == self.total_steps:
@@ -341,6 +344,7 @@ class Trainer:
             if train.save_steps and self.step % train.save_steps == 0:
                 self.save()
         arm_watchdog(train.step_timeout)
+        peak_gib = self.report_peak_rss()  # before the final save: what the planner's start-up/step peaks model
         if not (train.save_steps and self.step % train.save_steps == 0):
             self.save()
         by_kind = self.skipped_samples()
@@ -348,7 +352,7 @@ class Trainer:
             logger.warning("skipped %d bad samples: %s", sum(by_kind.values()), json.dumps(by_kind))
         metrics.log({"step": self.step, "skipped_samples": sum(by_kind.values()), "skipped_by_kind": by_kind,
                      "skipped_nonfinite": self.skipped_nonfinite,
-                     "placeholders_added": self.dataset.records.added_placeholders})
+                     "placeholders_added": self.dataset.records.added_placeholders, "peak_rss_gib": peak_gib})
         metrics.close()
         self.loader.close()
         barrier()
@@ -365,6 +369,14 @@ class Trainer:
             gathered = [local]
         unique = {tuple(entry) for entries in gathered for entry in entries}
         return dict(Counter(kind for _, _, kind in unique))
+
+    def report_peak_rss(self) -> float:
+        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt."""
+        peak_gib = peak_rss_bytes() / 2**30
+        with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
+            f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
+        logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
+        return round(peak_gib, 3)
 
     def report_memory(self) -> None:
         report = memory_report(self.model, self.optimizer, self.degrees, trainable=self.trainable)

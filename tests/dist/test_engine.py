@@ -87,7 +87,9 @@ def test_sft_writes_metrics_checkpoint_and_loss_falls(meta, tmp_path):
      ["--data_parallel_degree", "2"]),
     (["--tensor_parallel_degree", "2", "--data_parallel_degree", "1", "--per_device_train_batch_size", "4", *VIT],
      ["--data_parallel_degree", "1", "--sharding", "stage2", "--sharding_parallel_degree", "2", *VIT]),
-], ids=["dp2->dp2", "mp2->dp2", "vit:mp2->sharding2"])
+    (["--data_parallel_degree", "2", "--packing", "true"], ["--tensor_parallel_degree", "2", "--padding_free", "true",
+                                                           "--per_device_train_batch_size", "4"]),
+], ids=["dp2->dp2", "mp2->dp2", "vit:mp2->sharding2", "packed:dp2->mp2"])
 def test_resume_continues_exactly(meta, tmp_path, first, second):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert_ok(sft(["--meta_path", meta, "--output_dir", str(straight), "--max_steps", "6", "--save_steps", "3",
@@ -109,6 +111,22 @@ def test_resume_continues_exactly(meta, tmp_path, first, second):
         at_resume = merged_weights(straight / "checkpoint-3")
         vit_keys = [k for k in model_keys if k.startswith(("visual.blocks.", "visual.patch_embed."))]
         assert vit_keys and all(not np.array_equal(at_resume[k], wb[k]) for k in vit_keys)
+
+
+def test_packed_training_equals_padded_training(meta, tmp_path):
+    """`packing: true` on dp2: the same samples per step in packed rows give the losses of padded batches (the
+    loss is the token mean over the global batch), on fewer computed positions; the fill ratio is in metrics."""
+    runs = {}
+    for name, extra in (("padded", []), ("packed", ["--packing", "true"])):
+        out = tmp_path / name
+        assert_ok(sft(["--meta_path", meta, "--output_dir", str(out), "--max_steps", "3", "--save_steps", "0",
+                       "--data_parallel_degree", "2", *FAST, "--per_device_train_batch_size", "4", *extra]), out)
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    padded, packed = ([r for r in runs[n] if "loss" in r] for n in ("padded", "packed"))
+    assert [r["step"] for r in packed] == [1, 2, 3]
+    for a, b in zip(padded, packed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+        assert a["tokens"] == b["tokens"] and 0 < b["packing_fill"] <= 1 and "packing_fill" not in a
 
 
 def test_interrupted_save_keeps_previous_checkpoint(meta, tmp_path):

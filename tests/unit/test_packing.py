@@ -116,3 +116,71 @@ def test_segment_ids_and_varlen_boundaries(setup):
     cu, longest = packed_cu_seqlens(seg)
     assert cu.tolist() == [0, n1, n1 + n2, 64, 64 + n4, 128]  # padding runs are their own segments
     assert longest == max(n1, n2, 64 - n1 - n2, n4, 64 - n4)
+
+
+@pytest.fixture(scope="module")
+def synthetic_meta(tmp_path_factory):
+    from autoparallel.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("syn")), n_train=46, n_eval=4, seed=1)
+
+
+def _loaders(meta, packing: bool, world: int = 2, per_device: int = 2, capacity: int = 128):
+    from autoparallel.data import DataConfig, SFTDataLoader, SFTDataset
+    from network.processor import Qwen2VLProcessor
+
+    dataset = SFTDataset(DataConfig(meta_path=meta, max_seq_length=capacity, packing=packing),
+                         Qwen2VLProcessor.from_pretrained(None))
+    return [SFTDataLoader(dataset, per_device, world, rank, num_workers=0) for rank in range(world)]
+
+
+def _supervised(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("world,per_device", [(2, 2), (2, 4), (1, 4)])
+def test_packed_loader_packs_each_global_batch_into_rows_shared_by_the_ranks(synthetic_meta, world, per_device):
+    packed, plain = _loaders(synthetic_meta, True, world, per_device), _loaders(synthetic_meta, False, world,
+                                                                               per_device)
+    assert len(packed[0]) == len(plain[0])  # one global batch of samples per step, packed or not
+    for step, (rows, padded) in enumerate(zip(zip(*packed), zip(*plain))):
+        # the same samples and the same supervised tokens per step; the ranks' batches have one shape
+        assert sorted(i for b in rows for i in b["indices"]) == sorted(i for b in padded for i in b["indices"])
+        assert sum(map(_supervised, rows)) == sum(map(_supervised, padded))
+        assert len({b["input_ids"].shape for b in rows}) == 1
+        assert rows[0]["input_ids"].shape[0] <= per_device and rows[0]["input_ids"].shape[1] <= 128
+        real = sum(b["num_tokens"] for b in rows)
+        assert real == sum(b["num_tokens"] for b in padded)
+        assert all(b["fill"] == pytest.approx(real / sum(b["input_ids"].size for b in rows)) for b in rows)
+        for b in rows:
+            assert ((b["segment_ids"] >= 0) == (b["attention_mask"] == 1)).all()
+            grids = [np.asarray(g) for g in (b["image_grid_thw"],) if g is not None]
+            patches = sum(int(np.prod(g, 1).sum()) for g in grids)
+            assert (b["pixel_values"] is None and patches == 0) or b["pixel_values"].shape[0] == patches
+        if step == 3:
+            break
+
+
+def test_packed_loader_resumes_with_the_next_batch(synthetic_meta):
+    from autoparallel.data import SFTDataLoader
+
+    reference = _loaders(synthetic_meta, True)[1]
+    for _, _ in zip(range(3), reference):
+        pass
+    state = reference.state_dict()
+    expected = next(iter(reference))
+    resumed = SFTDataLoader(reference.dataset, 2, 2, 1, num_workers=0)
+    resumed.load_state_dict(state)
+    got = next(iter(resumed))
+    assert got["indices"] == expected["indices"] and got["fill"] == expected["fill"]
+    for key in ("input_ids", "labels", "position_ids", "segment_ids", "pixel_values"):
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_a_rank_without_a_packed_row_gets_padding_rows_only():
+    from autoparallel.data.packing import PADDING_SEGMENT, collate_packed
+
+    batch = collate_packed([], pad_to=16, num_rows=2)
+    assert batch["input_ids"].shape == (2, 16) and batch["num_tokens"] == batch["num_labels"] == 0
+    assert (batch["segment_ids"] == PADDING_SEGMENT).all() and batch["indices"] == [] and batch["fill"] == 0
+    assert batch["pixel_values"] is None and batch["position_ids"].shape == (3, 2, 16)

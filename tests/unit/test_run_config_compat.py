@@ -121,3 +121,11 @@ def test_paddlemix_launcher_flags():
 def test_devices_set_the_process_count(tmp_path):
     _, nproc, _ = run_config_of(tmp_path, ["--devices", "0,1"])
     assert nproc == 2
+
+
+def test_override_values_keep_their_dashes():
+    """Dashes in a key mean underscores (`--max-steps`); a value given with `=` is a path or a name and keeps them."""
+    assert parse_overrides(["--output-dir=/tmp/run-1", "--model_name_or_path", "Qwen/Qwen2-VL-2B-Instruct",
+                            "--log-dir", "a-b"]) == {"output_dir": "/tmp/run-1",
+                                                     "model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct",
+                                                     "log_dir": "a-b"}
