@@ -29,7 +29,7 @@ from network.rope_index import get_rope_index_for_config  # noqa: E402
 
 BENCH = "packing"
 BENCH_TIMEOUT = 900
-SAMPLES, GLOBAL_BATCH, ROW = 16, 4, 1024
+SAMPLES, GLOBAL_BATCH, ROW = 32, 8, 1024  # a global batch of 8: first-fit-decreasing has samples to combine
 IMAGE = (1, 8, 8)
 KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "labels", "segment_ids")
 
