@@ -155,8 +155,10 @@ def lora_run_result(model: Path, out_dir: Path) -> dict:
     cfg = load_run_config("lora", None, lora_run_overrides(model, out_dir))
     # The synthetic samples hold 56x56 or 112x112 images: plan for the larger (the default is max_pixels).
     planned = plan_run(cfg, PlanOptions(device="cpu", nproc_per_node=2, image_size=112)).memory
+    saved = sum(f.stat().st_size for f in run.glob("checkpoint-*/dist_ckpt/*") if f.is_file())
     return {"per_rank_peak_gib": peaks, "peak_bytes": max(peaks) * GiB, "planned_bytes": planned.total,
-            "planned_phase": planned.peak_phase, "step_time_s": step_times[-1], "seconds": step_times[-1]}
+            "planned_phase": planned.peak_phase, "step_time_s": step_times[-1], "seconds": step_times[-1],
+            "dist_ckpt_bytes": saved}
 
 
 def run_side(mode: str, model: Path) -> dict:
@@ -247,7 +249,8 @@ def main() -> None:
         common.emit(common.Record(
             BENCH, f"qwen2vl-ap lora mp2, {name}, 2 steps of 256 tokens: peak RSS per rank (max of 2)", "GiB",
             run["peak_bytes"] / GiB, run["planned_bytes"] / GiB, f"qwen2vl-ap plan, per rank ({run['planned_phase']})",
-            better="lower", extra=run, note=f"step time {run['step_time_s']:.1f} s (fp32 on CPU)"
+            better="lower", extra=run, note=f"step time {run['step_time_s']:.1f} s (fp32 on CPU); final dist_ckpt "
+            f"{run['dist_ckpt_bytes'] / 2**20:.1f} MiB (adapters + their optimizer state)"
             + (f"; the final save failed: {run['final_save_failed']}" if "final_save_failed" in run else "")))
     for mode, result in results.items():
         if "peak_bytes" not in result:

@@ -3,13 +3,16 @@
 Inputs (`--lora`, checked in this order):
   1. a dist checkpoint holding `*.lora_A` / `*.lora_B` tensors: `checkpoint-N` of `qwen2vl-ap lora` or its
      `dist_ckpt/`. The adapters are read from the dist checkpoint (the training state itself), `r` / `lora_alpha` /
-     `rslora` from `lora_config.json` next to it (in `checkpoint-N`). Its non-LoRA model tensors are the base
-     weights when `--base` is omitted; optimizer states are never written.
+     `rslora` from `lora_config.json` next to it (in `checkpoint-N`). When `--base` is omitted, the base weights
+     are the checkpoint's non-LoRA model tensors (a run on a preset) or, for a checkpoint holding adapters only
+     (a run on a model directory or Hub id), the `base_model_name_or_path` its lora_config.json records;
+     optimizer states are never written.
   2. an adapter directory in paddlenlp's format: `lora_config.json` + `lora_model_state.pdparams` (or
      `peft_model.safetensors`), as `save_adapter` / paddlenlp's `LoRAModel.save_pretrained` write them. Keys are
      `{layer}.lora_A` / `{layer}.lora_B` with the plain model's layer names; a leading `model.` (the names of the
      `LoRAModel` wrapper itself) and HF >= 4.52 names are accepted. Other tensors in the file (paddlenlp's
-     `trainable_modules` / `trainable_bias`) replace the base tensor of the same name. `--base` is required.
+     `trainable_modules` / `trainable_bias`) replace the base tensor of the same name. Without `--base`, the
+     base is the `base_model_name_or_path` of its lora_config.json.
 `--base`: any model directory `convert` reads (HF safetensors single/sharded, `model_state.pdparams`, output of
 merge-ckpt) or a dist checkpoint (its LoRA tensors and optimizer states are left out).
 
@@ -39,6 +42,7 @@ from ckpt_tools.distckpt import DistCheckpoint, is_dist_checkpoint
 from ckpt_tools.merge import FORMATS, export_tensors, model_dir_of, normalize_dtype, validate_against_config
 from ckpt_tools.model_dir import CONFIG, MODEL_FILES, atomic_output_dir, copy_model_files
 from network.formats import CheckpointError, index_file, read_ref
+from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
 from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs
 from network.process_memory import peak_rss_bytes
@@ -92,6 +96,21 @@ def _scaling(directory: str) -> float:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise LoraMergeError(f"{path}: not a LoRA config ({type(exc).__name__}: {exc})") from None
     return args.scaling
+
+
+def recorded_base(directory: str) -> str:
+    """The model directory of `base_model_name_or_path` in `directory/lora_config.json` (a Hub id through the
+    cache): the base of adapters given without --base. Raises FileNotFoundError saying to pass --base."""
+    path = os.path.join(directory, LORA_CONFIG_NAME)
+    with open(path, encoding="utf-8") as f:
+        name = json.load(f).get("base_model_name_or_path")
+    if not name:
+        raise FileNotFoundError(f"--base is required: {path} names no base_model_name_or_path")
+    try:
+        return resolve_model_dir(name)
+    except ModelNotFoundError as exc:
+        raise FileNotFoundError(f"--base is required: the base_model_name_or_path of {path} is not available "
+                                f"({exc})") from None
 
 
 def _pair(tensors: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]], source: str) -> dict[str, Adapter]:
@@ -294,11 +313,11 @@ def merge_lora(base: Optional[str], lora: str, out: str, format: str = "safetens
         else:
             lora_ck = None  # a dist checkpoint without adapters: only adapter files can apply
             adapter = adapter_from_files(lora)
-        if base is None:
-            if lora_ck is None:
-                raise FileNotFoundError(f"--base is required: {lora} is an adapter directory without base weights "
-                                        f"(only a LoRA dist checkpoint, checkpoint-N, carries them)")
+        if base is None and lora_ck is not None and _dist_sources(lora_ck):  # a LoRA run on a preset
             base_sources, base_dir = _dist_sources(lora_ck), model_dir_of(lora)
+        elif base is None:  # adapters only: the base the run read, as its lora_config.json records it
+            base_dir = recorded_base(adapter.config_dir)
+            base_sources = index_weights(base_dir)
         elif is_dist_checkpoint(base):
             base_sources, base_dir = _dist_sources(stack.enter_context(DistCheckpoint(base))), model_dir_of(base)
         else:

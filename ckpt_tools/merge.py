@@ -19,6 +19,7 @@ from ckpt_tools.distckpt import DIST_DIR, DistCheckpoint, resolve_dist_dir
 from ckpt_tools.model_dir import atomic_output_dir, check_shapes, copy_model_files, expected_shapes
 from network.formats import CheckpointError
 from network.log import logger
+from network.lora import LORA_SUFFIXES
 from network.process_memory import peak_rss_bytes
 from network.weights import SourceTensor, is_linear_weight
 from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
@@ -114,6 +115,9 @@ def merge_dist_checkpoint(ckpt: str, out: str, format: str = "safetensors", dtyp
         model_keys, optim_keys = ck.split_keys(prefix)
         if not model_keys:
             raise CheckpointError(f"{ck.path}: no model tensors" + (f" under prefix '{prefix}.'" if prefix else ""))
+        if all(k.endswith(LORA_SUFFIXES) for k in model_keys):
+            raise CheckpointError(f"{ck.path} holds LoRA adapters only (the run read its base from disk): fold them "
+                                  f"into the base with `qwen2vl-ap merge-lora --lora {ckpt} --out DIR`")
 
         def source(key: str, name: str) -> SourceTensor:
             entry = ck.tensors[key]

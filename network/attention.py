@@ -14,8 +14,8 @@ segments, causal `flash_attention` without any mask when nothing is padded (trai
 and causality alone keeps every real token away from the padding after it, so the decoder is called without a
 mask there), and for left-padded generation SDPA with an additive mask of the dtype's most negative finite value
 (a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). Everywhere else the exact
-fp32 math path, which handles segments one at a time (one [heads, P, P] score block for all images at once
-would be the sum of all images' patches squared).
+fp32 math path, which handles segments (images, frames, the samples of packed text rows) separately (one
+[heads, P, P] score block for all images at once would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 
@@ -77,7 +77,23 @@ def attention(
         return _gpu_attention(q, k, v, causal, attention_mask, segments)
     if segments is not None:
         return _segment_attention(q, k, v, segments.bounds.astype(np.int64))
+    if segment_ids is not None and causal and not q.is_dist():
+        return _packed_rows_attention(q, k, v, segment_ids)
     return _math_attention(q, k, v, causal, attention_mask, segment_ids)
+
+
+def _packed_rows_attention(q, k, v, segment_ids) -> paddle.Tensor:
+    """Packed text rows on the math path: each sample's own causal attention, as the varlen kernel computes it,
+    instead of whole-row scores under a mask (the sum of squared sample lengths instead of squared row lengths,
+    and no mask over the row). Samples are contiguous once the rows are flattened, so a split (whose backward is
+    a concat) hands each its slice. Distributed tensors keep the masked path: flattening the rows would not keep
+    their batch split."""
+    cu, _ = packed_cu_seqlens(segment_ids.numpy())
+    b, s = q.shape[0], q.shape[1]
+    pieces = [paddle.split(x.reshape([1, b * s, x.shape[2], x.shape[3]]), np.diff(cu).tolist(), axis=1)
+              for x in (q, k, v)]
+    outs = [_math_attention(qi, ki, vi, True, None) for qi, ki, vi in zip(*pieces)]
+    return paddle.concat(outs, axis=1).reshape(q.shape)
 
 
 def _segment_attention(q, k, v, cu: np.ndarray) -> paddle.Tensor:

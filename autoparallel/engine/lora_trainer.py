@@ -10,12 +10,18 @@ and ZeRO-2/3 accept the model; ZeRO-3 therefore shards only the adapters over "d
 weights with tensor parallel. With lora_dropout > 0 runs are not bit-comparable across layouts (the masks depend
 on how each tensor is split); PaddleMIX's presets use 0.
 
+Checkpoints. When the base is a checkpoint on disk (a directory or Hub id), `dist_ckpt/` holds the adapters and
+their optimizer state only: a resume reads the base from `model_name_or_path` again (each rank its slices) and
+merge-lora finds it through `base_model_name_or_path` in lora_config.json. A preset's random base exists nowhere
+else, so it stays in the checkpoint.
+
 Export. Every checkpoint gets the adapter next to its dist checkpoint (which keeps serving resume), and the
 final one is also written to `output_dir`. Gathering sharded adapters is a collective, while checkpoint extras
 are written by rank 0 only: `LoraTrainer.save` gathers on every rank first, `write_adapter` then writes.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import paddle
@@ -23,6 +29,7 @@ import paddle.distributed as dist
 
 from autoparallel.config import RunConfig
 from autoparallel.engine.trainer import Trainer
+from network.config import PRESETS
 from network.log import logger
 from network.lora import LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, save_adapter
 from placements.qwen2_vl import Trainable
@@ -68,6 +75,9 @@ class LoraTrainer(Trainer):
                                  f"lora_target_modules (or set {key}: true)")
         self.trainable = adapted
 
+    def checkpoint_holds_frozen_weights(self) -> bool:
+        return not self.cfg.uses_lora or self.cfg.model.model_name_or_path in PRESETS
+
     def save(self) -> Path:
         if self.cfg.uses_lora:
             self._gathered = gather_adapter(self.model)
@@ -80,6 +90,8 @@ class LoraTrainer(Trainer):
         if self._gathered is None:
             return
         base = self.cfg.model.model_name_or_path
+        if os.path.isdir(base):  # merge-lora may run from another directory
+            base = os.path.abspath(base)
         save_adapter(directory, self._gathered, self.lora_args, base)
         if self.step == self.total_steps:
             save_adapter(self.output_dir, self._gathered, self.lora_args, base)

@@ -193,14 +193,24 @@ class Trainer:
         when a resume is about to overwrite them (the base checkpoint is not read then)."""
         if not lazy_parameters(self.model):
             return
-        if self.resume_path is not None:
+        if self.resume_path is not None and self.checkpoint_holds_frozen_weights():
             allocate_for_resume(self.model)
         else:
             load_sharded(self.model, resolve_model_dir(self.cfg.model.model_name_or_path), part=self.stage is not None)
 
     # ---- state --------------------------------------------------------------------------------------------
+    def checkpoint_holds_frozen_weights(self) -> bool:
+        """True: checkpoints store every weight (merge-ckpt makes a whole model of one). Variants (LoRA) may store
+        only what they train, reading the rest from `model_name_or_path` again on resume."""
+        return True
+
     def state_dict(self) -> dict[str, paddle.Tensor]:
-        return dict(self.model.state_dict()) | optimizer_tensors(self.optimizer)
+        """What a checkpoint stores and a resume loads: the model (or its trained parameters only, see
+        `checkpoint_holds_frozen_weights`) and the optimizer."""
+        model = dict(self.model.state_dict())
+        if not self.checkpoint_holds_frozen_weights():
+            model = {name: tensor for name, tensor in model.items() if not tensor.stop_gradient}
+        return model | optimizer_tensors(self.optimizer)
 
     def ensure_optimizer_states(self) -> None:
         """AdamW creates its moments lazily at the first step; loading a checkpoint needs them to exist.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import paddle
 import pytest
 
@@ -61,3 +63,50 @@ def test_checkpoint_start_trains_like_the_preset(meta, tiny_dir, tmp_path, comma
     assert lazy[1] == pytest.approx(eager[1], rel=1e-4)
     log = "".join(p.read_text(errors="replace") for p in (tmp_path / "checkpoint" / "logs").glob("workerlog.*"))
     assert "loaded this rank's pieces" in log
+
+
+def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_dir, tmp_path):
+    """A LoRA run on a base read from disk checkpoints its adapters and their optimizer state only; a resume on
+    another layout reads the base again and continues the run; merge-lora without --base finds the base through
+    lora_config.json; merge-ckpt says to use merge-lora."""
+    from ckpt_tools.distckpt import DistCheckpoint
+    from ckpt_tools.lora_merge import merge_lora
+    from ckpt_tools.merge import merge_dist_checkpoint
+    from network.formats import CheckpointError
+    from network.lora import LORA_SUFFIXES
+    from network.weights import index_weights
+
+    steps = ["--max_steps", "4", "--save_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--meta_path", meta, "--model_name_or_path", tiny_dir, *LORA, *FAST]
+    a = run("lora", [*args, "--tensor_parallel_degree", "2", "--per_device_train_batch_size", "4", *steps], straight)
+    with DistCheckpoint(str(straight / "checkpoint-2")) as ck:
+        model_keys, optimizer_keys = ck.split_keys()
+        assert model_keys and all(k.endswith(LORA_SUFFIXES) for k in model_keys)
+        assert len(optimizer_keys) == 4 * len(model_keys)  # AdamW: 2 moments + 2 beta powers per adapter
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    # dp2 x 2 per device: the global batch of mp2 x 4
+    b = run("lora", [*args, "--data_parallel_degree", "2", *steps, "--resume_from_checkpoint", "auto"], resumed)
+    assert len(a) == 4 and len(b) == 2
+    for x, y in zip(a[2:], b):
+        assert y == pytest.approx(x, rel=1e-5)
+
+    merged = {}
+    # checkpoint-4 of both runs, with and without --base, and the final adapter files in output_dir
+    for name, base, lora in (("straight", None, straight / "checkpoint-4"), ("resumed", None, resumed / "checkpoint-4"),
+                             ("given", tiny_dir, straight / "checkpoint-4"), ("files", None, straight)):
+        summary = merge_lora(base, str(lora), str(tmp_path / f"merged_{name}"), progress=False)
+        assert summary["merged"] > 0
+        merged[name] = {s.name: s.read() for s in index_weights(str(tmp_path / f"merged_{name}"))}
+    base_weights = {s.name: s.read() for s in index_weights(tiny_dir)}
+    assert sorted(merged["straight"]) == sorted(base_weights)
+    changed = [k for k in base_weights if not np.array_equal(merged["straight"][k], base_weights[k])]
+    assert changed and all("q_proj" in k or "down_proj" in k for k in changed)
+    for key, value in merged["straight"].items():
+        np.testing.assert_array_equal(merged["given"][key], value, err_msg=key)
+        np.testing.assert_allclose(merged["files"][key], value, rtol=0, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(merged["resumed"][key], value, rtol=0, atol=1e-6, err_msg=key)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters only .*`qwen2vl-ap merge-lora --lora"):
+        merge_dist_checkpoint(str(straight / "checkpoint-4"), str(tmp_path / "merge_ckpt"), progress=False)
+    assert not (tmp_path / "merge_ckpt").exists()
