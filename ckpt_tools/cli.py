@@ -81,7 +81,8 @@ def merge_lora_main(argv: list[str]) -> int:
                                 description="Fold LoRA adapters into base weights: W + A @ B * scaling (streaming).")
     p.add_argument("--base", default=None,
                    help="base model directory (HF safetensors, model_state.pdparams, merge-ckpt output) or dist "
-                        "checkpoint; may be omitted when --lora is a LoRA checkpoint-N whose dist_ckpt holds it")
+                        "checkpoint (default: the base a preset run's checkpoint-N holds, else the "
+                        "base_model_name_or_path of the adapter's lora_config.json)")
     p.add_argument("--lora", required=True,
                    help="LoRA checkpoint-N (or its dist_ckpt) of `qwen2vl-ap lora`, or a directory with "
                         "lora_config.json + lora_model_state.pdparams (ours or paddlenlp's)")
