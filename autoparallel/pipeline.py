@@ -47,6 +47,7 @@ from autoparallel.forward import TRAINING_KEY_MASK, embed_inputs, supervised_los
 from autoparallel.gradients import gradient
 from autoparallel.mesh import PP_DIM, mesh_coordinate, stage_mesh
 from autoparallel.parallelize import parallelize
+from network.attention import PackedRows
 from network.config import Qwen2VLConfig
 from network.log import logger
 from network.modeling_qwen2_vl import mrope_cos_sin
@@ -177,8 +178,9 @@ def _stage_forward(model: paddle.nn.Layer, stage: Stage, batch: ShardedBatch, x:
         if stage.first:
             x = embed_inputs(model, batch)
         cos, sin = mrope_cos_sin(model.config, batch.position_ids, x.dtype)
+        packed = None if batch.segment_ids is None else PackedRows(batch.segment_ids)
         for layer in model.model.layers:
-            x = layer(x, cos, sin, TRAINING_KEY_MASK, None, batch.segment_ids)
+            x = layer(x, cos, sin, TRAINING_KEY_MASK, None, packed)
         if stage.last:
             return supervised_loss(model, model.model.norm(x), batch, normalizer)
         return dist.reshard(x, x.process_mesh, _boundary_placements(x.process_mesh))

@@ -44,6 +44,23 @@ class Segments:
         return int(np.diff(self.bounds).max()) if len(self.bounds) > 1 else 0
 
 
+@dataclass
+class PackedRows:
+    """The samples of packed text rows: `ids` int [batch, seq] (one id per sample, `-1` padding) and, read to
+    the host once per forward and shared by every decoder layer, their varlen boundaries (on a GPU each read is
+    a device->host sync)."""
+
+    ids: paddle.Tensor
+    _bounds: tuple[np.ndarray, int] | None = None
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, int]:
+        """(int32 cu_seqlens over the flattened rows, longest sample): `packed_cu_seqlens` of `ids`."""
+        if self._bounds is None:
+            self._bounds = packed_cu_seqlens(self.ids.numpy())
+        return self._bounds
+
+
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
     # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
     return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
@@ -58,18 +75,20 @@ def attention(
     attention_mask: paddle.Tensor | None = None,
     segments: Segments | None = None,
     segment_ids: paddle.Tensor | None = None,
+    packed: PackedRows | None = None,
 ) -> paddle.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)); returns [batch, q_len, heads, head_dim].
 
     attention_mask: [batch, kv_len], 1 = token, 0 = padding (keys at padding are never attended); leave it out
     for right-padded batches whose padded positions are never read.
     segments: block-diagonal attention within each segment of a single packed sequence (batch 1).
-    segment_ids: int [batch, seq] (q_len == kv_len, no cache): tokens attend only within their own id (the sample
-    of a packed text row, or the image/frame of a padded ViT row).
+    segment_ids: int [batch, seq] (q_len == kv_len, no cache): tokens attend only within their own id (the
+    image/frame of a padded ViT row).
+    packed: the samples of packed text rows (q_len == kv_len, no cache, causal): each sample sees only itself.
     """
+    if packed is not None and _use_gpu_kernels(q):
+        return _gpu_packed_attention(q, k, v, packed)
     if segment_ids is not None and _use_gpu_kernels(q):
-        if causal:
-            return _gpu_packed_attention(q, k, v, causal, segment_ids)
         # Padded ViT rows: short, padding runs included; SDPA with the block-diagonal map (additive_mask).
         mask = additive_mask(q.shape[1], k.shape[1], False, None, q.dtype, segment_ids)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -77,18 +96,18 @@ def attention(
         return _gpu_attention(q, k, v, causal, attention_mask, segments)
     if segments is not None:
         return _segment_attention(q, k, v, segments.bounds.astype(np.int64))
-    if segment_ids is not None and causal and not q.is_dist():
-        return _packed_rows_attention(q, k, v, segment_ids)
-    return _math_attention(q, k, v, causal, attention_mask, segment_ids)
+    if packed is not None and not q.is_dist():
+        return _packed_rows_attention(q, k, v, packed)
+    return _math_attention(q, k, v, causal, attention_mask, packed.ids if packed is not None else segment_ids)
 
 
-def _packed_rows_attention(q, k, v, segment_ids) -> paddle.Tensor:
+def _packed_rows_attention(q, k, v, packed: PackedRows) -> paddle.Tensor:
     """Packed text rows on the math path: each sample's own causal attention, as the varlen kernel computes it,
     instead of whole-row scores under a mask (the sum of squared sample lengths instead of squared row lengths,
     and no mask over the row). Samples are contiguous once the rows are flattened, so a split (whose backward is
     a concat) hands each its slice. Distributed tensors keep the masked path: flattening the rows would not keep
     their batch split."""
-    cu, _ = packed_cu_seqlens(segment_ids.numpy())
+    cu, _ = packed.bounds
     b, s = q.shape[0], q.shape[1]
     pieces = [paddle.split(x.reshape([1, b * s, x.shape[2], x.shape[3]]), np.diff(cu).tolist(), axis=1)
               for x in (q, k, v)]
@@ -221,7 +240,7 @@ def packed_cu_seqlens(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
     return cu, int(np.diff(cu).max())
 
 
-def _gpu_packed_attention(q, k, v, causal, segment_ids) -> paddle.Tensor:
+def _gpu_packed_attention(q, k, v, packed: PackedRows) -> paddle.Tensor:
     """Varlen flash attention over the samples of packed rows (not exercised on CPU: written against Paddle
     3.x `flash_attn_unpadded(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
     dropout, causal)` on [total_tokens, heads, head_dim])."""
@@ -229,8 +248,8 @@ def _gpu_packed_attention(q, k, v, causal, segment_ids) -> paddle.Tensor:
 
     k, v = kv_for_kernel(q, k, v)
     b, s = q.shape[0], q.shape[1]
-    cu, longest = packed_cu_seqlens(segment_ids.numpy())
+    cu, longest = packed.bounds
     cu = paddle.to_tensor(cu, place=q.place)
     flat = [x.reshape([b * s, x.shape[2], x.shape[3]]) for x in (q, k, v)]
-    out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=causal)
+    out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=True)
     return out.reshape([b, s, q.shape[2], q.shape[3]])

@@ -21,7 +21,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from network.attention import attention
+from network.attention import PackedRows, attention
 from network.config import Qwen2VLConfig
 from network.loss import IGNORE_INDEX, linear_cross_entropy
 from network.modeling_vision import Qwen2VisionTransformer, as_numpy, rotate_half
@@ -86,7 +86,7 @@ class Qwen2VLAttention(nn.Layer):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias_attr=False)
 
     def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None,
-                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
+                packed: PackedRows | None = None) -> paddle.Tensor:
         b, s = x.shape[0], x.shape[1]
         # -1 head counts keep the reshape valid when q/k/v are column-sharded by heads.
         q = self.q_proj(x).reshape([b, s, -1, self.head_dim])
@@ -95,7 +95,7 @@ class Qwen2VLAttention(nn.Layer):
         q, k = apply_rotary(q, k, cos, sin, v.dtype)
         if cache is not None:  # keys are cached after rotary: their positions never change
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids)
+        out = attention(q, k, v, causal=True, attention_mask=attention_mask, packed=packed)
         return self.o_proj(out.reshape([b, s, -1]))
 
 
@@ -119,8 +119,8 @@ class Qwen2VLDecoderLayer(nn.Layer):
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, attention_mask, cache: KVCache | None = None,
-                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids)
+                packed: PackedRows | None = None) -> paddle.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,9 +138,10 @@ class Qwen2VLTextModel(nn.Layer):
         """attention_mask covers the cached and the new positions ([B, cache_len + S]); `segment_ids` [B, S]
         mark the samples of packed rows (attention stays within a sample)."""
         cos, sin = mrope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
+        packed = None if segment_ids is None else PackedRows(segment_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask, cache, segment_ids)
+            x = layer(x, cos, sin, attention_mask, cache, packed)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)

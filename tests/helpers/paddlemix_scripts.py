@@ -61,6 +61,8 @@ AUTO_2B = """\
   --hybrid_parallel_topo_order="sharding_first" \\
 """
 
+# Verbatim, like AUTO_2B, not derived from it: the tests run each script's argument list exactly as users copy it
+# (the two scripts share most flags but differ in values and in the flags they leave out).
 BASELINE = """\
   --do_train \\
   --model_name_or_path "Qwen/Qwen2-VL-${SIZE}-Instruct" \\

@@ -46,9 +46,10 @@ class KernelRecorder:
 
     def flash_attn_unpadded(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=False):
         self.calls.append(("varlen", {"dtypes": {q.dtype, k.dtype, v.dtype}, "max": (max_q, max_k),
-                                      "cu": cu_q.numpy().tolist(), "cu_dtype": cu_q.dtype}))
+                                      "cu": cu_q.numpy().tolist(), "cu_dtype": cu_q.dtype, "causal": causal,
+                                      "kv_heads": k.shape[1]}))
         bounds = cu_q.numpy()
-        out = paddle.concat([_math(q[None, a:b], k[None, a:b], v[None, a:b], False)[0]
+        out = paddle.concat([_math(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
                              for a, b in zip(bounds[:-1], bounds[1:])])
         return out, None
 
@@ -130,6 +131,27 @@ def test_vision_varlen_gets_host_max_len_and_int32_bounds(gpu_kernels):
     assert got["cu_dtype"] == paddle.int32 and got["dtypes"] == {paddle.bfloat16}
     exact = attention(*(_bf16(x).astype("float32") for x in (q, k, v)), causal=False, segments=segments)
     np.testing.assert_allclose(out.numpy(), exact.numpy(), atol=1e-6)
+
+
+def test_packed_rows_get_causal_varlen_with_host_bounds_read_once(gpu_kernels, monkeypatch):
+    """Packed text rows on the GPU branch: one causal varlen call over the flattened rows with int32 bounds and
+    the longest sample from the host; the bounds are read once and reused by every layer; the result equals the
+    CPU per-sample path."""
+    ids = paddle.to_tensor(np.array([[0, 0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 0, 0, 1, 1, 1]]))
+    q, k, v = _qkv(s=8, kv_heads=2)
+    packed = attention_mod.PackedRows(ids)
+    reads = []
+    original = attention_mod.packed_cu_seqlens
+    monkeypatch.setattr(attention_mod, "packed_cu_seqlens", lambda x: reads.append(1) or original(x))
+    outs = [attention(_bf16(q), _bf16(k), _bf16(v), causal=True, packed=packed) for _layer in range(3)]
+    assert len(reads) == 1 and [kind for kind, _ in gpu_kernels.calls] == ["varlen"] * 3
+    got = gpu_kernels.calls[0][1]
+    assert got["cu"] == [0, 3, 5, 8, 13, 16] and got["max"] == (5, 5) and got["cu_dtype"] == paddle.int32
+    assert got["causal"] and got["dtypes"] == {paddle.bfloat16} and got["kv_heads"] == 2
+    monkeypatch.setattr(attention_mod, "flash_attention_supported", lambda: False)
+    exact = attention(*(_bf16(x).astype("float32") for x in (q, k, v)), causal=True,
+                      packed=attention_mod.PackedRows(ids))
+    np.testing.assert_allclose(outs[0].astype("float32").numpy(), exact.numpy(), atol=1e-6)
 
 
 def test_vision_math_path_loops_over_segments_and_matches_block_diagonal():

@@ -202,7 +202,7 @@ def test_per_sample_attention_equals_the_masked_row():
         q, k, v = (paddle.to_tensor(x, stop_gradient=False) for x in inputs)
         ids = paddle.to_tensor(segment_ids)
         if path == "per_sample":
-            out = attn.attention(q, k, v, causal=True, segment_ids=ids)
+            out = attn.attention(q, k, v, causal=True, packed=attn.PackedRows(ids))
         else:
             out = attn._math_attention(q, k, v, True, None, ids)
         (out * weights).sum().backward()
