@@ -61,5 +61,6 @@ def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
 def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600) -> LaunchResult:
     """`run_workers` that fails the test (with the worker logs) unless every rank finished and reported."""
     run = run_workers(script, nproc, out_dir, args, timeout=timeout)
-    assert run.returncode == 0 and len(run.results) == nproc, run.logs()
+    assert run.returncode == 0 and len(run.results) == nproc, (
+        f"launcher exit {run.returncode}, {len(run.results)} of {nproc} ranks reported\n{run.logs()}")
     return run
