@@ -423,8 +423,7 @@ def infer_main(argv: list[str]) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    from network.log import setup_logging
+if __name__ == "__main__":  # a rank of a tensor-parallel job (`_relaunch`)
+    from launch.launcher import run_launched
 
-    setup_logging()
-    sys.exit(infer_main(sys.argv[1:]))
+    run_launched(infer_main)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 # Workers write the one-line reason of a failure to `$QWEN2VL_AP_ERROR_DIR/error.rank{N}` (launch/worker.py);
@@ -115,6 +115,23 @@ class WorkerLaunch:
         finally:
             signal.signal(signal.SIGTERM, previous)
             stop(proc)
+
+
+def exit_launched(code: int) -> NoReturn:
+    """End a process that `paddle.distributed.launch` started, once its work (and its final barrier) is done,
+    without interpreter teardown: Paddle's CPU build sometimes aborts (SIGABRT) while destroying its communication
+    context at exit, and the launcher would then report a failed job after every result was written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_launched(main: Callable[[list[str]], int]) -> NoReturn:
+    """`__main__` of a command's launched ranks (infer, serve): this project's logging, then `main(argv)`'s code."""
+    from network.log import setup_logging
+
+    setup_logging()
+    exit_launched(main(sys.argv[1:]))
 
 
 def error_file(error_dir: str | os.PathLike, rank: int) -> Path:

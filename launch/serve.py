@@ -169,8 +169,7 @@ def serve_main(argv: list[str]) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    from network.log import setup_logging
+if __name__ == "__main__":  # a rank of a tensor-parallel job (`_relaunch`)
+    from launch.launcher import run_launched
 
-    setup_logging()
-    sys.exit(serve_main(sys.argv[1:]))
+    run_launched(serve_main)

@@ -81,11 +81,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - every failure is reported as one line, then the worker exits 1
         _report(exc)
         code = 1
-    # Every rank has passed the final barrier (or failed). Skip interpreter teardown: Paddle's CPU build sometimes
-    # aborts (SIGABRT, exit code 250) while destroying its communication context at exit, after all work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from launch.launcher import exit_launched
+
+    exit_launched(code)  # every rank has passed the final barrier (or failed)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from launch.launcher import WorkerLaunch, stop
+from launch.launcher import WorkerLaunch, exit_launched, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,13 +52,26 @@ def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), t
     return LaunchResult(proc.returncode, results, log_dir)
 
 
+def worker_entry(main: Callable[[], None]) -> NoReturn:
+    """Worker side, its `__main__`: run `main`, then exit the way the project's launched ranks do
+    (`exit_launched`), with Python's own codes (1 and the traceback for an uncaught exception)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported in the worker log like an uncaught exception
+        traceback.print_exc()
+        code = 1
+    exit_launched(code)
+
+
 def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
     """Worker side: atomically publish this rank's result."""
     path = Path(out_dir) / f"result.{rank}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(path)
-
 
 
 def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600) -> LaunchResult:

@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 import paddle.distributed as dist
 
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from launch.infer import load_model
 from network.generation import GenerationConfig, generate
 
@@ -42,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

@@ -21,7 +21,7 @@ from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch
 from autoparallel.forward import embed_inputs
 from autoparallel.step import train_step
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from placements.qwen2_vl import Trainable
 from parallel_cases import CLIP, LAYOUTS_2, LAYOUTS_4, build_model, build_optimizer, micro_batches, tiny_config
 
@@ -95,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

@@ -24,7 +24,7 @@ from autoparallel.planning.memory_report import memory_report
 from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from autoparallel.engine.optim import apply_module_learning_rates
 from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
                             mode_training_args, reference_run, step_schedule, tiny_config)
@@ -136,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

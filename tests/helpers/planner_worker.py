@@ -28,7 +28,7 @@ from autoparallel.parallelize import parallelize
 from autoparallel.batch import shard_batch, supervised_tokens
 from autoparallel.forward import forward_loss
 from autoparallel.step import train_step
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from network.config import Qwen2VLConfig
 from network.rope_index import get_rope_index_for_config
 from parallel_cases import build_model, build_optimizer, micro_batches, tiny_config
@@ -186,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

@@ -27,7 +27,7 @@ from autoparallel.pipeline import (build_stage_model, fthenb_bubbles, make_stage
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from network.modeling_qwen2_vl import Qwen2RMSNorm
 from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, reference_run, tiny_config
 from placements.qwen2_vl import is_trainable
@@ -204,4 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

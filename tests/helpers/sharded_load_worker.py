@@ -16,7 +16,7 @@ import paddle.distributed as dist
 from autoparallel.mesh import build_mesh
 from autoparallel.parallelize import parallelize
 from autoparallel.sharded_load import lazy_parameters, load_sharded, local_box
-from dist_utils import write_result
+from dist_utils import worker_entry, write_result
 from launch.infer import TensorParallelModel
 from network.config import Qwen2VLConfig
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
@@ -68,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_entry(main)

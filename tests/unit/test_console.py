@@ -65,3 +65,18 @@ def test_a_signal_kill_wins_over_the_connection_errors_of_its_peers(tmp_path):
     error_file(tmp_path, 1).write_text("was killed by SIGKILL (out of memory?); its last log line: step 1\n")
     assert describe_failure(tmp_path, "", 137) == (
         "rank 1 was killed by SIGKILL (out of memory?); its last log line: step 1")
+
+
+def test_a_launched_rank_exits_with_its_code_its_output_flushed_and_no_teardown(tmp_path):
+    """`exit_launched`: a piped (block-buffered) stdout still arrives; atexit hooks, where Paddle's CPU build can
+    abort while destroying its communication context, do not run."""
+    import subprocess
+    import sys
+
+    from launch.launcher import REPO
+
+    script = ("import atexit; atexit.register(lambda: print('teardown ran'))\n"
+              "from launch.launcher import exit_launched\n"
+              "print('result written'); exit_launched(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "result written\n"), proc.stderr
