@@ -6,7 +6,8 @@ Inputs (`--lora`, checked in this order):
      `rslora` from `lora_config.json` next to it (in `checkpoint-N`). When `--base` is omitted, the base weights
      are the checkpoint's non-LoRA model tensors (a run on a preset) or, for a checkpoint holding adapters only
      (a run on a model directory or Hub id), the `base_model_name_or_path` its lora_config.json records;
-     optimizer states are never written.
+     optimizer states are never written. The base must be the one the adapters were trained on when their
+     lora_config.json records its `base_model_fingerprint` (an explicit `--base` that differs is only warned about).
   2. an adapter directory in paddlenlp's format: `lora_config.json` + `lora_model_state.pdparams` (or
      `peft_model.safetensors`), as `save_adapter` / paddlenlp's `LoRAModel.save_pretrained` write them. Keys are
      `{layer}.lora_A` / `{layer}.lora_B` with the plain model's layer names; a leading `model.` (the names of the
@@ -44,7 +45,7 @@ from ckpt_tools.model_dir import CONFIG, MODEL_FILES, atomic_output_dir, copy_mo
 from network.formats import CheckpointError, index_file, read_ref
 from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
-from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs
+from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs, check_base
 from network.process_memory import peak_rss_bytes
 from network.tokenizer import has_tokenizer_files
 from network.weights import SourceTensor, canonical_name, index_weights, is_linear_weight
@@ -317,11 +318,16 @@ def merge_lora(base: Optional[str], lora: str, out: str, format: str = "safetens
             base_sources, base_dir = _dist_sources(lora_ck), model_dir_of(lora)
         elif base is None:  # adapters only: the base the run read, as its lora_config.json records it
             base_dir = recorded_base(adapter.config_dir)
+            check_base(adapter.config_dir, base_dir)
             base_sources = index_weights(base_dir)
         elif is_dist_checkpoint(base):
             base_sources, base_dir = _dist_sources(stack.enter_context(DistCheckpoint(base))), model_dir_of(base)
         else:
             base_sources, base_dir = index_weights(base), base
+            try:
+                check_base(adapter.config_dir, base_dir)
+            except CheckpointError as exc:  # --base is the user's explicit choice: said, not refused
+                logger.warning("%s; merging onto --base %s as asked", exc, base)
         if not base_sources:
             raise CheckpointError(f"{base or lora}: no base model tensors")
         validate_against_config(base_sources, base_dir)

@@ -157,9 +157,15 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
     adapter every rank reads the whole model once."""
     model = None
     if lora_dir is not None:
-        from network.lora import fold_adapter
+        from network.lora import check_base, fold_adapter
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
+        try:
+            check_base(lora_dir, model_dir)
+        except CheckpointError as e:  # --model is the user's explicit choice: said, not refused
+            logger.warning("--lora %s: %s; folding it into --model %s as asked", lora_dir, e, model_dir)
+        except (OSError, ValueError) as e:
+            raise InferError(f"--lora {lora_dir}: {e}") from None
         try:
             names = fold_adapter(model, lora_dir)
         except (OSError, ValueError) as e:

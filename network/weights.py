@@ -16,6 +16,7 @@ because plain numpy has no bf16 dtype.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -146,6 +147,25 @@ def index_weights(path: str) -> list[SourceTensor]:
             sources[name] = SourceTensor(name, ref.shape, dtype, layout,
                                          lambda ref=ref, dtype=dtype: read_ref(ref).view(dtype), file, ref)
     return list(sources.values())
+
+
+def weights_fingerprint(path: str) -> str:
+    """Identity of a model directory's weights, cheap at any size: a hash of every tensor's name, stored shape and
+    dtype and the bytes of its first and last stored rows (fine-tuning changes nearly every row; hashing every
+    byte of a 72B checkpoint would take minutes). It depends on the stored layout: the same weights converted
+    between safetensors and pdparams, or to another dtype, fingerprint differently."""
+    digest = hashlib.sha256()
+    _, layout = weight_files(path)
+    digest.update(layout.encode())
+    for source in sorted(index_weights(path), key=lambda s: s.name):
+        digest.update(f"|{source.name}|{source.shape}|{source.dtype}".encode())
+        rows = {0, source.shape[0] - 1} if source.shape and source.shape[0] else set()
+        for row in sorted(rows):
+            sample = source.read()[row] if source.ref is None else read_ref_slice(source.ref, 0, row, row + 1)
+            digest.update(np.ascontiguousarray(sample).tobytes())
+        if not source.shape:
+            digest.update(np.ascontiguousarray(source.read()).tobytes())
+    return digest.hexdigest()
 
 
 def iter_checkpoint(path: str) -> Iterator[tuple[str, np.ndarray, str]]:

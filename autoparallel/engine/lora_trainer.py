@@ -15,12 +15,16 @@ their optimizer state only: a resume reads the base from `model_name_or_path` ag
 merge-lora finds it through `base_model_name_or_path` in lora_config.json. A preset's random base exists nowhere
 else, so it stays in the checkpoint.
 
+Each adapter records the `weights_fingerprint` of that base (lora_config.json): a resume on other base weights
+is refused, and merge-lora / `infer --lora` check it too (`network.lora.check_base`).
+
 Export. Every checkpoint gets the adapter next to its dist checkpoint (which keeps serving resume), and the
 final one is also written to `output_dir`. Gathering sharded adapters is a collective, while checkpoint extras
 are written by rank 0 only: `LoraTrainer.save` gathers on every rank first, `write_adapter` then writes.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -30,8 +34,12 @@ import paddle.distributed as dist
 from autoparallel.config import RunConfig
 from autoparallel.engine.trainer import Trainer
 from network.config import PRESETS
+from network.formats import CheckpointError
+from network.hub import resolve_model_dir
 from network.log import logger
-from network.lora import LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, save_adapter
+from network.lora import (LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, check_base,
+                          save_adapter)
+from network.weights import weights_fingerprint
 from placements.qwen2_vl import Trainable
 
 
@@ -78,6 +86,20 @@ class LoraTrainer(Trainer):
     def checkpoint_holds_frozen_weights(self) -> bool:
         return not self.cfg.uses_lora or self.cfg.model.model_name_or_path in PRESETS
 
+    @functools.cached_property
+    def base_dir(self) -> str | None:
+        """The base model directory an adapters-only checkpoint depends on (None: the checkpoint holds the base)."""
+        return None if self.checkpoint_holds_frozen_weights() else resolve_model_dir(self.cfg.model.model_name_or_path)
+
+    def load_weights(self) -> None:
+        if self.resume_path is not None and self.base_dir is not None:
+            try:
+                check_base(self.resume_path, self.base_dir)
+            except CheckpointError as exc:
+                raise CheckpointError(f"resume_from_checkpoint: {exc}; resume with the base the run started from"
+                                      ) from None
+        super().load_weights()
+
     def save(self) -> Path:
         if self.cfg.uses_lora:
             self._gathered = gather_adapter(self.model)
@@ -92,7 +114,8 @@ class LoraTrainer(Trainer):
         base = self.cfg.model.model_name_or_path
         if os.path.isdir(base):  # merge-lora may run from another directory
             base = os.path.abspath(base)
-        save_adapter(directory, self._gathered, self.lora_args, base)
+        fingerprint = weights_fingerprint(self.base_dir) if self.base_dir is not None else None
+        save_adapter(directory, self._gathered, self.lora_args, base, fingerprint)
         if self.step == self.total_steps:
-            save_adapter(self.output_dir, self._gathered, self.lora_args, base)
+            save_adapter(self.output_dir, self._gathered, self.lora_args, base, fingerprint)
             logger.info("adapter written to %s (%s, %s)", self.output_dir, LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)

@@ -13,9 +13,10 @@ from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
 from autoparallel.engine.lora_trainer import gather_adapter
 from ckpt_tools.lora_merge import merge_lora
 from launch.infer import Answer, infer_main
-from network.lora import LoraArgs, apply_lora, save_adapter
+from network.lora import LORA_CONFIG_NAME, LoraArgs, apply_lora, save_adapter
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.processor import Qwen2VLProcessor
+from network.weights import weights_fingerprint
 
 MAX_NEW = "8"
 
@@ -127,8 +128,9 @@ def test_clear_errors(setup, capsys, tmp_path, case, message):
     assert re.search(message, err), err
 
 
-def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys, tmp_path):
-    """`--lora DIR` (unmerged paddlenlp adapter) == `merge-lora` output directory, and differs from the base."""
+def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys, tmp_path, caplog):
+    """`--lora DIR` (unmerged paddlenlp adapter) == `merge-lora` output directory, and differs from the base; an
+    adapter that records another base is still folded as asked, with a warning."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(setup / "st"))
     args = LoraArgs(lora_rank=4, lora_alpha=8)
     apply_lora(model, args)
@@ -136,7 +138,8 @@ def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys
     for name, p in model.named_parameters():
         if name.endswith(".lora_B"):  # trained adapters are non-zero
             p.set_value(rng.normal(0, 1.0, p.shape).astype("float32"))
-    save_adapter(tmp_path / "adapter", gather_adapter(model), args)
+    save_adapter(tmp_path / "adapter", gather_adapter(model), args, str(setup / "st"),
+                 weights_fingerprint(str(setup / "st")))
     merge_lora(str(setup / "st"), str(tmp_path / "adapter"), str(tmp_path / "merged"), progress=False)
     common = ["--image", setup / "media/img1.png", "--prompt", "What colour is it?", "--max_new_tokens", MAX_NEW,
               "--no-stream"]
@@ -145,6 +148,12 @@ def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys
     code, merged, _ = _run(capsys, "--model", tmp_path / "merged", *common)
     code, base, _ = _run(capsys, "--model", setup / "st", *common)
     assert folded == merged != base
+    assert "not the base the adapter was trained on" not in caplog.text
+    config = json.loads((tmp_path / "adapter" / LORA_CONFIG_NAME).read_text())
+    (tmp_path / "adapter" / LORA_CONFIG_NAME).write_text(json.dumps({**config, "base_model_fingerprint": "0" * 64}))
+    code, other, _ = _run(capsys, "--model", setup / "st", "--lora", tmp_path / "adapter", *common)
+    assert code == 0 and other == folded
+    assert f"the weights in {setup / 'st'} are not the base the adapter was trained on" in caplog.text
     print(f"[infer] --lora folded == merge-lora output: {folded.strip()!r} (base: {base.strip()!r})")
 
 

@@ -65,7 +65,7 @@ def test_checkpoint_start_trains_like_the_preset(meta, tiny_dir, tmp_path, comma
     assert "loaded this rank's pieces" in log
 
 
-def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_dir, tmp_path):
+def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_dir, tmp_path, caplog):
     """A LoRA run on a base read from disk checkpoints its adapters and their optimizer state only; a resume on
     another layout reads the base again and continues the run; merge-lora without --base finds the base through
     lora_config.json; merge-ckpt says to use merge-lora."""
@@ -73,8 +73,9 @@ def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_
     from ckpt_tools.lora_merge import merge_lora
     from ckpt_tools.merge import merge_dist_checkpoint
     from network.formats import CheckpointError
-    from network.lora import LORA_SUFFIXES
-    from network.weights import index_weights
+    from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES
+    from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+    from network.weights import index_weights, weights_fingerprint
 
     steps = ["--max_steps", "4", "--save_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -91,6 +92,24 @@ def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_
     assert len(a) == 4 and len(b) == 2
     for x, y in zip(a[2:], b):
         assert y == pytest.approx(x, rel=1e-5)
+    # The adapters record their base; a resume on other base weights is refused, the checkpoint kept.
+    lora_config = json.loads((straight / "checkpoint-2" / LORA_CONFIG_NAME).read_text())
+    assert lora_config["base_model_fingerprint"] == weights_fingerprint(tiny_dir)
+    other = tmp_path / "other_base"
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_dir)
+    with paddle.no_grad():
+        dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"][0] += 1.0
+    model.save_pretrained(str(other))
+    (tmp_path / "refused").mkdir()
+    shutil.copytree(straight / "checkpoint-2", tmp_path / "refused" / "checkpoint-2")
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "lora", *args, "--model_name_or_path", str(other),
+                           "--data_parallel_degree", "2", *steps, "--resume_from_checkpoint", "auto",
+                           "--output_dir", str(tmp_path / "refused")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode != 0
+    assert f"resume_from_checkpoint: the weights in {other} are not the base the adapter was trained on" in proc.stderr
+    assert "resume with the base the run started from" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "refused").glob("checkpoint-*")) == ["checkpoint-2"]
 
     merged = {}
     # checkpoint-4 of both runs, with and without --base, and the final adapter files in output_dir
@@ -110,3 +129,12 @@ def test_lora_on_a_checkpoint_saves_adapters_only_resumes_and_merges(meta, tiny_
     with pytest.raises(CheckpointError, match="holds LoRA adapters only .*`qwen2vl-ap merge-lora --lora"):
         merge_dist_checkpoint(str(straight / "checkpoint-4"), str(tmp_path / "merge_ckpt"), progress=False)
     assert not (tmp_path / "merge_ckpt").exists()
+    # The recorded base changed on disk: merge-lora without --base refuses, an explicit --base is warned about.
+    lora_config = json.loads((resumed / "checkpoint-4" / LORA_CONFIG_NAME).read_text())
+    (resumed / "checkpoint-4" / LORA_CONFIG_NAME).write_text(
+        json.dumps({**lora_config, "base_model_name_or_path": str(other)}))
+    with pytest.raises(CheckpointError, match=f"the weights in {other} are not the base the adapter was trained"):
+        merge_lora(None, str(resumed / "checkpoint-4"), str(tmp_path / "merged_moved"), progress=False)
+    assert not (tmp_path / "merged_moved").exists()
+    merge_lora(str(other), str(resumed / "checkpoint-4"), str(tmp_path / "merged_other"), progress=False)
+    assert "are not the base the adapter was trained on" in caplog.text and "merging onto --base" in caplog.text

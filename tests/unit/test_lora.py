@@ -164,3 +164,37 @@ def test_load_adapter_rejects_a_mismatched_model(config, tmp_path):
     save_adapter(tmp_path, state, args)
     with pytest.raises(ValueError, match="missing"):
         load_adapter(build_model(config), tmp_path)
+
+
+
+def test_adapters_record_their_base_and_refuse_another(config, tmp_path):
+    """`weights_fingerprint` follows the weights, not the files (single vs sharded); one changed row or another
+    stored format changes it; `check_base` passes the recorded base and names the other one."""
+    from network import weights
+    from network.formats import CheckpointError
+    from network.lora import check_base
+
+    model = build_model(config)
+    dirs = {}
+    for name, fmt, shard in (("single", "safetensors", None), ("sharded", "safetensors", 1 << 20),
+                             ("pdparams", "paddle", None)):
+        dirs[name] = str(tmp_path / name)
+        weights.save_weights(model, dirs[name], format=fmt, max_shard_bytes=shard)
+    weight = dict(model.named_parameters())["model.layers.0.mlp.down_proj.weight"]  # [in, out]: HF's last row
+    with paddle.no_grad():
+        weight[:, -1] += 1.0
+    dirs["other"] = str(tmp_path / "other")
+    weights.save_weights(model, dirs["other"])
+    prints = {name: weights.weights_fingerprint(path) for name, path in dirs.items()}
+    assert prints["single"] == prints["sharded"]
+    assert len({prints["single"], prints["pdparams"], prints["other"]}) == 3
+
+    adapter = tmp_path / "adapter"
+    state = {"model.layers.0.self_attn.q_proj.lora_A": paddle.zeros([config.hidden_size, 2])}
+    save_adapter(adapter, state, LoraArgs(lora=True, lora_rank=2), dirs["single"], prints["single"])
+    check_base(adapter, dirs["sharded"])
+    with pytest.raises(CheckpointError, match=f"the weights in {dirs['other']} are not the base the adapter was "
+                                              f"trained on .*lora_config.json: base_model_name_or_path "):
+        check_base(adapter, dirs["other"])
+    save_adapter(adapter, state, LoraArgs(lora=True, lora_rank=2), dirs["single"])  # records no fingerprint
+    check_base(adapter, dirs["other"])
