@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_train_step import small_config  # noqa: E402  (the same small model)
 from hf_oracle import hf_model  # noqa: E402
 
-from autoparallel.cpu_compat import prefer_mkl_avx2  # noqa: E402
+from network.mkl import prefer_mkl_avx2  # noqa: E402
 from network.generation import GenerationConfig, generate  # noqa: E402
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
 from network.processor import Qwen2VLProcessor  # noqa: E402
