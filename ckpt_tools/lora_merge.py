@@ -45,7 +45,7 @@ from ckpt_tools.model_dir import CONFIG, MODEL_FILES, atomic_output_dir, copy_mo
 from network.formats import CheckpointError, index_file, read_ref
 from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
-from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs, check_base
+from network.lora import LORA_CONFIG_NAME, LORA_SUFFIXES, LORA_WEIGHTS_NAME, LoraArgs, base_mismatch
 from network.process_memory import peak_rss_bytes
 from network.tokenizer import has_tokenizer_files
 from network.weights import SourceTensor, canonical_name, index_weights, is_linear_weight
@@ -318,16 +318,17 @@ def merge_lora(base: Optional[str], lora: str, out: str, format: str = "safetens
             base_sources, base_dir = _dist_sources(lora_ck), model_dir_of(lora)
         elif base is None:  # adapters only: the base the run read, as its lora_config.json records it
             base_dir = recorded_base(adapter.config_dir)
-            check_base(adapter.config_dir, base_dir)
+            mismatch = base_mismatch(adapter.config_dir, base_dir)
+            if mismatch:
+                raise CheckpointError(mismatch)
             base_sources = index_weights(base_dir)
         elif is_dist_checkpoint(base):
             base_sources, base_dir = _dist_sources(stack.enter_context(DistCheckpoint(base))), model_dir_of(base)
         else:
             base_sources, base_dir = index_weights(base), base
-            try:
-                check_base(adapter.config_dir, base_dir)
-            except CheckpointError as exc:  # --base is the user's explicit choice: said, not refused
-                logger.warning("%s; merging onto --base %s as asked", exc, base)
+            mismatch = base_mismatch(adapter.config_dir, base_dir)
+            if mismatch:  # --base is the user's explicit choice: said, not refused
+                logger.warning("%s; merging onto --base %s as asked", mismatch, base)
         if not base_sources:
             raise CheckpointError(f"{base or lora}: no base model tensors")
         validate_against_config(base_sources, base_dir)

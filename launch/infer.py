@@ -157,19 +157,16 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
     adapter every rank reads the whole model once."""
     model = None
     if lora_dir is not None:
-        from network.lora import check_base, fold_adapter
+        from network.lora import base_mismatch, fold_adapter
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)
         try:
-            check_base(lora_dir, model_dir)
-        except CheckpointError as e:  # --model is the user's explicit choice: said, not refused
-            logger.warning("--lora %s: %s; folding it into --model %s as asked", lora_dir, e, model_dir)
-        except (OSError, ValueError) as e:
-            raise InferError(f"--lora {lora_dir}: {e}") from None
-        try:
+            mismatch = base_mismatch(lora_dir, model_dir)
             names = fold_adapter(model, lora_dir)
         except (OSError, ValueError) as e:
             raise InferError(f"--lora {lora_dir}: {e}") from None
+        if mismatch:  # --model is the user's explicit choice: said, not refused
+            logger.warning("--lora %s: %s; folding it into --model %s as asked", lora_dir, mismatch, model_dir)
         logger.info("folded the adapter in %s into %d weights", lora_dir, len(names))
     if tensor_parallel_degree == 1:
         return model or Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype)

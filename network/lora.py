@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import ml_dtypes
 import numpy as np
 
-from network.formats import CheckpointError, index_pickle, read_ref
+from network.formats import index_pickle, read_ref
 from network.log import logger
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(directory: str | os.PathLike, state: dict[str, "paddle.Tensor"], args: LoraArgs,
                  base_model_name_or_path: str | None = None, base_model_fingerprint: str | None = None) -> None:
     """Write `lora_config.json` + `lora_model_state.pdparams` (paddlenlp's format), each file atomically.
-    `base_model_fingerprint`: `weights_fingerprint` of the base the adapter was trained on (see `check_base`)."""
+    `base_model_fingerprint`: `weights_fingerprint` of the base the adapter was trained on (see `base_mismatch`)."""
     import paddle
 
     directory = Path(directory)
@@ -162,21 +162,23 @@ def save_adapter(directory: str | os.PathLike, state: dict[str, "paddle.Tensor"]
     _atomic_write(directory / LORA_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
 
 
-def check_base(adapter_dir: str | os.PathLike, base_dir: str) -> None:
-    """Raise CheckpointError unless the weights in `base_dir` are the base the adapter in `adapter_dir` was trained
-    on, by the `base_model_fingerprint` its lora_config.json records (adapters that record none pass): adapters
-    applied to another base give a model nobody trained, with no error anywhere else."""
+def base_mismatch(adapter_dir: str | os.PathLike, base_dir: str, fingerprint: str | None = None) -> str | None:
+    """None when the weights in `base_dir` (their `weights_fingerprint`, if already known) are the base the adapter
+    in `adapter_dir` was trained on, by the `base_model_fingerprint` its lora_config.json records (adapters that
+    record none pass); else the sentence saying so. Adapters on another base give a model nobody trained, with no
+    error anywhere else: callers refuse or warn."""
     from network.weights import weights_fingerprint
 
     path = Path(adapter_dir) / LORA_CONFIG_NAME
     if not path.is_file():
-        return
+        return None
     config = json.loads(path.read_text())
     recorded = config.get("base_model_fingerprint")
-    if recorded and weights_fingerprint(base_dir) != recorded:
-        raise CheckpointError(f"the weights in {base_dir} are not the base the adapter was trained on ({path}: "
-                              f"base_model_name_or_path {config.get('base_model_name_or_path')}, "
-                              f"base_model_fingerprint {recorded[:16]}...)")
+    if not recorded or (fingerprint or weights_fingerprint(base_dir)) == recorded:
+        return None
+    return (f"the weights in {base_dir} are not the base the adapter was trained on ({path}: "
+            f"base_model_name_or_path {config.get('base_model_name_or_path')}, "
+            f"base_model_fingerprint {recorded[:16]}...)")
 
 
 def read_adapter_state(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

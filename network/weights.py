@@ -155,16 +155,12 @@ def weights_fingerprint(path: str) -> str:
     byte of a 72B checkpoint would take minutes). It depends on the stored layout: the same weights converted
     between safetensors and pdparams, or to another dtype, fingerprint differently."""
     digest = hashlib.sha256()
-    _, layout = weight_files(path)
-    digest.update(layout.encode())
     for source in sorted(index_weights(path), key=lambda s: s.name):
-        digest.update(f"|{source.name}|{source.shape}|{source.dtype}".encode())
-        rows = {0, source.shape[0] - 1} if source.shape and source.shape[0] else set()
-        for row in sorted(rows):
-            sample = source.read()[row] if source.ref is None else read_ref_slice(source.ref, 0, row, row + 1)
-            digest.update(np.ascontiguousarray(sample).tobytes())
+        digest.update(f"|{source.name}|{source.layout}|{source.shape}|{source.dtype}".encode())
         if not source.shape:
-            digest.update(np.ascontiguousarray(source.read()).tobytes())
+            digest.update(source.read().tobytes())
+        for row in sorted({0, source.shape[0] - 1} if source.shape and source.shape[0] else set()):
+            digest.update(read_ref_slice(source.ref, 0, row, row + 1).tobytes())
     return digest.hexdigest()
 
 

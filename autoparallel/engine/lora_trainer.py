@@ -16,7 +16,7 @@ merge-lora finds it through `base_model_name_or_path` in lora_config.json. A pre
 else, so it stays in the checkpoint.
 
 Each adapter records the `weights_fingerprint` of that base (lora_config.json): a resume on other base weights
-is refused, and merge-lora / `infer --lora` check it too (`network.lora.check_base`).
+is refused, and merge-lora / `infer --lora` check it too (`network.lora.base_mismatch`).
 
 Export. Every checkpoint gets the adapter next to its dist checkpoint (which keeps serving resume), and the
 final one is also written to `output_dir`. Gathering sharded adapters is a collective, while checkpoint extras
@@ -37,7 +37,7 @@ from network.config import PRESETS
 from network.formats import CheckpointError
 from network.hub import resolve_model_dir
 from network.log import logger
-from network.lora import (LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, check_base,
+from network.lora import (LORA_CONFIG_NAME, LORA_PARAMS, LORA_WEIGHTS_NAME, LoraArgs, apply_lora, base_mismatch,
                           save_adapter)
 from network.weights import weights_fingerprint
 from placements.qwen2_vl import Trainable
@@ -91,13 +91,16 @@ class LoraTrainer(Trainer):
         """The base model directory an adapters-only checkpoint depends on (None: the checkpoint holds the base)."""
         return None if self.checkpoint_holds_frozen_weights() else resolve_model_dir(self.cfg.model.model_name_or_path)
 
+    @functools.cached_property
+    def base_fingerprint(self) -> str | None:
+        """`weights_fingerprint` of that base, read once: the resume check and every adapter export use it."""
+        return None if self.base_dir is None else weights_fingerprint(self.base_dir)
+
     def load_weights(self) -> None:
         if self.resume_path is not None and self.base_dir is not None:
-            try:
-                check_base(self.resume_path, self.base_dir)
-            except CheckpointError as exc:
-                raise CheckpointError(f"resume_from_checkpoint: {exc}; resume with the base the run started from"
-                                      ) from None
+            mismatch = base_mismatch(self.resume_path, self.base_dir, self.base_fingerprint)
+            if mismatch:
+                raise CheckpointError(f"resume_from_checkpoint: {mismatch}; resume with the base the run started from")
         super().load_weights()
 
     def save(self) -> Path:
@@ -114,8 +117,7 @@ class LoraTrainer(Trainer):
         base = self.cfg.model.model_name_or_path
         if os.path.isdir(base):  # merge-lora may run from another directory
             base = os.path.abspath(base)
-        fingerprint = weights_fingerprint(self.base_dir) if self.base_dir is not None else None
-        save_adapter(directory, self._gathered, self.lora_args, base, fingerprint)
+        save_adapter(directory, self._gathered, self.lora_args, base, self.base_fingerprint)
         if self.step == self.total_steps:
-            save_adapter(self.output_dir, self._gathered, self.lora_args, base, fingerprint)
+            save_adapter(self.output_dir, self._gathered, self.lora_args, base, self.base_fingerprint)
             logger.info("adapter written to %s (%s, %s)", self.output_dir, LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)
