@@ -348,3 +348,84 @@ def test_cpu_compat_is_keyed_on_the_current_place(monkeypatch):
     assert cpu_compat.runs_on_cpu()
     monkeypatch.setattr(paddle.framework, "_current_expected_place_", lambda: object())  # any non-CPU place
     assert not cpu_compat.runs_on_cpu()
+
+
+# ---- issue 28, round 2 ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def amp_state():
+    """Paddle's process-wide AMP state (master-grad list, hook flags), restored afterwards."""
+    from paddle.amp.auto_cast import amp_global_state
+
+    state = amp_global_state()
+    saved = (state.use_master_grad, list(state.model_parameters), state.already_register_final_backward_hook,
+             state.already_classify_params_meshes, dict(state.mesh2params))
+    yield state
+    (state.use_master_grad, params, state.already_register_final_backward_hook,
+     state.already_classify_params_meshes, mesh2params) = saved
+    state.model_parameters[:] = params
+    state.mesh2params.clear()
+    state.mesh2params.update(mesh2params)
+
+
+class _GpuPlace:
+    """A place that says it is a GPU: what `paddle.amp.decorate` checks before doing anything."""
+
+    def is_gpu_place(self):
+        return True
+
+    def is_xpu_place(self):
+        return False
+
+    def is_custom_place(self):
+        return False
+
+
+class _TracerOnGpu:
+    def __init__(self, tracer):
+        self._tracer = tracer
+
+    def __getattr__(self, name):
+        return _GpuPlace() if name == "_expected_place" else getattr(self._tracer, name)
+
+
+@pytest.mark.parametrize("sharding", ["", "stage1"])
+def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp_state, sharding):
+    """N2: under ZeRO stage 0/1 `amp_master_grad` casts the gradients of the parameters the model trains with.
+
+    The trainer's real `distribute` runs `paddle.amp.decorate(master_grad=True)` (its CPU early return bypassed by
+    a tracer whose place says GPU, so decorate casts the weights to bf16 and registers the master-grad list) and
+    `dist.parallelize`, which replaces every parameter object. A backward under `auto_cast` (which registers
+    Paddle's own end-of-backward `master_grad_hook`, also on CPU) must leave an fp32 gradient on the live bf16
+    dist parameter. Before the fix the hook cast the stale tensors' (absent) gradients and the live one stayed bf16.
+    What this cannot show: the bf16 forward kernels (the loss here is an fp32 cast of one parameter)."""
+    import sys
+
+    from autoparallel.config import RunConfig
+    from autoparallel.engine import trainer as trainer_mod
+    from tests.helpers.parallel_cases import build_model, tiny_config
+
+    auto_cast_mod = sys.modules["paddle.amp.auto_cast"]  # `paddle.amp.auto_cast` is the function of that module
+    cfg = RunConfig.build("sft", [("test", {"amp_master_grad": "true", "bf16": "true", "sharding": sharding})])
+    monkeypatch.setattr(trainer_mod, "use_bf16", lambda _cfg: True)
+    monkeypatch.setattr(auto_cast_mod, "_dygraph_tracer", lambda: _TracerOnGpu(paddle.base.framework._dygraph_tracer()))
+    monkeypatch.setattr(auto_cast_mod, "_is_gpu_bfloat16_supported", lambda: True)
+    cpu_compat.apply()
+    model = build_model(tiny_config())
+    optimizer = paddle.optimizer.AdamW(parameters=model.parameters(), multi_precision=True)
+    mesh = dist.ProcessMesh([[0]], dim_names=["dp", "mp"])  # ZeRO-1 over a one-rank "dp" (no degree check)
+    model, _ = trainer_mod.distribute(model, optimizer, cfg, mesh, None, cfg.model.trainable())
+    monkeypatch.undo()  # the rest runs on the plain CPU tracer
+
+    live = [p for p in model.parameters() if not p.stop_gradient]
+    assert amp_state.use_master_grad
+    assert {id(p) for p in amp_state.model_parameters} == {id(p) for p in live}
+    weight = model.model.embed_tokens.weight
+    assert weight.is_dist() and weight.dtype == paddle.bfloat16
+    with paddle.amp.auto_cast(enable=True, level="O2", dtype="bfloat16"):  # registers master_grad_hook
+        loss = (weight.astype("float32") ** 2).sum()
+    loss.backward()
+    grad = gradient(weight)
+    assert grad.dtype == paddle.float32
+    np.testing.assert_allclose(grad._local_value().numpy(), 2 * weight.astype("float32")._local_value().numpy(),
+                               rtol=1e-6)
