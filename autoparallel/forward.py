@@ -28,7 +28,7 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
-from network.loss import linear_cross_entropy
+from network.loss import exact_fp32_matmuls, linear_cross_entropy
 from network.modeling_vision import vision_segment_ids
 
 # Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away
@@ -106,8 +106,9 @@ def vocab_parallel_chunk(h, weight, targets, scale, transpose_weight, need):
     with a vocab-split ones vector and the target's logit a one-hot against vocab-split ids, because `sum`'s
     and `take_along_axis`'s dist rules would all-gather the [dp, c, V] logits."""
     logits = paddle.matmul(h, weight, transpose_y=transpose_weight).astype("float32")
-    # Autocast off for the statistics: matmul is on the O2 white list and would run these row sums in bf16.
-    with paddle.amp.auto_cast(enable=False):
+    # Autocast off for the statistics: matmul is on the O2 white list and would run these row sums in bf16; and
+    # no TF32 for them on a GPU (N3), which would round the logits the row sums read.
+    with paddle.amp.auto_cast(enable=False), exact_fp32_matmuls():
         return _chunk_statistics(logits, h, weight, targets, scale, transpose_weight, need)
 
 

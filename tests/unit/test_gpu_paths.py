@@ -403,7 +403,7 @@ def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp
 
     from autoparallel.config import RunConfig
     from autoparallel.engine import trainer as trainer_mod
-    from tests.helpers.parallel_cases import build_model, tiny_config
+    from parallel_cases import build_model, tiny_config
 
     auto_cast_mod = sys.modules["paddle.amp.auto_cast"]  # `paddle.amp.auto_cast` is the function of that module
     cfg = RunConfig.build("sft", [("test", {"amp_master_grad": "true", "bf16": "true", "sharding": sharding})])
@@ -429,3 +429,24 @@ def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp
     assert grad.dtype == paddle.float32
     np.testing.assert_allclose(grad._local_value().numpy(), 2 * weight.astype("float32")._local_value().numpy(),
                                rtol=1e-6)
+
+
+def test_n3_loss_statistics_run_without_tf32_and_restore_the_switch(monkeypatch):
+    """N3: the fp32 row sums of the loss statistics run with cuBLAS's TF32 switch off (Paddle turns it on by
+    default on a CUDA build); the logits matmul before them keeps the switch as it was, and so does everything
+    after. The switch is spied on (on the CPU build it changes nothing): this proves the switching, not cuBLAS."""
+    switch = {"tf32": True}
+    monkeypatch.setattr(core, "get_cublas_switch", lambda: switch["tf32"])
+    monkeypatch.setattr(core, "set_cublas_switch", lambda on: switch.update(tf32=on))
+    seen = []
+    original = paddle.matmul
+    monkeypatch.setattr(forward_mod.paddle, "matmul", lambda *a, **k: seen.append(switch["tf32"]) or original(*a, **k))
+    hidden, weight = paddle.randn([5, 8]), paddle.randn([8, 40])
+    targets = paddle.to_tensor([1, 2, 3, 4, 5])
+    loss, _, d_weight = forward_mod.vocab_parallel_chunk(hidden, weight, targets, paddle.ones([5]), False,
+                                                         (False, True))
+    assert seen[0] is True and len(seen) > 2 and not any(seen[1:])
+    assert switch["tf32"] is True  # restored
+    logits = original(hidden, weight)
+    expected = float((paddle.logsumexp(logits, axis=-1) - logits[paddle.arange(5), targets]).sum())
+    assert abs(float(loss) - expected) < 1e-4 and d_weight.shape == [8, 40]
