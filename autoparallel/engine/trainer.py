@@ -32,6 +32,7 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dis
 from autoparallel.engine.metrics import MetricsLogger
 from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
+from autoparallel.planning.memory import O2_WHITE_LIST
 from autoparallel.planning.memory_report import memory_report, render_memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.parallelize import parallelize
@@ -208,7 +209,10 @@ class Trainer:
                 f"{render_report(planned, collectives, options)}\n")
 
     def autocast(self):
-        return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16")
+        """bf16 O2 around every forward (pipeline stages included); the embedding lookup white-listed (N9, see
+        `O2_WHITE_LIST`): a bf16 residual stream, as PaddleMIX trains and the planner counts."""
+        return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16",
+                                    custom_white_list=set(O2_WHITE_LIST))
 
     def prepare_model(self) -> None:
         """Hook for variants (LoRA) to change the plain model before it is parallelized."""

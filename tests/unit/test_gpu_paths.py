@@ -22,6 +22,7 @@ from autoparallel.engine import checkpoint
 from autoparallel.gradients import gradient
 from autoparallel.step import clip_gradients_, global_grad_norm
 from network.attention import Segments, additive_mask, attention, kv_for_kernel
+from placements.degrees import ParallelDegrees
 from network.modeling_qwen2_vl import Qwen2RMSNorm, apply_rotary
 
 
@@ -382,15 +383,31 @@ class _GpuPlace:
 
 
 class _TracerOnGpu:
+    """Paddle's tracer, except that its place says GPU (reads and writes go to the real tracer)."""
+
     def __init__(self, tracer):
-        self._tracer = tracer
+        object.__setattr__(self, "_tracer", tracer)
 
     def __getattr__(self, name):
         return _GpuPlace() if name == "_expected_place" else getattr(self._tracer, name)
 
+    def __setattr__(self, name, value):
+        setattr(self._tracer, name, value)
+
+
+@pytest.fixture
+def amp_on_gpu(monkeypatch):
+    """`paddle.amp.decorate` / `auto_cast` past their place checks: they see a bf16-capable GPU place, so their
+    whole logic runs (on CPU the casts apply to distributed tensors, which Paddle's AMP treats as on a device)."""
+    import sys
+
+    auto_cast_mod = sys.modules["paddle.amp.auto_cast"]  # `paddle.amp.auto_cast` is the function of that module
+    monkeypatch.setattr(auto_cast_mod, "_dygraph_tracer", lambda: _TracerOnGpu(paddle.base.framework._dygraph_tracer()))
+    monkeypatch.setattr(auto_cast_mod, "_is_gpu_bfloat16_supported", lambda: True)
+
 
 @pytest.mark.parametrize("sharding", ["", "stage1"])
-def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp_state, sharding):
+def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp_state, amp_on_gpu, sharding):
     """N2: under ZeRO stage 0/1 `amp_master_grad` casts the gradients of the parameters the model trains with.
 
     The trainer's real `distribute` runs `paddle.amp.decorate(master_grad=True)` (its CPU early return bypassed by
@@ -399,17 +416,12 @@ def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp
     Paddle's own end-of-backward `master_grad_hook`, also on CPU) must leave an fp32 gradient on the live bf16
     dist parameter. Before the fix the hook cast the stale tensors' (absent) gradients and the live one stayed bf16.
     What this cannot show: the bf16 forward kernels (the loss here is an fp32 cast of one parameter)."""
-    import sys
-
     from autoparallel.config import RunConfig
     from autoparallel.engine import trainer as trainer_mod
     from parallel_cases import build_model, tiny_config
 
-    auto_cast_mod = sys.modules["paddle.amp.auto_cast"]  # `paddle.amp.auto_cast` is the function of that module
     cfg = RunConfig.build("sft", [("test", {"amp_master_grad": "true", "bf16": "true", "sharding": sharding})])
     monkeypatch.setattr(trainer_mod, "use_bf16", lambda _cfg: True)
-    monkeypatch.setattr(auto_cast_mod, "_dygraph_tracer", lambda: _TracerOnGpu(paddle.base.framework._dygraph_tracer()))
-    monkeypatch.setattr(auto_cast_mod, "_is_gpu_bfloat16_supported", lambda: True)
     cpu_compat.apply()
     model = build_model(tiny_config())
     optimizer = paddle.optimizer.AdamW(parameters=model.parameters(), multi_precision=True)
@@ -450,3 +462,48 @@ def test_n3_loss_statistics_run_without_tf32_and_restore_the_switch(monkeypatch)
     logits = original(hidden, weight)
     expected = float((paddle.logsumexp(logits, axis=-1) - logits[paddle.arange(5), targets]).sum())
     assert abs(float(loss) - expected) < 1e-4 and d_weight.shape == [8, 40]
+
+
+def test_n9_training_autocast_keeps_the_embedding_output_bf16(monkeypatch, amp_on_gpu):
+    """N9: the trainer's O2 autocast (also around pipeline stages) white-lists the embedding lookup, as PaddleMIX's
+    trainer does, so the residual stream is bf16; Paddle's own O2 lists keep the lookup fp32. Runs Paddle's real
+    `auto_cast` (place check bypassed) on a distributed bf16 embedding weight, for which Paddle's AMP casts on CPU."""
+    from autoparallel.config import RunConfig
+    from autoparallel.engine import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "use_bf16", lambda _cfg: True)
+    trainer = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    trainer.cfg = RunConfig.build("sft", [("test", {"bf16": "true"})])
+    mesh = dist.ProcessMesh([0], dim_names=["dp"])
+    weight = dist.shard_tensor(_bf16(paddle.randn([10, 4])), mesh, [dist.Replicate()])
+    ids = dist.shard_tensor(paddle.to_tensor([[1, 2, 3]]), mesh, [dist.Replicate()])
+    with paddle.amp.auto_cast(enable=True, level="O2", dtype="bfloat16"):
+        assert F.embedding(ids, weight).dtype == paddle.float32  # Paddle's default O2 lists: an fp32 residual
+    with trainer.autocast():
+        white_list, _ = paddle.base.framework._dygraph_tracer()._get_amp_op_list()
+        out = F.embedding(ids, weight)
+    assert "lookup_table_v2" in white_list and out.dtype == paddle.bfloat16
+    np.testing.assert_array_equal(out._local_value().numpy(), weight._local_value().numpy()[[1, 2, 3]][None])
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_n9_planner_counts_layer_inputs_and_stage_outputs_in_the_residual_dtype(monkeypatch, pp):
+    """N9: recompute's kept layer inputs and a pipeline stage's kept output are the residual stream: bf16 bytes under
+    O2 with the lookup white-listed (what the trainer runs), fp32 bytes if it were not."""
+    from autoparallel.planning import memory
+    from parallel_cases import tiny_config
+
+    config = tiny_config()
+    setup = memory.PlanSetup(config, ParallelDegrees(pipeline_parallel_degree=pp),
+                             memory.Workload(2, 64, recompute=True), dtype="bfloat16")
+
+    def residual_terms() -> list[int]:
+        saved = memory.activation_estimate(setup, 0).saved
+        return [x.bytes for x in saved if "recompute: layer inputs" in x.name or x.name.startswith("stage output")]
+
+    layers = len(setup.stage_split()[0])
+    tokens_x_hidden = 2 * 64 * config.hidden_size
+    expected = [layers * tokens_x_hidden] + ([tokens_x_hidden] if pp > 1 else [])
+    assert residual_terms() == [2 * x for x in expected]
+    monkeypatch.setattr(memory, "O2_WHITE_LIST", frozenset())
+    assert residual_terms() == [4 * x for x in expected]
