@@ -507,3 +507,134 @@ def test_n9_planner_counts_layer_inputs_and_stage_outputs_in_the_residual_dtype(
     assert residual_terms() == [2 * x for x in expected]
     monkeypatch.setattr(memory, "O2_WHITE_LIST", frozenset())
     assert residual_terms() == [4 * x for x in expected]
+
+
+def _count_int32_uploads(monkeypatch) -> list[int]:
+    """Every int32 tensor network.attention creates from host data (cu_seqlens uploads on a GPU)."""
+    uploads, original = [], paddle.to_tensor
+
+    def counting(data, *args, **kwargs):
+        out = original(data, *args, **kwargs)
+        if out.dtype == paddle.int32:
+            uploads.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(attention_mod.paddle, "to_tensor", counting)
+    return uploads
+
+
+def test_cu_seqlens_are_uploaded_once_per_forward(gpu_kernels, monkeypatch):
+    """Smaller finding (a): the int32 cu_seqlens reach the device once per forward, not once per ViT block
+    (`Segments`) or decoder layer (`PackedRows`); every layer gets the same bounds."""
+    uploads = _count_int32_uploads(monkeypatch)
+    segments = Segments(np.array([0, 8, 12, 16]))
+    q, k, v = (_bf16(x[:1]) for x in _qkv(s=16, kv_heads=4))
+    for _block in range(3):
+        attention(q, k, v, causal=False, segments=segments)
+    assert uploads == [4]
+    packed = attention_mod.PackedRows(paddle.to_tensor(np.array([[0, 0, 0, 1, 1, -1, -1, -1]])))
+    q, k, v = (_bf16(x[:1]) for x in _qkv(s=8))
+    for _layer in range(3):
+        attention(q, k, v, causal=True, packed=packed)
+    assert uploads == [4, 4]
+    assert [got["cu"] for kind, got in gpu_kernels.calls] == [[0, 8, 12, 16]] * 3 + [[0, 3, 5, 8]] * 3
+
+
+class _Fp32Sdpa:
+    """Stands in for `F.scaled_dot_product_attention` on fp32: checks the call contract of Paddle 3.3.1's sdpa.py
+    (equal q/k/v dtypes, a mask of q's dtype, not both a mask and is_causal, GQA heads dividing), computes the
+    exact math."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, attn_mask=None, is_causal=False):
+        assert q.dtype == k.dtype == v.dtype == paddle.float32
+        assert attn_mask is None or (attn_mask.dtype == q.dtype and not is_causal)
+        assert q.shape[2] % k.shape[2] == 0 and k.shape[2] == v.shape[2]
+        self.calls.append({"causal": is_causal, "mask": attn_mask is not None, "kv_heads": k.shape[2]})
+        k, v = (attention_mod._repeat_kv(x, q.shape[2]) for x in (k, v))
+        qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
+        scores = paddle.matmul(qt, kt, transpose_y=True) * q.shape[-1] ** -0.5
+        if is_causal:
+            scores = scores + additive_mask(q.shape[1], k.shape[1], True, None, paddle.float32)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
+
+
+def test_fp32_prefill_on_gpu_goes_to_sdpa_not_the_math_path(monkeypatch):
+    """Smaller finding (b): fp32 text prefill on a GPU runs SDPA (its memory-efficient backend takes fp32)
+    instead of materialising [b, heads, S, S] fp32 scores; unpadded prefill as is_causal without a mask,
+    left-padded prefill with an fp32 additive mask; GQA k/v unrepeated. Decoding (one query) and distributed
+    tensors (no sharding rule for that kernel) stay on the math path. Results equal the math path."""
+    sdpa = _Fp32Sdpa()
+    monkeypatch.setattr(attention_mod, "on_gpu", lambda: True)
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", sdpa)
+    math_calls = []
+    original_math = attention_mod._math_attention
+    monkeypatch.setattr(attention_mod, "_math_attention", lambda *a, **kw: math_calls.append(1) or original_math(*a, **kw))
+    q, k, v = _qkv()
+    out = attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out.numpy(), original_math(q, k, v, True, None).numpy(), atol=1e-5)
+    mask = paddle.to_tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    padded = attention(q, k, v, causal=True, attention_mask=mask)
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(padded.numpy()[real], original_math(q, k, v, True, mask).numpy()[real], atol=1e-5)
+    assert sdpa.calls == [{"causal": True, "mask": False, "kv_heads": 2}, {"causal": False, "mask": True, "kv_heads": 2}]
+    assert math_calls == []
+    attention(q[:, -1:], k, v, causal=True)  # a decode step
+    mesh = dist.ProcessMesh([0], dim_names=["mp"])
+    attention(*(dist.shard_tensor(x, mesh, [dist.Replicate()]) for x in (q, k, v)), causal=True)
+    assert len(sdpa.calls) == 2 and len(math_calls) == 2
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_tensor_parallel_parent_does_not_read_the_device(monkeypatch, tmp_path, launched):
+    """Smaller finding (c): the parent of a tensor-parallel `infer`/`serve` (both use `check_model_args`) does not
+    read the device (on a GPU build that creates a CUDA context on GPU 0 beside rank 0's); the ranks check
+    `--dtype bfloat16` themselves, and refuse it on a device without bf16."""
+    from launch import infer as infer_mod
+    from network.config import Qwen2VLConfig
+
+    Qwen2VLConfig.preset("tiny").save_pretrained(str(tmp_path))
+    reads = []
+    monkeypatch.setattr(infer_mod, "bf16_supported", lambda: reads.append(1) or False)
+    if launched:
+        monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+        with pytest.raises(infer_mod.InferError, match="--dtype bfloat16 needs a GPU"):
+            infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16")
+        assert reads == [1]
+    else:
+        monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+        assert infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16") == str(tmp_path)
+        assert reads == []
+
+
+def test_every_rank_lifts_its_pixels_in_the_towers_dtype(monkeypatch):
+    """Smaller finding (d): a trainable ViT's rank with images lifts its fp32 `pixel_values` in the tower's dtype
+    (bf16 under O2), like an image-less rank, so the dist tensor has one dtype on every rank."""
+    lifted = []
+    monkeypatch.setattr(forward_mod, "lift_local", lambda x, mesh, dim: lifted.append(x) or x)
+
+    class Tower:
+        class config:
+            in_channels, temporal_patch_size, patch_size, embed_dim, num_heads = 3, 2, 2, 8, 2
+        patch_embed = type("P", (), {"proj": type("C", (), {"weight": _bf16(paddle.ones([1]))})()})()
+
+        @staticmethod
+        def rotary_cos_sin(grid):
+            return paddle.zeros([4, 4]), paddle.zeros([4, 4])
+
+        @staticmethod
+        def forward_padded(pixels, cos, sin, segments):
+            return pixels
+
+    pixel_values = paddle.randn([4, 24])
+    batch = type("B", (), {"max_patches": 6, "pixel_values": pixel_values, "grid_thw": np.array([[1, 2, 2]]),
+                           "mesh": None})()
+    out = forward_mod.distributed_vision_features(Tower(), batch)
+    assert out.dtype == paddle.bfloat16 and lifted[0] is out and out.shape == [1, 6, 24]
+    np.testing.assert_array_equal(out[0, :4].numpy(), _bf16(pixel_values).numpy())
+    empty = type("B", (), {"max_patches": 6, "pixel_values": None, "mesh": None})()
+    assert forward_mod.distributed_vision_features(Tower(), empty).dtype == paddle.bfloat16
