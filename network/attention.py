@@ -13,9 +13,10 @@ Kernels. On a GPU with flash attention (sm80+) and half-precision q/k/v: varlen 
 segments, causal `flash_attention` without any mask when nothing is padded (training batches are right-padded,
 and causality alone keeps every real token away from the padding after it, so the decoder is called without a
 mask there), and for left-padded generation SDPA with an additive mask of the dtype's most negative finite value
-(a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). Everywhere else the exact
-fp32 math path, which handles segments (images, frames, the samples of packed text rows) separately (one
-[heads, P, P] score block for all images at once would be the sum of all images' patches squared).
+(a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). fp32 text prefill on a GPU
+(plain tensors): SDPA, whose memory-efficient backend takes fp32. Everywhere else the exact fp32 math path,
+which handles segments (images, frames, the samples of packed text rows) separately (one [heads, P, P] score
+block for all images at once would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 

@@ -49,6 +49,8 @@ def residual_dtype(param_dtype: str) -> str:
     """The decoder's residual stream (each layer's input: what recompute keeps, what a pipeline stage sends on):
     the embedding output, in the weights' dtype under O2 only while its lookup is on `O2_WHITE_LIST`."""
     return param_dtype if param_dtype == "float32" or "lookup_table_v2" in O2_WHITE_LIST else "float32"
+
+
 GiB = 2**30
 # Paddle 3.3.1, tied embeddings: the embedding's weight gradient (lookup + tied head) arrives already
 # all-reduced (Replicate over "dp") and ShardingStage2's gradient hook only shards Partial gradients, so at
