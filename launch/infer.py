@@ -275,7 +275,9 @@ def check_model_args(model: str, tensor_parallel_degree: int, lora_dir: str | No
             raise InferError(f"--lora {lora_dir}: not an adapter directory (no {', '.join(missing)})")
     if tensor_parallel_degree < 1:
         raise InferError("--tensor_parallel_degree must be >= 1")
-    if dtype == "bfloat16" and not bf16_supported():
+    # The parent of a tensor-parallel run only starts the ranks, which run this check themselves: reading the
+    # device here would create a CUDA context on GPU 0 beside rank 0's.
+    if dtype == "bfloat16" and not relaunch_needed(tensor_parallel_degree) and not bf16_supported():
         raise InferError("--dtype bfloat16 needs a GPU with bf16 kernels (compute capability >= 8.0); "
                          "this device has none: use --dtype float32")
     if tensor_parallel_degree > 1:
