@@ -411,7 +411,7 @@ def build_prompt(request: ChatRequest, processor: Qwen2VLProcessor, limits: Medi
     if messages[-1]["role"] == "assistant":
         raise APIError(400, "messages: the last message must not be the assistant's", "messages")
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    if limits.context_tokens is not None:
+    if limits.context_tokens is not None and (images or videos):  # text alone is checked once, by the caller
         try:
             num_tokens = processor.prompt_token_count(
                 text, [processor.image_token_count(image.height, image.width) for _, image in images],
