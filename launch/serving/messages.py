@@ -204,7 +204,7 @@ def _fetch_remote(url: str, param: str, limits: MediaLimits) -> bytes:
             raise _unreadable(param)
         try:
             status, location, body = _get(parts, address, port, https, deadline, limits.max_remote_bytes)
-        except (OSError, http.client.HTTPException, ssl.SSLError):
+        except (OSError, http.client.HTTPException):  # ssl errors and the deadline are OSErrors too
             raise _unreadable(param) from None
         if location is None:
             if status != 200:
