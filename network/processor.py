@@ -4,7 +4,8 @@ Outputs are numpy. Media keys (`pixel_values`, `image_grid_thw`, `pixel_values_v
 `second_per_grid_ts`) are absent when no images / videos are given, as in HF. `second_per_grid_ts` (seconds per
 temporal patch of each video, as HF's Qwen2_5_VLProcessor computes it) drives Qwen2.5-VL's video M-RoPE time;
 Qwen2-VL ignores it. The template and everything else are the same for both families. Token counts from image sizes (`image_token_count`) let the data
-pipeline probe lengths without decoding pixels.
+pipeline probe lengths without decoding pixels. `apply_chat_template` returns a `ChatText`: tokenised by the
+processor, control tokens come only from the template, never from `<|im_end|>`-like text inside message content.
 """
 from __future__ import annotations
 
