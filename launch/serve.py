@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_video_frames", type=int, default=64, help="frames sampled from one video")
     g.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
     g.add_argument("--max_pixels", type=int)
-    g.add_argument("--allow_remote_media", action="store_true", help="fetch http(s) image/video URLs")
-    g.add_argument("--media_dir", help="if set, local image/video paths must lie inside this directory")
+    g.add_argument("--allow_remote_media", action="store_true",
+                   help="fetch http(s) image/video URLs (public addresses only; redirects re-checked)")
+    g.add_argument("--media_dir", help="local image/video paths are read only below this directory (relative ones "
+                                       "resolve against it); without it no local file is read")
     g.add_argument("--drain_timeout", type=float, help="seconds SIGTERM waits for requests in flight (default: all)")
     return p
 
@@ -136,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
         max_model_len=args.max_model_len or model.config.max_position_embeddings, limits=limits,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), default_max_tokens=args.max_tokens, defaults=defaults)
+    limits.context_tokens = settings.max_model_len  # over-long prompts are refused from media headers
     batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,
                       args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None)
     app = create_app(batcher, processor, settings)
