@@ -9,6 +9,11 @@ leaves out come from `--temperature` etc. (default greedy, like `infer`).
 
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight, then exits.
 
+Access and abuse bounds (see launch/serving/app.py): loopback by default, `--api_key` for `/v1/` routes (a warning
+when another machine can connect without one), Host and content-type checks, a server-side `--max_tokens_limit`,
+a CPU context of at most CPU_MAX_MODEL_LEN tokens, a body-read deadline, uvicorn connection limits, and a bounded
+media pool with a per-request deadline.
+
 Tensor parallel: the command relaunches itself under `paddle.distributed.launch`; every rank loads its shard of
 the model, rank 0 also runs the HTTP server and sends each batch (and each step's stopped rows) to the others.
 A signal to this parent process goes to rank 0, which drains and then releases the other ranks.
