@@ -112,16 +112,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InferError(f"--media_dir {args.media_dir}: not a directory")
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """The warning for a server other machines can reach without a key, else None."""
+def startup_warnings(host: str, api_key: str | None, allowed_hosts: list[str]) -> list[str]:
+    """Warnings for a server other machines can use without a key, or cannot use at all (Host check)."""
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        loopback = host == "localhost"
-    if loopback or api_key:
-        return None
-    return (f"--host {host} is reachable from other machines and no --api_key is set: anyone who can reach the "
-            "port can use the model")
+        address = None
+    warnings = []
+    if not api_key and not (host == "localhost" or (address is not None and address.is_loopback)):
+        warnings.append(f"--host {host} is reachable from other machines and no --api_key is set: anyone who can "
+                        "reach the port can use the model")
+    if address is not None and address.is_unspecified and not allowed_hosts:
+        warnings.append(f"--host {host}: requests must name this server in their Host header; add the names "
+                        "clients use with --allowed_hosts (others get 400)")
+    return warnings
 
 
 def _max_model_len(args: argparse.Namespace, model) -> int:
@@ -202,8 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_keep_alive=args.keep_alive_timeout)
     logger.info("serving %r on http://%s:%d/v1 (batches of up to %d, context %d tokens)", settings.model_name,
                 args.host, args.port, args.max_batch_size, settings.max_model_len)
-    warning = exposure_warning(args.host, settings.api_key)
-    if warning:
+    for warning in startup_warnings(args.host, settings.api_key, args.allowed_hosts):
         logger.warning(warning)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed before it:
     # these record it, so the drained server exits normally.

@@ -156,6 +156,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
     job.cancelled.set()
+    job.events.put_nowait(("gone",))  # the batcher sends nothing more: this ends the response's wait
 
 
 def create_app(batcher: Batcher, processor: Qwen2VLProcessor, settings: ServerSettings) -> FastAPI:
@@ -251,12 +252,9 @@ async def _complete(job: Job, completion_id: str, created: int, model: str) -> J
     text = []
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if job.cancelled.is_set():  # the client went away: the batcher sends nothing more
-                    return JSONResponse({}, status_code=499)
-                continue
+            event = await job.events.get()
+            if event[0] == "gone":
+                return JSONResponse({}, status_code=499)  # nobody reads it
             if event[0] == "delta":
                 text.append(event[1])
             elif event[0] == "error":
@@ -285,12 +283,9 @@ async def _stream(job: Job, watcher: asyncio.Task, completion_id: str, created: 
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if job.cancelled.is_set():
-                    return
-                continue
+            event = await job.events.get()
+            if event[0] == "gone":
+                return
             if event[0] == "delta":
                 yield chunk({"content": event[1]})
             elif event[0] == "error":

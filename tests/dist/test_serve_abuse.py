@@ -20,6 +20,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_TOKENS_LIMIT = 1500
 MEDIA_TIMEOUT = 3.0
 BODY_TIMEOUT = 2.0
+MAX_CONNECTIONS = 24
 REFERENCE = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
              "temperature": 0}
 
@@ -46,7 +47,7 @@ def abuse(tmp_path_factory):
     srv = AbuseServer(root / "tiny", root / "serve.log", "--api_key", KEY, "--media_dir", str(root / "media"),
                       "--media_workers", "1", "--media_queue", "1", "--media_timeout", str(MEDIA_TIMEOUT),
                       "--max_tokens_limit", str(MAX_TOKENS_LIMIT), "--body_timeout", str(BODY_TIMEOUT),
-                      "--batch_wait_ms", "20")
+                      "--max_connections", str(MAX_CONNECTIONS), "--batch_wait_ms", "20")
     reference = srv.chat(REFERENCE).json()["choices"][0]["message"]["content"]
     assert reference
     yield srv, reference, root
@@ -246,4 +247,19 @@ def test_m5_stalled_upload_is_dropped_and_l5_disconnect_logs_one_line(abuse):
     assert _wait(lambda: srv.log.read_text().count("closed the connection during its upload") == 3, 10), srv.logs()
     log = srv.log.read_text()
     assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+    srv.still_serving(reference)
+
+
+def test_m5_connections_beyond_max_connections_are_refused(abuse):
+    """M5: --max_connections reaches uvicorn: with that many idle connections open, a new request gets 503 (uvicorn
+    answers it itself, in plain text, before the app runs); once they close the server answers as before."""
+    srv, reference, _ = abuse
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)
+        assert srv.chat(REFERENCE, timeout=10).status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    assert _wait(lambda: srv.healthy(), 10)
     srv.still_serving(reference)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.serve import exposure_warning
+from launch.serve import startup_warnings
 from launch.serving.app import ServerSettings, _max_tokens
 from launch.serving.messages import ChatRequest, MediaLimits, _dotted
 
@@ -32,13 +32,14 @@ def test_l4_dotted_keeps_field_names_and_drops_only_union_branch_labels():
     assert _dotted(("messages", 0, "content", "str")) == "messages[0].content"
 
 
-@pytest.mark.parametrize("host, key, warned", [
-    ("0.0.0.0", None, True), ("192.168.1.5", None, True), ("myhost.example", None, True), ("::", None, True),
-    ("0.0.0.0", "k", False), ("127.0.0.1", None, False), ("127.0.0.2", None, False), ("::1", None, False),
-    ("localhost", None, False),
+@pytest.mark.parametrize("host, key, allowed, expected", [
+    ("0.0.0.0", None, [], ["no --api_key", "--allowed_hosts"]), ("192.168.1.5", None, [], ["no --api_key"]),
+    ("myhost.example", None, [], ["no --api_key"]), ("::", "k", [], ["--allowed_hosts"]),
+    ("0.0.0.0", "k", ["myhost"], []), ("127.0.0.1", None, [], []), ("127.0.0.2", None, [], []),
+    ("::1", None, [], []), ("localhost", None, [], []),
 ])
-def test_m3_warning_when_reachable_from_other_machines_without_a_key(host, key, warned):
-    message = exposure_warning(host, key)
-    assert (message is not None) == warned
-    if warned:
-        assert f"--host {host}" in message and "--api_key" in message
+def test_m3_warning_when_reachable_from_other_machines_without_a_key(host, key, allowed, expected):
+    warnings = startup_warnings(host, key, allowed)
+    assert len(warnings) == len(expected)
+    for warning, word in zip(warnings, expected):
+        assert f"--host {host}" in warning and word in warning
