@@ -70,7 +70,8 @@ def _response(sock: socket.socket, timeout: float) -> tuple[int, bytes]:
         assert chunk, f"connection closed without a response: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), body
