@@ -83,7 +83,7 @@ class ChatRequest(_Schema):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**64)  # the sampler's generator takes an unsigned 64-bit seed
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # numpy's generator refuses negative seeds
     logprobs: bool | None = None
     user: str | None = None  # an end-user id for the client's own records; it changes no answer
     # OpenAI parameters this server does not implement: accepted only at their no-op values (`_unsupported`).
