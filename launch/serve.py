@@ -21,7 +21,6 @@ A signal to this parent process goes to rank 0, which drains and then releases t
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import signal
 import subprocess
@@ -114,15 +113,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def startup_warnings(host: str, api_key: str | None, allowed_hosts: list[str]) -> list[str]:
     """Warnings for a server other machines can use without a key, or cannot use at all (Host check)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
+    from launch.serving.app import is_loopback
+
     warnings = []
-    if not api_key and not (host == "localhost" or (address is not None and address.is_loopback)):
+    if not api_key and not is_loopback(host):
         warnings.append(f"--host {host} is reachable from other machines and no --api_key is set: anyone who can "
                         "reach the port can use the model")
-    if address is not None and address.is_unspecified and not allowed_hosts:
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
         warnings.append(f"--host {host}: requests must name this server in their Host header; add the names "
                         "clients use with --allowed_hosts (others get 400)")
     return warnings
@@ -171,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     """Load the model and serve (rank 0), or follow rank 0's batches (other tensor-parallel ranks)."""
     import uvicorn
 
-    from launch.serving.app import LOOPBACK_HOSTS, ServerSettings, create_app
+    from launch.serving.app import ServerSettings, create_app
     from launch.serving.batcher import Batcher, RankSync, follow_rank0
     from launch.serving.messages import MediaLimits
     from network.generation import GenerationConfig
@@ -195,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=_max_model_len(args, model), limits=limits, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         body_timeout=args.body_timeout, default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
         api_key=args.api_key or None,
-        allowed_hosts=(*LOOPBACK_HOSTS, args.host.lower(), *(h.lower() for h in args.allowed_hosts)),
+        allowed_hosts=(args.host.lower(), *(h.lower() for h in args.allowed_hosts)),
         media_workers=args.media_workers, media_queue=args.media_queue, media_timeout=args.media_timeout,
         defaults=defaults)
     batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,

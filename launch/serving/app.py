@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import time
 import uuid
@@ -34,7 +35,6 @@ from network.log import logger
 from network.processor import Qwen2VLProcessor
 
 DISCONNECT_POLL_SECONDS = 0.25
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ServerSettings:
     default_max_tokens: int | None = None  # for requests without max_tokens (None: max_tokens_limit)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     api_key: str | None = None  # when set, /v1/ routes need `Authorization: Bearer <api_key>`
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names accepted ("*": any)
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides loopback ones ("*": any)
     media_workers: int = 4
     media_queue: int = 16  # media requests that may wait for a media thread before new ones get 503
     media_timeout: float = 60.0  # wall-clock seconds for one request's images and videos
@@ -111,6 +111,14 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or address) is this machine's loopback: "localhost", 127.0.0.0/8 or ::1."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _host_name(header: str) -> str:
     """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
     if header.startswith("["):
@@ -128,7 +136,8 @@ class _Gate:
     def refusal(self, scope: Scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", "")).lower()
-        if "*" not in self.settings.allowed_hosts and host not in self.settings.allowed_hosts:
+        allowed = self.settings.allowed_hosts
+        if not (is_loopback(host) or host in allowed or "*" in allowed):
             return APIError(400, f"Host header {headers.get('host', '')!r} is not a name of this server (add it "
                                  "with --allowed_hosts)", None, "invalid_host")
         if self.key is not None and scope["path"].startswith("/v1/"):
