@@ -46,7 +46,9 @@ class APIError(Exception):
 
 # ---- request schema ---------------------------------------------------------------------------------------
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: `"5"` is not a number and `"yes"` not a boolean; forbid: a field this server does not know is an
+    # error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MediaURL(_Schema):
@@ -65,11 +67,14 @@ class ContentPart(_Schema):
 
 class Message(_Schema):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[str, list[ContentPart]]
 
 
 class StreamOptions(_Schema):
     include_usage: bool = False
+
+
+MAX_STOP_CHARS = 256  # per stop string; the decode loop checks every stop string at every token
 
 
 class ChatRequest(_Schema):
@@ -85,8 +90,32 @@ class ChatRequest(_Schema):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # numpy's generator refuses negative seeds
     logprobs: bool | None = None
+    user: str | None = None  # an end-user id for the client's own records; it changes no answer
+    # OpenAI parameters this server does not implement: accepted only at their no-op values (`_unsupported`).
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+
+    def has_media(self) -> bool:
+        """Whether any message carries an image or a video (their preparation runs in the media pool)."""
+        return any(isinstance(m.content, list) and any(part.type != "text" for part in m.content)
+                   for m in self.messages)
+
+
+def _unsupported(request: ChatRequest) -> str | None:
+    """The first parameter set to a value that would change the answer in a way this server cannot honour."""
+    no_op = {"logprobs": request.logprobs in (None, False), "top_logprobs": not request.top_logprobs,
+             "frequency_penalty": not request.frequency_penalty, "presence_penalty": not request.presence_penalty,
+             "logit_bias": not request.logit_bias, "tools": not request.tools,
+             "tool_choice": request.tool_choice in (None, "none", "auto"),
+             "response_format": request.response_format in (None, {"type": "text"})}
+    return next((name for name, ok in no_op.items() if not ok), None)
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -99,20 +128,28 @@ def parse_request(body: bytes) -> ChatRequest:
         raise APIError(400, f"{param}: {first['msg']}", param) from None
     if request.n != 1:
         raise APIError(400, f"n={request.n}: only n=1 is supported", "n")
-    if request.logprobs:
-        raise APIError(400, "logprobs are not supported", "logprobs")
+    unsupported = _unsupported(request)
+    if unsupported:
+        raise APIError(400, f"{unsupported}: not supported by this server (leave it out)", unsupported)
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop: at most 4 non-empty strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop: each stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return request
 
 
+_SCHEMA_NAMES = {"MediaURL", "ContentPart", "Message", "StreamOptions", "str", "int", "float", "bool", "dict"}
+
+
 def _dotted(loc: tuple) -> str:
+    """Pydantic's error location as the request field, without the union-branch labels it inserts
+    (`str`, `list[ContentPart]`, `MediaURL`, `function-...`)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not any(part.startswith(t) for t in ("str", "list[", "MediaURL", "function-")):  # union branches
+        elif not (part in _SCHEMA_NAMES or "[" in part or part.startswith("function-")):
             out += f".{part}" if out else str(part)
     return out
 
@@ -381,7 +418,7 @@ def build_prompt(request: ChatRequest, processor: Qwen2VLProcessor, limits: Medi
     The prompt's length is known from media headers, so one over the context is refused before any decoding."""
     messages, images, videos = [], [], []
     for i, message in enumerate(request.messages):
-        content = message.content or ""
+        content = message.content
         if isinstance(content, str):
             messages.append({"role": message.role, "content": content})
             continue
