@@ -147,25 +147,30 @@ def test_rng_state_is_read_with_the_restricted_unpickler(tmp_path, marker):
         load_rng_state(ckpt, 1)
 
 
-@pytest.fixture
-def crafted_model_dir(tmp_path, marker):
+@pytest.fixture(params=["plain", "desync"])
+def crafted_model_dir(tmp_path, marker, request):
+    """(model directory, its crafted model_state.pdparams, the reason the refusal gives)."""
     model_dir = tmp_path / "model"
     Qwen2VLConfig.preset("tiny").save_pretrained(str(model_dir))
-    return model_dir, plant(model_dir / "model_state.pdparams", marker)
+    planted = model_dir / "model_state.pdparams"
+    if request.param == "desync":
+        planted.write_bytes(desync_pickle(marker))
+        return model_dir, planted, DESYNC_REASON
+    return model_dir, plant(planted, marker), "unexpected global posix.system"
 
 
 def test_infer_refuses_a_crafted_pdparams(crafted_model_dir, capsys):
-    model_dir, planted = crafted_model_dir
+    model_dir, planted, reason = crafted_model_dir
     assert infer_main(["--model", str(model_dir), "--prompt", "Hi"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(planted) in err and "unexpected global posix.system" in err
+    assert err.count("\n") == 1 and str(planted) in err and reason in err
 
 
 def test_training_refuses_a_crafted_pdparams_as_model_name_or_path(crafted_model_dir):
-    model_dir, planted = crafted_model_dir
+    model_dir, planted, reason = crafted_model_dir
     cfg = load_run_config("sft", None, {"model_name_or_path": str(model_dir)})
     model = build_model(cfg)  # lazy: the weights are read after the plan is applied (Trainer.load_weights)
-    with pytest.raises(FormatError, match=f"{planted}: .*unexpected global posix.system"):
+    with pytest.raises(FormatError, match=f"{planted}: .*{reason}"):
         load_sharded(model, str(model_dir))
 
 
@@ -181,10 +186,10 @@ def test_lora_adapter_refuses_a_crafted_pdparams(tmp_path, marker):
 def test_L9_serve_refuses_a_crafted_pdparams_in_one_line(crafted_model_dir, capsys):
     from launch.serve import serve_main
 
-    model_dir, planted = crafted_model_dir
+    model_dir, planted, reason = crafted_model_dir
     assert serve_main(["--model", str(model_dir)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(planted) in err and "unexpected global posix.system" in err
+    assert err.count("\n") == 1 and str(planted) in err and reason in err
 
 
 @pytest.fixture(scope="module")
@@ -223,12 +228,13 @@ def test_C1_desync_adapter_is_refused_by_every_adapter_reader(tmp_path, marker, 
     one_line_naming(captured.out + captured.err, adapter / LORA_WEIGHTS_NAME, DESYNC_REASON)
 
 
-@pytest.mark.parametrize("command", ["merge-ckpt", "inspect"])
+@pytest.mark.parametrize("command", ["merge-ckpt", "inspect", "merge-lora"])
 def test_C1_desync_checkpoint_is_refused_by_the_checkpoint_tools(tmp_path, marker, command, capsys):
     ckpt = tmp_path / "checkpoint-1"
     planted = plant_desync_checkpoint(ckpt, marker, RESUMED_KEYS)
-    argv = ["merge-ckpt", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged")] if command == "merge-ckpt" \
-        else ["inspect", str(ckpt)]
+    argv = {"merge-ckpt": ["merge-ckpt", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged")],
+            "inspect": ["inspect", str(ckpt)],
+            "merge-lora": ["merge-lora", "--lora", str(ckpt), "--out", str(tmp_path / "merged")]}[command]
     assert cli.main(argv) != 0
     captured = capsys.readouterr()
     one_line_naming(captured.out + captured.err, planted, DESYNC_REASON)
