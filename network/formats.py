@@ -285,7 +285,7 @@ def _safetensors_entry(file: str, name: str, info: Any, base: int) -> tuple[Arra
     if not isinstance(info, dict):
         raise FormatError(f"tensor '{name}': header entry is a {type(info).__name__}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise FormatError(f"tensor '{name}': missing or unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
@@ -320,10 +320,10 @@ def index_safetensors(file: str) -> dict[str, ArrayRef]:
                 raise FormatError(f"truncated: tensor '{name}' ends at byte {base + end}, the file has {size}")
             refs[name] = ref
             spans.append((begin, end, name))
-    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"{file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})") from None
     except FormatError as exc:
         raise FormatError(f"{file}: {exc}") from None
+    except (struct.error, ValueError, TypeError, KeyError, RecursionError) as exc:  # JSON errors are ValueErrors
+        raise FormatError(f"{file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})") from None
     spans.sort()
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:

@@ -49,6 +49,7 @@ CRAFTED_HEADERS = {
     "list_header": ([], "the header is a JSON list, not an object"),
     "entry_is_a_number": ({"w": 5}, "tensor 'w': header entry is a int, not an object"),
     "no_dtype": ({"w": {"shape": [2], "data_offsets": [0, 8]}}, "tensor 'w': missing or unsupported dtype None"),
+    "list_dtype": ({"w": entry([0, 8], dtype=["F32"])}, "tensor 'w': missing or unsupported dtype ['F32']"),
     "deep_nesting": (DEEP, "truncated or not a safetensors file (RecursionError"),
     "overlap": ({"a": entry([0, 8]), "b": entry([4, 12])}, "tensors 'a' and 'b' overlap"),
     "beyond_the_file": ({"w": entry([8, 24], shape=(4,))}, "tensor 'w' ends at byte"),
