@@ -224,12 +224,14 @@ def serve_main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help or a usage error
         return int(e.code or 0)
+    from network.formats import CheckpointError, FormatError
+
     try:
         _check_args(args)
         if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
         return _serve(args)
-    except InferError as e:
+    except (InferError, FormatError, CheckpointError) as e:  # bad inputs, refused or corrupt weight files
         print(f"qwen2vl-ap serve: error: {e}", file=sys.stderr)
         return 2
 
