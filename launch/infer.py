@@ -294,7 +294,7 @@ def _check_args(args: argparse.Namespace) -> None:
     args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
 
 
-def _generation_config(args: argparse.Namespace, defaults: CheckpointGenerationDefaults) -> GenerationConfig:
+def generation_config_from_args(args: argparse.Namespace, defaults: CheckpointGenerationDefaults) -> GenerationConfig:
     """Validated settings: the command line, else the checkpoint's generation_config.json, else greedy. The stop
     tokens are filled in once the processor and model are loaded."""
     given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
@@ -417,7 +417,7 @@ def infer_main(argv: list[str]) -> int:
             defaults = CheckpointGenerationDefaults.read(args.model)
         except ValueError as e:
             raise InferError(str(e)) from None
-        generation_config = _generation_config(args, defaults)
+        generation_config = generation_config_from_args(args, defaults)
         if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
         return _run(args, requests, generation_config)
