@@ -208,6 +208,7 @@ def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
     from launch.launcher import WorkerLaunch, last_line
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-eval-")).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
     parts = Path(args.output_dir) / PARTS_DIR
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
