@@ -149,3 +149,39 @@ def test_bad_metric_names_and_references_are_one_clear_error():
         m.exact_match("a", [])
     with pytest.raises(m.MetricError, match="reference must be a string"):
         m.exact_match("a", [1])
+
+
+def test_eval_scores_an_existing_predictions_file_with_per_source_results(tmp_path, capsys):
+    """`qwen2vl-ap eval --predictions FILE`: only prediction and reference are required; several sources get
+    per-source results; a bad row is one line naming the file, line and field (exit code 2)."""
+    import json
+
+    from launch.evaluate import eval_main
+
+    rows = [{"prediction": "12", "reference": "12.3", "source": "chartqa"},
+            {"prediction": "30%", "reference": ["0.5", "29.5%"], "source": "chartqa"},
+            {"prediction": "Acme Inc", "reference": "ACME inc.", "source": "docvqa"},
+            {"prediction": "", "reference": "x", "source": "docvqa"}]
+    path = tmp_path / "preds.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    code = eval_main(["--predictions", str(path), "--output_dir", str(out), "--metrics", "relaxed_accuracy,anls"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    anls_rows = [m.anls(r["prediction"], r["reference"]) for r in rows]
+    assert anls_rows[1:] == [0.0, pytest.approx(1 - 1 / 9), 0.0]  # "30%" vs "29.5%": 4 edits; "." counts
+    assert metrics["relaxed_accuracy"] == pytest.approx(2 / 4)  # 12 vs 12.3 (2.4%), 0.30 vs 0.295 (1.7%)
+    assert metrics["anls"] == pytest.approx(sum(anls_rows) / 4)
+    assert metrics["per_source"] == {
+        "chartqa": {"relaxed_accuracy": 1.0, "anls": pytest.approx(sum(anls_rows[:2]) / 2)},
+        "docvqa": {"relaxed_accuracy": 0.0, "anls": pytest.approx(sum(anls_rows[2:]) / 2)}}
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert written[2]["scores"] == {"relaxed_accuracy": 0.0, "anls": pytest.approx(anls_rows[2])}
+
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prediction": "a"}) + "\n")
+    capsys.readouterr()
+    assert eval_main(["--predictions", str(path), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f'qwen2vl-ap eval: error: {path} line 2: field "reference" must be a string or a non-empty list of strings'
+    assert eval_main(["--predictions", str(path), "--output_dir", str(out), "--metrics", "accuracy"]) == 2
+    assert "unknown metric(s) ['accuracy']" in capsys.readouterr().err
