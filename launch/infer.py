@@ -30,6 +30,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import paddle
 
+from autoparallel.engine.evaluation import TensorParallelModel, stop_token_ids
 from launch.launcher import WorkerLaunch
 from network.config import Qwen2VLConfig
 from network.device import bf16_supported
@@ -84,14 +85,6 @@ def render_prompt(processor: Qwen2VLProcessor, prompt: str, num_images: int, num
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def stop_token_ids(processor: Qwen2VLProcessor, model_config, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos, the model config's eos and `extra` (the eos
-    ids of the checkpoint's generation_config.json)."""
-    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.eos_token_id,
-           model_config.eos_token_id, *extra}
-    return tuple(sorted(i for i in ids if i is not None))
-
-
 def answer_batch(model, processor: Qwen2VLProcessor, requests: list[Request], generation_config: GenerationConfig,
                  system: str | None = None, streamer: Callable[[np.ndarray], None] | None = None
                  ) -> tuple[list[Answer], GenerationOutput]:
@@ -130,26 +123,6 @@ class TextStreamer:
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
-class TensorParallelModel:
-    """A model parallelized with the training plan, called like the plain one; logits (vocab-split over "mp")
-    come back dense and replicated, which is what `generate` reads on every rank."""
-
-    def __init__(self, model: paddle.nn.Layer):
-        self.model = model
-        self.config = model.config
-
-    def __call__(self, *args, **kwargs):
-        import paddle.distributed as dist
-
-        out = self.model(*args, **kwargs)
-        logits = out.logits
-        if logits.is_dist():
-            replicated = [dist.Replicate()] * len(logits.process_mesh.shape)
-            logits = dist.reshard(logits, logits.process_mesh, replicated)._local_value()
-        out.__dict__["logits"] = logits  # `Qwen2VLOutput.logits` is a cached_property: this is its cache slot
-        return out
-
-
 def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32", lora_dir: str | None = None):
     """The model for `generate` in `dtype`: plain, or (inside a launched job) split over `tensor_parallel_degree`
     ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first).

@@ -21,10 +21,39 @@ from autoparallel.data.dataset import SFTDataset
 from autoparallel.data.records import Conversation
 from autoparallel.engine.eval_metrics import Reference, aggregate, score_sample
 from network.generation import GenerationConfig, generate, left_pad_prompts
+from network.processor import Qwen2VLProcessor
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def stop_token_ids(processor: Qwen2VLProcessor, model_config, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos, the model config's eos and `extra` (the eos
+    ids of the checkpoint's generation_config.json)."""
+    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.eos_token_id,
+           model_config.eos_token_id, *extra}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+class TensorParallelModel:
+    """A model parallelized with a plan (infer's mp plan, or a training layout), called like the plain one; logits
+    (vocab-split over "mp") come back dense and replicated, which is what `generate` reads on every rank."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.config = model.config
+
+    def __call__(self, *args, **kwargs):
+        import paddle.distributed as dist
+
+        out = self.model(*args, **kwargs)
+        logits = out.logits
+        if logits.is_dist():
+            replicated = [dist.Replicate()] * len(logits.process_mesh.shape)
+            logits = dist.reshard(logits, logits.process_mesh, replicated)._local_value()
+        out.__dict__["logits"] = logits  # `Qwen2VLOutput.logits` is a cached_property: this is its cache slot
+        return out
 
 
 @dataclass
