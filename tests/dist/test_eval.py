@@ -83,3 +83,33 @@ def test_data_parallel_two_processes_equals_one(trained, tmp_path):
     assert not (tmp_path / "dp2" / ".eval-parts").exists()
     # each rank generated its share: rank 1's log shows its progress, not all 6 samples
     assert (tmp_path / "logs" / "workerlog.1").is_file()
+
+
+def test_training_eval_keeps_best_and_stops_early_and_resumes_its_state(tmp_path):
+    """eval_generate on the dp2 training ranks: eval_exact_match in metrics.jsonl at every eval step; with the
+    metric stalled (learning rate 0) the run stops after `early_stopping_patience` evaluations, `best` points at
+    the first evaluated step and survives save_total_limit=1; a resumed run continues the patience count (it
+    stops at its first evaluation instead of running two more)."""
+    from autoparallel.engine.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = ["--nproc_per_node", "2", "--synthetic_data_dir", str(tmp_path / "data"), "--max_steps", "10",
+            "--per_device_train_batch_size", "2", "--max_seq_length", "128", "--learning_rate", "0",
+            "--warmup_steps", "0", "--dataloader_num_workers", "0", "--evaluation_strategy", "steps",
+            "--eval_steps", "1", "--save_steps", "1", "--save_total_limit", "1", "--eval_generate", "true",
+            "--eval_max_samples", "4", "--eval_max_new_tokens", "3", "--per_device_eval_batch_size", "4",
+            "--metric_for_best_model", "exact_match", "--early_stopping_patience", "2"]
+    sft(out, args).assert_ok()
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_exact_match" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    assert all(r["eval_exact_match"] == 0.0 and "eval_loss" in r for r in evals)
+    assert (out / "best").is_symlink() and (out / "best").resolve() == (out / "checkpoint-1").resolve()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["early_stopping"]
+    assert state == {"best_metric": 0.0, "best_step": 1, "evals_without_improvement": 2}
+
+    sft(out, [*args, "--resume_from_checkpoint", "auto"]).assert_ok()
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_exact_match" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    assert (out / "best").resolve() == (out / "checkpoint-1").resolve()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]

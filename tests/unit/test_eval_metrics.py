@@ -185,3 +185,50 @@ def test_eval_scores_an_existing_predictions_file_with_per_source_results(tmp_pa
     assert err == f'qwen2vl-ap eval: error: {path} line 2: field "reference" must be a string or a non-empty list of strings'
     assert eval_main(["--predictions", str(path), "--output_dir", str(out), "--metrics", "accuracy"]) == 2
     assert "unknown metric(s) ['accuracy']" in capsys.readouterr().err
+
+
+def _run_config(**train):
+    from autoparallel.config import RunConfig
+
+    base = {"evaluation_strategy": "steps", "eval_steps": 2, "save_steps": 2, "eval_meta_path": "eval.json"}
+    return RunConfig.build("sft", [("test", {**base, **train})])
+
+
+def test_best_step_and_early_stopping_follow_the_metric():
+    """metric_for_best_model keeps the step of the best value (greater or smaller is better); patience counts
+    evaluations without improvement; the state round-trips through trainer_state.json's dict."""
+    from autoparallel.engine.training_eval import TrainingEvaluation
+
+    hook = TrainingEvaluation(_run_config(metric_for_best_model="exact_match", early_stopping_patience=2), None)
+    assert hook.greater and hook.key == "eval_exact_match"
+    stops = []
+    for step, value in ((2, 0.1), (4, 0.5), (6, 0.4), (8, 0.5)):  # equal to the best is no improvement
+        hook.observe(step, {"eval_exact_match": value, "eval_loss": 1.0})
+        stops.append(hook.should_stop())
+    assert stops == [False, False, False, True]
+    assert (hook.state.best_step, hook.state.best_metric, hook.state.evals_without_improvement) == (4, 0.5, 2)
+    resumed = TrainingEvaluation(_run_config(metric_for_best_model="exact_match", early_stopping_patience=2), None)
+    resumed.load_state_dict(hook.state_dict())
+    assert resumed.state == hook.state and resumed.should_stop()
+
+    loss = TrainingEvaluation(_run_config(metric_for_best_model="eval_loss"), None)
+    assert not loss.greater
+    for step, value in ((2, 3.0), (4, 2.0), (6, 2.5)):
+        loss.observe(step, {"eval_loss": value})
+    assert loss.state.best_step == 4 and not loss.should_stop()  # patience 0: never stops
+
+
+@pytest.mark.parametrize("keys, problem", [
+    ({"eval_generate": True, "eval_meta_path": None}, "eval_generate: true needs evaluation_strategy: steps"),
+    ({"eval_generate": True, "eval_metrics": "exact,anls"}, "eval_metrics: unknown metric(s) ['exact']"),
+    ({"metric_for_best_model": "anls"}, "metric_for_best_model='anls' is not evaluated (evaluated at eval_steps: "
+                                        "eval_loss)"),
+    ({"metric_for_best_model": "eval_loss", "save_steps": 3}, "metric_for_best_model needs save_steps, a multiple"),
+    ({"early_stopping_patience": 2}, "early_stopping_patience needs metric_for_best_model"),
+    ({"eval_generate": True, "eval_metrics": "anls", "metric_for_best_model": "anls"}, None),
+])
+def test_evaluation_keys_that_cannot_work_together_are_one_line(keys, problem):
+    from autoparallel.engine.training_eval import evaluation_problem
+
+    found = evaluation_problem(_run_config(**keys))
+    assert (found is None) if problem is None else (found is not None and found.startswith(problem)), found
