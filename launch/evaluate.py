@@ -32,7 +32,8 @@ from autoparallel.data.config import DataConfig
 from autoparallel.engine.eval_metrics import MetricError, parse_metric_names
 from autoparallel.engine.evaluation import (PREDICTIONS_FILE, eval_records, predict, prediction_rows, score_rows,
                                             write_results)
-from launch.infer import InferError, check_model_args, checkpoint_stop_ids, generation_config_from_args
+from launch.infer import (InferError, add_sampling_arguments, check_model_args, checkpoint_stop_ids,
+                          generation_config_from_args)
 from network.formats import CheckpointError, FormatError
 from network.generation import CheckpointGenerationDefaults
 from network.log import logger
@@ -59,12 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_samples", type=int, help="evaluate the first N samples only")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_sampling_arguments(p)  # unset: the checkpoint's generation_config.json, else greedy
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--nproc_per_node", type=int, default=1, help="data-parallel processes")
     p.add_argument("--log_dir", help="data parallel: launcher and worker logs (default: a temp directory)")

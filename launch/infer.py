@@ -160,6 +160,16 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature/--top_p/--top_k/--repetition_penalty/--seed (read by `generation_config_from_args`)."""
+    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--repetition_penalty", type=float)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-ap infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,12 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="batch mode: JSONL of {id, answer, num_tokens}")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_sampling_arguments(p)
     p.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
     p.add_argument("--max_pixels", type=int)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
