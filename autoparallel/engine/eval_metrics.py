@@ -11,7 +11,7 @@ Every value is in [0, 1]. The names are the keys of `metrics.json` and the value
 - `anls`: DocVQA's Average Normalized Levenshtein Similarity: 1 - distance / max length on lower-cased,
   whitespace-collapsed strings, 0 below the 0.5 threshold; two empty strings score 1.
 - `mc_accuracy`: the option letter (A-J) extracted from prediction and reference ("B", "(B)", "B. text",
-  "The answer is B") must agree.
+  "The answer is B"; a capital starting a sentence such as "A red square" or "I think" is not one) must agree.
 - `bleu`: sacrebleu's BLEU / 100 (per sample: sentence BLEU; the aggregate is corpus BLEU, as sacrebleu defines it).
 - `rouge_l`: rouge-score's ROUGE-L F-measure (stemming on).
 - `edit_distance`: a similarity for OCR / LaTeX: 1 - Levenshtein distance / max length (rapidfuzz); two empty
@@ -28,8 +28,9 @@ Reference = Union[str, Sequence[str]]
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 ANLS_THRESHOLD = 0.5
 RELAXED_TOLERANCE = 0.05
-# A letter standing alone: "B", "(B)", "B.", "B)" — not the first letter of a word.
-_OPTION = re.compile(r"(?<![A-Za-z])\(?([A-J])(?:[).:]|(?![A-Za-z]))")
+# An option letter: marked ("(B)", "B.", "B)", "B:") or standing alone, but not a word ("A red square", "I think").
+_MARKED_OPTION = re.compile(r"(?<![A-Za-z])(?:\(([A-J])\)|([A-J])[.):](?!\w))")
+_BARE_OPTION = re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])(?!\s+[a-z])")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
 
 
@@ -93,12 +94,13 @@ def anls(prediction: str, reference: Reference) -> float:
 
 
 def option_letter(text: str) -> str | None:
-    """The option letter a text names: after "answer is"/"answer:" when present, else the first standalone one."""
-    found = _ANSWER_IS.split(text.strip())
-    for part in reversed(found):  # the text after the last "answer is" first
-        match = _OPTION.search(part)
+    """The option letter a text names: in the text after the last "answer is"/"answer:" when there is one, a
+    marked letter first ("(B)", "B."), else a bare one that does not start a sentence ("A red ..." is no answer)."""
+    part = _ANSWER_IS.split(text.strip())[-1]
+    for pattern in (_MARKED_OPTION, _BARE_OPTION):
+        match = pattern.search(part)
         if match:
-            return match.group(1)
+            return next(g for g in match.groups() if g)
     return None
 
 

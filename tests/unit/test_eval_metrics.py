@@ -86,6 +86,9 @@ def test_anls_known_values():
     ("A", "B", 0.0),
     ("Blue", "B", 0.0),        # a word starting with B is not option B
     ("I think so", "A", 0.0),  # no option letter at all
+    ("I think B", "B", 1.0),   # "I" starts a sentence: not option I
+    ("A red square", "A", 0.0),
+    ("The red one, (C).", "C", 1.0),
     ("", "A", 0.0),
 ])
 def test_mc_accuracy_extracts_option_letters(prediction, reference, expected):
