@@ -133,6 +133,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                        len(saved), len(current))
 
 
+BEST_LINK = "best"
+
+
 class CheckpointWriter:
     """Writes `checkpoint-N` atomically. `save` is called on every rank in the same order."""
 
@@ -141,6 +144,7 @@ class CheckpointWriter:
         self.rank = rank
         self.barrier = barrier
         self.save_total_limit = save_total_limit
+        self.best_step: Optional[int] = None  # metric_for_best_model's checkpoint: linked as `best`, never rotated
 
     def tmp_dir(self, step: int) -> Path:
         return self.output_dir / f".tmp-checkpoint-{step}"
@@ -174,15 +178,26 @@ class CheckpointWriter:
                 os.replace(tmp, final)
             except OSError as exc:
                 raise _write_failed(f"publishing checkpoint-{step} from", tmp, exc) from exc
+            self._link_best()
             self._rotate()
             logger.info("saved %s", final)
         self.barrier()
         return final
 
+    def _link_best(self) -> None:
+        """Point the `best` symlink at checkpoint-<best_step> (replaced atomically)."""
+        if self.best_step is None or not (self.output_dir / f"checkpoint-{self.best_step}").is_dir():
+            return
+        tmp = self.output_dir / f".tmp-{BEST_LINK}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"checkpoint-{self.best_step}")
+        os.replace(tmp, self.output_dir / BEST_LINK)
+
     def _rotate(self) -> None:
         if self.save_total_limit <= 0:
             return
-        for _, path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
+        rotating = [(step, path) for step, path in list_checkpoints(self.output_dir) if step != self.best_step]
+        for _, path in rotating[: -self.save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed %s (save_total_limit=%d)", path, self.save_total_limit)
 

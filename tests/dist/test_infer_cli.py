@@ -8,14 +8,11 @@ import pytest
 from PIL import Image
 from tiny_model import save_tiny_model
 
-import launch.evaluate_answers as evaluate_answers
-from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
 from autoparallel.engine.lora_trainer import gather_adapter
 from ckpt_tools.lora_merge import merge_lora
-from launch.infer import Answer, infer_main
+from launch.infer import infer_main
 from network.lora import LORA_CONFIG_NAME, LoraArgs, apply_lora, save_adapter
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-from network.processor import Qwen2VLProcessor
 from network.weights import weights_fingerprint
 
 MAX_NEW = "8"
@@ -155,27 +152,6 @@ def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys
     assert code == 0 and other == folded
     assert f"the weights in {setup / 'st'} are not the base the adapter was trained on" in caplog.text
     print(f"[infer] --lora folded == merge-lora output: {folded.strip()!r} (base: {base.strip()!r})")
-
-
-def test_answer_accuracy(setup, tmp_path, monkeypatch):
-    """Scoring on the synthetic held-out questions: real generation runs; exact match after normalisation."""
-    make_synthetic_dataset(str(tmp_path / "data"), n_train=1, n_eval=5)
-    questions = eval_questions(str(tmp_path / "data"))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(setup / "st"))
-    processor = Qwen2VLProcessor.from_pretrained(str(setup / "st"))
-    untrained = evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2)
-    assert untrained == 0.0  # random weights, 152k-token vocabulary
-
-    truth = {q["id"]: q["answer"] for q in questions}
-    batches = []
-
-    def fake_answers(model, processor, requests, config):  # first of each batch right, as "RED." etc.
-        batches.append(len(requests))
-        return [Answer(r.id, f"{truth[r.id].upper()}." if i == 0 else "no", 1) for i, r in enumerate(requests)], None
-
-    monkeypatch.setattr(evaluate_answers, "answer_batch", fake_answers)
-    assert evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2) == 3 / 5
-    assert batches == [2, 2, 1]
 
 
 @pytest.mark.parametrize("fmt, shard_size", [("safetensors", None), ("safetensors", 20 * 10**6),
