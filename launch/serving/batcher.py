@@ -65,6 +65,9 @@ class _Row:
         self.sent = 0
         self.done = False
         self.cancelled = False  # the client went away before the row finished
+        # Per stop string: where the longest tail of the text that starts it may begin. It only moves forward
+        # (an earlier start would have been a longer tail at the previous step), so each step checks O(tail).
+        self._stop_from = [0] * len(job.stop)
 
     def step(self, token: int) -> bool:
         """Take this step's token; True when the row is finished (events sent)."""
@@ -77,20 +80,31 @@ class _Row:
         if token in self.stop_token_ids:
             return self.finish(self.processor.decode(self.ids, skip_special_tokens=True), "stop")
         text = self.processor.decode(self.ids, skip_special_tokens=True)
-        for s in job.stop:
-            at = text.find(s, max(0, self.sent - len(s)))
+        for s in job.stop:  # a stop string not found before can only end in the unsent text
+            at = text.find(s, max(0, self.sent - len(s) + 1))
             if at >= 0:
                 return self.finish(text[:at], "stop")
         if len(self.ids) >= job.max_tokens:
             return self.finish(text, "length")
         if text.endswith("\ufffd"):  # a character split over byte-level tokens: wait for the rest
             return False
-        # Hold back a tail that may be the start of a stop string.
-        hold = max((k for s in job.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = self._held_tail(text)
         if len(text) - hold > self.sent:
             job.send("delta", text[self.sent: len(text) - hold])
             self.sent = len(text) - hold
         return False
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest tail of `text` that is the start of a stop string (held back, not sent)."""
+        hold = 0
+        for i, s in enumerate(self.job.stop):
+            at = max(self._stop_from[i], len(text) - len(s) + 1)
+            while at < len(text) and not s.startswith(text[at:]):
+                at = text.find(s[0], at + 1)
+                at = len(text) if at < 0 else at
+            self._stop_from[i] = at
+            hold = max(hold, len(text) - at)
+        return hold
 
     def finish(self, text: str, reason: str) -> bool:
         if len(text) > self.sent:
