@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batching")
     g.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together")
     g.add_argument("--batch_wait_ms", type=float, default=10.0, help="how long the first request waits for others")
+    g.add_argument("--max_batch_tokens", type=int, help="padded prompt tokens (rows x longest prompt) one prefill "
+                                                        "may hold; more wait for the next (default: 16384)")
+    g.add_argument("--static_batching", action="store_true",
+                   help="new requests wait until the running batch is done (default: they join it between steps)")
     g = p.add_argument_group("defaults for requests that leave a setting out")
     g.add_argument("--max_tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -73,6 +77,7 @@ def _check_args(args: argparse.Namespace) -> None:
     args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
     positive = ("max_batch_size", "max_tokens", "max_images", "max_image_pixels", "max_video_frames")
     bad = [f"--{k}" for k in positive if getattr(args, k) < 1] + (["--max_videos"] if args.max_videos < 0 else [])
+    bad += ["--max_batch_tokens"] if args.max_batch_tokens is not None and args.max_batch_tokens < 1 else []
     if bad:
         raise InferError(f"{', '.join(bad)} must be >= 1 (--max_videos >= 0)")
     if args.media_dir and not os.path.isdir(args.media_dir):
@@ -114,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from launch.serving.app import ServerSettings, create_app
-    from launch.serving.batcher import Batcher, RankSync, follow_rank0
+    from launch.serving.batcher import DEFAULT_MAX_BATCH_TOKENS, Batcher, RankSync, follow_rank0
     from launch.serving.messages import MediaLimits
     from network.generation import GenerationConfig
 
@@ -137,7 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len or model.config.max_position_embeddings, limits=limits,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), default_max_tokens=args.max_tokens, defaults=defaults)
     batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,
-                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None)
+                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None,
+                      args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, not args.static_batching)
     app = create_app(batcher, processor, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout)
