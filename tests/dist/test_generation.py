@@ -268,7 +268,8 @@ def test_bad_settings_are_errors(models):
 
 
 def test_tensor_parallel_matches_single_process(models, tmp_path):
-    """mp2 (the training plan: q/k/v/gate/up column-split, o/down row-split, vocab-parallel embedding and head)."""
+    """mp2 (the training plan: q/k/v/gate/up column-split, o/down row-split, vocab-parallel embedding and head);
+    also a row joining a running batch on the sharded KV caches (H4)."""
     config, _, ours, path = models
     cases = {name: _prompt(config, s, seed=sorted(SINGLE).index(name)) for name, s in SINGLE.items()}
     cases["batch"] = _left_pad(config, _batch_prompts(config))
@@ -281,6 +282,9 @@ def test_tensor_parallel_matches_single_process(models, tmp_path):
         single = generate(ours, **batch, generation_config=_greedy()).sequences
         for rank in (0, 1):
             np.testing.assert_array_equal(np.asarray(result.results[rank][name]), single, err_msg=f"{name} rank {rank}")
+            if name in result.results[rank]["joined"]:  # H4: joined a running batch on mp2, tokens as alone
+                np.testing.assert_array_equal(np.asarray(result.results[rank]["joined"][name]), single[0],
+                                              err_msg=f"{name} joined, rank {rank}")
     speed = result.results[0]["tokens_per_second"]
     print(f"[generate] mp2 == single process for {sorted(cases)} ({NEW_TOKENS} tokens each), "
           f"mp2 decode {speed:.1f} tokens/s (batch case)")
