@@ -257,7 +257,9 @@ class Batcher:
                 self._queue.put(None)
                 break
             self._waiting.append(job)
-        return self._take(key, rows) if rows > 0 else []
+        if rows < 1 or (self._waiting and self._waiting[0].batch_key() != key):
+            return []  # an older request with other settings waits: let this batch drain so it can start
+        return self._take(key, rows)
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         """One call on the running batch, made by every tensor-parallel rank."""

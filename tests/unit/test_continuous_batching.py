@@ -46,22 +46,22 @@ async def _answer(job: Job, log: list, name: str, started: asyncio.Event) -> str
             return text
 
 
-def _job(processor, text: str, max_tokens: int) -> Job:
+def _job(processor, text: str, max_tokens: int, temperature: float = 0.0) -> Job:
     inputs = _inputs(processor, text)
-    return Job(inputs, int(inputs["input_ids"].shape[1]), max_tokens, GenerationConfig(), [],
-               asyncio.get_running_loop())
+    return Job(inputs, int(inputs["input_ids"].shape[1]), max_tokens, GenerationConfig(temperature=temperature),
+               [], asyncio.get_running_loop())
 
 
-def _serve(batcher: Batcher, requests: list[tuple[str, int, bool]], processor) -> tuple[list[str], list]:
-    """Submit (text, max_tokens, whether to wait until the previous request streams) and collect the answers
-    and the order of events."""
+def _serve(batcher: Batcher, requests: list[tuple], processor) -> tuple[list[str], list]:
+    """Submit (text, max_tokens, whether to wait until the previous request streams[, temperature]) and collect
+    the answers and the order of events."""
     async def main():
         batcher.start()
         log, tasks, started = [], [], asyncio.Event()
-        for i, (text, max_tokens, after_previous) in enumerate(requests):
+        for i, (text, max_tokens, after_previous, *temperature) in enumerate(requests):
             if after_previous:
                 await started.wait()
-            job = _job(processor, text, max_tokens)
+            job = _job(processor, text, max_tokens, *temperature)
             batcher.submit(job)
             started = asyncio.Event()
             tasks.append(asyncio.create_task(_answer(job, log, str(i), started)))
@@ -95,6 +95,16 @@ def test_h4_static_batching_makes_the_short_request_wait(parts):
     batcher = Batcher(model, processor, NO_STOP, continuous=False)
     _, log = _serve(batcher, [(*LONG, False), (*SHORT, True)], processor)
     assert [name for name, kind in log if kind == "done"] == ["0", "1"] and batcher.joined == 0
+
+
+def test_h4_requests_with_other_settings_are_not_starved_by_joiners(parts):
+    """A sampled request waiting behind a greedy batch: greedy requests that arrive after it do not join (the
+    batch drains, the sampled one runs next), so a stream of same-settings requests cannot starve it."""
+    model, processor = parts
+    batcher = Batcher(model, processor, NO_STOP)
+    _, log = _serve(batcher, [(*LONG, False), ("Tell me a story.", 4, True, 0.7), (*SHORT, False)], processor)
+    assert batcher.joined == 0 and batcher.batches == 3, (batcher.joined, batcher.batches)
+    assert [name for name, kind in log if kind == "done"] == ["0", "1", "2"], log
 
 
 def test_h1_batch_work_cap_splits_a_prefill_of_many_long_prompts(parts, monkeypatch):
