@@ -28,7 +28,7 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
-from network.loss import linear_cross_entropy
+from network.loss import exact_fp32_matmuls, linear_cross_entropy
 from network.modeling_vision import vision_segment_ids
 
 # Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away
@@ -48,14 +48,16 @@ def distributed_vision_features(visual: paddle.nn.Layer, batch: ShardedBatch) ->
     c, rows = visual.config, batch.max_patches
     patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size ** 2
     head_dim = c.embed_dim // c.num_heads
+    # Every rank lifts its pixels in the tower's dtype (bf16 under O2, PatchEmbed's cast moved before the lift):
+    # one dtype for the dist tensor on all dp ranks, image-less ones included, and half the bytes.
+    dtype = visual.patch_embed.proj.weight.dtype
     if batch.pixel_values is None:
-        # A rank without images still joins every collective; its empty pixels take the tower's dtype (bf16 under
-        # O2), the rotary tables stay fp32 as the tower computes them.
-        pixels = paddle.zeros([0, patch_dim], visual.patch_embed.proj.weight.dtype)
+        # A rank without images still joins every collective; the rotary tables stay fp32 as the tower computes them.
+        pixels = paddle.zeros([0, patch_dim], dtype)
         cos, sin = paddle.zeros([0, head_dim]), paddle.zeros([0, head_dim])
         segments = paddle.zeros([0], "int64")
     else:
-        pixels = batch.pixel_values
+        pixels = batch.pixel_values.astype(dtype)
         cos, sin = visual.rotary_cos_sin(batch.grid_thw)
         segments = paddle.to_tensor(vision_segment_ids(batch.grid_thw))
     lifted = [lift_local(_padded(x, rows, pad).unsqueeze(0), batch.mesh, 0)
@@ -106,8 +108,9 @@ def vocab_parallel_chunk(h, weight, targets, scale, transpose_weight, need):
     with a vocab-split ones vector and the target's logit a one-hot against vocab-split ids, because `sum`'s
     and `take_along_axis`'s dist rules would all-gather the [dp, c, V] logits."""
     logits = paddle.matmul(h, weight, transpose_y=transpose_weight).astype("float32")
-    # Autocast off for the statistics: matmul is on the O2 white list and would run these row sums in bf16.
-    with paddle.amp.auto_cast(enable=False):
+    # Autocast off for the statistics: matmul is on the O2 white list and would run these row sums in bf16; and
+    # no TF32 for them on a GPU (N3), which would round the logits the row sums read.
+    with paddle.amp.auto_cast(enable=False), exact_fp32_matmuls():
         return _chunk_statistics(logits, h, weight, targets, scale, transpose_weight, need)
 
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from network.generation import SAMPLING_KEYS, CheckpointGenerationDefaults, Gene
 from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-from network.processor import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, Qwen2VLProcessor
+from network.processor import Qwen2VLProcessor
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 # Set for tensor-parallel workers: where rank 0 writes what a single process prints to stdout.
@@ -68,19 +69,20 @@ class Answer:
 def render_prompt(processor: Qwen2VLProcessor, prompt: str, num_images: int, num_videos: int,
                   system: str | None = None) -> str:
     """Chat-template text ending with the assistant turn, one vision span per image/video (the training format)."""
-    spans = {IMAGE_PLACEHOLDER: VISION_START + IMAGE_TOKEN + VISION_END,
-             VIDEO_PLACEHOLDER: VISION_START + VIDEO_TOKEN + VISION_END}
     counts = {IMAGE_PLACEHOLDER: num_images, VIDEO_PLACEHOLDER: num_videos}
-    if any(p in prompt for p in spans):
+    kinds = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+    if any(p in prompt for p in kinds):
         for placeholder, n in counts.items():
             if prompt.count(placeholder) != n:
                 raise InferError(f"prompt has {prompt.count(placeholder)} {placeholder} placeholders "
                                  f"but {n} files were given")
-            prompt = prompt.replace(placeholder, spans[placeholder])
+        pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", prompt)
     else:
-        prompt = spans[IMAGE_PLACEHOLDER] * num_images + spans[VIDEO_PLACEHOLDER] * num_videos + prompt
+        pieces = [IMAGE_PLACEHOLDER] * num_images + [VIDEO_PLACEHOLDER] * num_videos + [prompt]
+    # vision spans as content items: the template writes their control tokens, the prompt text stays text (M4)
+    content = [{"type": kinds[p]} if p in kinds else {"type": "text", "text": p} for p in pieces if p]
     messages = ([{"role": "system", "content": system}] if system is not None else [])
-    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "user", "content": content})
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -275,7 +277,9 @@ def check_model_args(model: str, tensor_parallel_degree: int, lora_dir: str | No
             raise InferError(f"--lora {lora_dir}: not an adapter directory (no {', '.join(missing)})")
     if tensor_parallel_degree < 1:
         raise InferError("--tensor_parallel_degree must be >= 1")
-    if dtype == "bfloat16" and not bf16_supported():
+    # The parent of a tensor-parallel run only starts the ranks, which run this check themselves: reading the
+    # device here would create a CUDA context on GPU 0 beside rank 0's.
+    if dtype == "bfloat16" and not relaunch_needed(tensor_parallel_degree) and not bf16_supported():
         raise InferError("--dtype bfloat16 needs a GPU with bf16 kernels (compute capability >= 8.0); "
                          "this device has none: use --dtype float32")
     if tensor_parallel_degree > 1:

@@ -13,19 +13,21 @@ Kernels. On a GPU with flash attention (sm80+) and half-precision q/k/v: varlen 
 segments, causal `flash_attention` without any mask when nothing is padded (training batches are right-padded,
 and causality alone keeps every real token away from the padding after it, so the decoder is called without a
 mask there), and for left-padded generation SDPA with an additive mask of the dtype's most negative finite value
-(a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). Everywhere else the exact
-fp32 math path, which handles segments (images, frames, the samples of packed text rows) separately (one
-[heads, P, P] score block for all images at once would be the sum of all images' patches squared).
+(a fully masked padding row stays finite, unlike a boolean mask that becomes -inf). fp32 text prefill on a GPU
+(plain tensors): SDPA, whose memory-efficient backend takes fp32. Everywhere else the exact fp32 math path,
+which handles segments (images, frames, the samples of packed text rows) separately (one [heads, P, P] score
+block for all images at once would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from network.device import flash_attention_supported
+from network.device import flash_attention_supported, on_gpu
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,9 @@ class Segments:
 
     bounds: np.ndarray  # int [n + 1], 0 first, total last
 
-    @property
+    @cached_property
     def cu_seqlens(self) -> paddle.Tensor:
+        # Uploaded once and shared by every ViT block of the forward (each upload is a host->device copy).
         return paddle.to_tensor(self.bounds.astype(np.int32))
 
     @property
@@ -60,10 +63,24 @@ class PackedRows:
             self._bounds = packed_cu_seqlens(self.ids.numpy())
         return self._bounds
 
+    @cached_property
+    def cu_seqlens(self) -> paddle.Tensor:
+        """`bounds`' cu_seqlens as the int32 device tensor varlen kernels take, uploaded once per forward."""
+        return paddle.to_tensor(self.bounds[0])
+
 
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
     # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
     return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
+
+
+def _use_fp32_sdpa(q: paddle.Tensor, causal: bool) -> bool:
+    """fp32 causal text attention over several queries (prefill) on a GPU: SDPA, whose memory-efficient backend
+    takes fp32 (Paddle 3.3.1 sdpa.py) and never holds the [batch, heads, q_len, kv_len] fp32 scores of the math
+    path. Decoding (one query) stays on the math path: its scores are one row, and SDPA would repeat the cached
+    k/v to the query heads. Not for distributed tensors: that kernel has no sharding rule in Paddle 3.3.1, so
+    every rank would receive the replicated inputs."""
+    return q.dtype == paddle.float32 and causal and q.shape[1] > 1 and not q.is_dist() and on_gpu()
 
 
 def attention(
@@ -98,6 +115,8 @@ def attention(
         return _segment_attention(q, k, v, segments.bounds.astype(np.int64))
     if packed is not None and not q.is_dist():
         return _packed_rows_attention(q, k, v, packed)
+    if packed is None and segment_ids is None and _use_fp32_sdpa(q, causal):
+        return _fp32_sdpa_attention(q, k, v, attention_mask)
     return _math_attention(q, k, v, causal, attention_mask, packed.ids if packed is not None else segment_ids)
 
 
@@ -263,6 +282,15 @@ def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
     return F.scaled_dot_product_attention(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]), attn_mask=mask)
 
 
+def _fp32_sdpa_attention(q, k, v, attention_mask) -> paddle.Tensor:
+    """Causal fp32 prefill through SDPA (see `_use_fp32_sdpa`; SDPA takes GQA k/v as they are)."""
+    if attention_mask is None and q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # Left padding or cached keys: causality and padding as one additive mask (SDPA's is_causal aligns top-left).
+    mask = additive_mask(q.shape[1], k.shape[1], True, attention_mask, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def packed_cu_seqlens(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
     """int32 boundaries [n + 1] of the runs of equal ids in `segment_ids` [batch, seq] flattened row-major (a
     new run also starts at every row start), and the longest run: the varlen layout of packed rows."""
@@ -281,8 +309,7 @@ def _gpu_packed_attention(q, k, v, packed: PackedRows) -> paddle.Tensor:
 
     k, v = kv_for_kernel(q, k, v)
     b, s = q.shape[0], q.shape[1]
-    cu, longest = packed.bounds
-    cu = paddle.to_tensor(cu, place=q.place)
+    cu, longest = packed.cu_seqlens, packed.bounds[1]
     flat = [x.reshape([b * s, x.shape[2], x.shape[3]]) for x in (q, k, v)]
     out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=True)
     return out.reshape([b, s, q.shape[2], q.shape[3]])

@@ -21,7 +21,8 @@ vocab-parallel one (only [chunk]-sized statistics cross "mp").
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import paddle
 import paddle.nn.functional as F
@@ -35,6 +36,23 @@ TINY_PROB = 1e-25
 # (hidden rows [..., c, H], weight, targets [..., c] clipped into [0, V), per-row scale [..., c] (0 = ignored
 #  row), transpose_weight, need (d hidden, d weight)) -> (sum of scale * loss, d hidden or None, d weight or None)
 ChunkRule = Callable[..., tuple]
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls inside run in full fp32 on a GPU: a CUDA build of Paddle lets cuBLAS use TF32 tensor cores
+    for fp32 GEMMs by default (inputs rounded to 10-bit mantissas on Ampere and newer). The switch is
+    process-wide, so it is restored on exit. Builds without cuBLAS may not have it (nothing to switch then)."""
+    core = paddle.base.core
+    if not hasattr(core, "set_cublas_switch"):
+        yield
+        return
+    saved = core.get_cublas_switch()
+    core.set_cublas_switch(False)
+    try:
+        yield
+    finally:
+        core.set_cublas_switch(saved)
 
 
 def dense_chunk(h, weight, targets, scale, transpose_weight, need):

@@ -7,6 +7,7 @@ the model directly gets it as well as the CLI, whose workers inherit the environ
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 
@@ -21,11 +22,17 @@ def _amd_cpu() -> bool:
 def prefer_mkl_avx2() -> bool:
     """Set MKL_DEBUG_CPU_TYPE=5 on an AMD CPU with Paddle's CPU build; never overrides a value the user set.
     Returns whether it set the variable."""
-    if "MKL_DEBUG_CPU_TYPE" in os.environ or not _amd_cpu():
-        return False
-    import paddle
-
-    if paddle.is_compiled_with_cuda():
+    if "MKL_DEBUG_CPU_TYPE" in os.environ or not _amd_cpu() or not _paddle_cpu_wheel():
         return False
     os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    return True
+
+
+def _paddle_cpu_wheel() -> bool:
+    """Whether the installed Paddle is the CPU wheel, read from package metadata: importing paddle here would make
+    every `import network` (and the paddle-free plan modules that read its config) load all of Paddle."""
+    try:
+        importlib.metadata.version("paddlepaddle")
+    except importlib.metadata.PackageNotFoundError:
+        return False
     return True

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from paddle.amp.auto_cast import amp_global_state
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, shard_batch, supervised_tokens
@@ -31,6 +32,7 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dis
 from autoparallel.engine.metrics import MetricsLogger
 from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
+from autoparallel.planning.memory import O2_WHITE_LIST
 from autoparallel.planning.memory_report import memory_report, render_memory_report
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.parallelize import parallelize
@@ -48,6 +50,7 @@ from network.process_memory import peak_rss_bytes
 from network.processor import Qwen2VLProcessor
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import video_tokens_per_second
+from placements.qwen2_vl import Trainable
 
 
 class NonFiniteError(RuntimeError):
@@ -106,6 +109,39 @@ def apply_recompute(model: Qwen2VLForConditionalGeneration, decoder: bool = True
         layer.forward = functools.partial(recompute, layer.forward, use_reentrant=False)
 
 
+def distribute(model: paddle.nn.Layer, optimizer: paddle.optimizer.AdamW, cfg: RunConfig, mesh: dist.ProcessMesh,
+               stage: Optional[Stage], trainable: Trainable) -> tuple[paddle.nn.Layer, paddle.optimizer.Optimizer]:
+    """bf16 O2 decoration (GPU only, see README), then `dist.parallelize` (of this rank's pipeline stage, if any).
+
+    The weights are bf16 already (param_dtype; lazy ones stay lazy). master_grad: fp32 gradients (`main_grad` or
+    an fp32 `.grad`, read by autoparallel.gradients), as PaddleMIX trains. `decorate` must come first:
+    ShardingStage2/3 install their own master-grad hooks on the live parameters when the optimizer is sharded,
+    and only if master_grad is on by then. Under stage 0/1 Paddle's end-of-backward hook casts the gradients of
+    the parameters `decorate` saw, which `dist.parallelize` replaces with new (dist) objects: the hook is pointed
+    at the live ones afterwards, or it would cast nothing (the stale tensors never get a gradient)."""
+    degrees = cfg.parallel.degrees()
+    bf16 = use_bf16(cfg)
+    if bf16:
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype="bfloat16",
+                                               master_weight=True, master_grad=cfg.model.amp_master_grad)
+    if stage is not None:
+        model, optimizer, _ = parallelize_stage(model, optimizer, stage, degrees, trainable=trainable)
+    else:
+        model, optimizer = parallelize(model, optimizer, mesh, degrees, trainable=trainable)
+    if bf16 and cfg.model.amp_master_grad:
+        master_grads_on_live_parameters(model)
+    return model, optimizer
+
+
+def master_grads_on_live_parameters(model: paddle.nn.Layer) -> None:
+    """Point Paddle's master-grad state (`amp_global_state().model_parameters`, read by auto_cast's
+    `master_grad_hook`) at `model`'s trainable parameters, and drop its per-mesh grouping of the old ones."""
+    state = amp_global_state()
+    state.model_parameters[:] = [p for p in model.parameters() if not p.stop_gradient]
+    state.mesh2params.clear()
+    state.already_classify_params_meshes = False
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.command, self.cfg = cfg.command, cfg
@@ -149,18 +185,8 @@ class Trainer:
         if cfg.model.recompute or recompute_vit:
             apply_recompute(self.model, decoder=cfg.model.recompute, vit=recompute_vit)
         optimizer, self.schedule = build_optimizer(self.model, cfg, self.total_steps)
-        if use_bf16(cfg):  # GPU only (see README); the weights are bf16 already (param_dtype), lazy ones stay lazy
-            # master_grad: fp32 gradients (`main_grad`, read by autoparallel.gradients), as PaddleMIX trains.
-            self.model, optimizer = paddle.amp.decorate(models=self.model, optimizers=optimizer, level="O2",
-                                                        dtype="bfloat16", master_weight=True,
-                                                        master_grad=cfg.model.amp_master_grad)
         self.clip_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else None
-        if self.stage is not None:
-            self.model, self.optimizer, _ = parallelize_stage(
-                self.model, optimizer, self.stage, self.degrees, trainable=self.trainable)
-        else:
-            self.model, self.optimizer = parallelize(self.model, optimizer, self.mesh, self.degrees,
-                                                     trainable=self.trainable)
+        self.model, self.optimizer = distribute(self.model, optimizer, cfg, self.mesh, self.stage, self.trainable)
         self.load_weights()
         scales = apply_module_learning_rates(self.model, cfg.train)
         if scales:
@@ -183,7 +209,10 @@ class Trainer:
                 f"{render_report(planned, collectives, options)}\n")
 
     def autocast(self):
-        return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16")
+        """bf16 O2 around every forward (pipeline stages included); the embedding lookup white-listed (N9, see
+        `O2_WHITE_LIST`): a bf16 residual stream, as PaddleMIX trains and the planner counts."""
+        return paddle.amp.auto_cast(enable=use_bf16(self.cfg), level="O2", dtype="bfloat16",
+                                    custom_white_list=set(O2_WHITE_LIST))
 
     def prepare_model(self) -> None:
         """Hook for variants (LoRA) to change the plain model before it is parallelized."""

@@ -39,6 +39,18 @@ from placements.qwen2_vl import (FROZEN_VISION, ParamLayout, Trainable, layout, 
                                   pipeline_layer_split)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Ops bf16 O2 autocast runs in half precision beyond Paddle's lists (the trainer's autocast passes them, as
+# PaddleMIX's trainer does): Paddle keeps the embedding lookup in fp32 (amp_lists EXTRA_BLACK_LIST), which
+# would make the embedding output, and with it the whole residual stream, fp32.
+O2_WHITE_LIST = frozenset({"lookup_table", "lookup_table_v2"})
+
+
+def residual_dtype(param_dtype: str) -> str:
+    """The decoder's residual stream (each layer's input: what recompute keeps, what a pipeline stage sends on):
+    the embedding output, in the weights' dtype under O2 only while its lookup is on `O2_WHITE_LIST`."""
+    return param_dtype if param_dtype == "float32" or "lookup_table_v2" in O2_WHITE_LIST else "float32"
+
+
 GiB = 2**30
 # Paddle 3.3.1, tied embeddings: the embedding's weight gradient (lookup + tied head) arrives already
 # all-reduced (Replicate over "dp") and ShardingStage2's gradient hook only shards Partial gradients, so at
@@ -320,6 +332,7 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     first, last, layers = stage == 0, stage == setup.pp - 1, len(setup.stage_split()[stage])
     alive = wl.gradient_accumulation_steps if setup.pp > 1 else 1
     sp = d.sequence_parallel and d.mp > 1
+    residual = DTYPE_BYTES[residual_dtype(setup.dtype)]
     norms, rest, layer_workspace = _decoder_layer_saved(setup, w)
     layer = norms + rest
 
@@ -336,7 +349,7 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
     head_backward = 3 * k * w.vocab * 4 + w.vocab * w.h * e  # CE gradients; the head's weight-gradient temp
     # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
-    boundary = t * w.h * e if setup.pp > 1 and not last else 0
+    boundary = t * w.h * residual if setup.pp > 1 and not last else 0
 
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     if setup.flash_attention:
@@ -362,7 +375,8 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
     if wl.recompute:
-        decoder = [Term(f"decoder x{layers} (recompute: layer inputs)", layers * t * w.h * e // (d.mp if sp else 1),
+        decoder = [Term(f"decoder x{layers} (recompute: layer inputs)",
+                        layers * t * w.h * residual // (d.mp if sp else 1),
                         f"{layer / 2**20:.1f} MiB per layer recomputed{sharded}")]
     else:
         decoder = [Term(f"decoder RMSNorm activations x{layers}", layers * norms, f"2 norms per layer{sharded}"),

@@ -99,7 +99,7 @@ def server(setup):
     root, _ = setup
     srv = Server(root / "tiny", root / "serve.log", "--max_tokens", str(MAX_TOKENS), "--max_images", "2",
                  "--max_image_pixels", str(MAX_IMAGE_PIXELS), "--max_body_mb", "0.25",
-                 "--max_model_len", str(MAX_MODEL_LEN), "--batch_wait_ms", "50")
+                 "--max_model_len", str(MAX_MODEL_LEN), "--batch_wait_ms", "50", "--media_dir", str(root))
     yield srv
     srv.close()
 
@@ -272,7 +272,7 @@ def test_tensor_parallel_server_answers_like_one_process(setup, server):
     q = questions[5]
     content = [_image_part(q["images"][0]), {"type": "text", "text": "What colour is it?"}]
     tp = Server(root / "tiny", root / "serve_tp.log", "--tensor_parallel_degree", "2", "--log_dir",
-                str(root / "tp_logs"), "--max_tokens", str(MAX_TOKENS))
+                str(root / "tp_logs"), "--max_tokens", str(MAX_TOKENS), "--media_dir", str(root))
     try:
         answers = [tp.client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": content}], temperature=0).choices[0].message.content

@@ -22,6 +22,7 @@ from autoparallel.engine import checkpoint
 from autoparallel.gradients import gradient
 from autoparallel.step import clip_gradients_, global_grad_norm
 from network.attention import Segments, additive_mask, attention, kv_for_kernel
+from placements.degrees import ParallelDegrees
 from network.modeling_qwen2_vl import Qwen2RMSNorm, apply_rotary
 
 
@@ -348,3 +349,292 @@ def test_cpu_compat_is_keyed_on_the_current_place(monkeypatch):
     assert cpu_compat.runs_on_cpu()
     monkeypatch.setattr(paddle.framework, "_current_expected_place_", lambda: object())  # any non-CPU place
     assert not cpu_compat.runs_on_cpu()
+
+
+# ---- issue 28, round 2 ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def amp_state():
+    """Paddle's process-wide AMP state (master-grad list, hook flags), restored afterwards."""
+    from paddle.amp.auto_cast import amp_global_state
+
+    state = amp_global_state()
+    saved = (state.use_master_grad, list(state.model_parameters), state.already_register_final_backward_hook,
+             state.already_classify_params_meshes, dict(state.mesh2params))
+    yield state
+    (state.use_master_grad, params, state.already_register_final_backward_hook,
+     state.already_classify_params_meshes, mesh2params) = saved
+    state.model_parameters[:] = params
+    state.mesh2params.clear()
+    state.mesh2params.update(mesh2params)
+
+
+class _GpuPlace:
+    """A place that says it is a GPU: what `paddle.amp.decorate` checks before doing anything."""
+
+    def is_gpu_place(self):
+        return True
+
+    def is_xpu_place(self):
+        return False
+
+    def is_custom_place(self):
+        return False
+
+
+class _TracerOnGpu:
+    """Paddle's tracer, except that its place says GPU (reads and writes go to the real tracer)."""
+
+    def __init__(self, tracer):
+        object.__setattr__(self, "_tracer", tracer)
+
+    def __getattr__(self, name):
+        return _GpuPlace() if name == "_expected_place" else getattr(self._tracer, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._tracer, name, value)
+
+
+@pytest.fixture
+def amp_on_gpu(monkeypatch):
+    """`paddle.amp.decorate` / `auto_cast` past their place checks: they see a bf16-capable GPU place, so their
+    whole logic runs (on CPU the casts apply to distributed tensors, which Paddle's AMP treats as on a device)."""
+    import sys
+
+    auto_cast_mod = sys.modules["paddle.amp.auto_cast"]  # `paddle.amp.auto_cast` is the function of that module
+    monkeypatch.setattr(auto_cast_mod, "_dygraph_tracer", lambda: _TracerOnGpu(paddle.base.framework._dygraph_tracer()))
+    monkeypatch.setattr(auto_cast_mod, "_is_gpu_bfloat16_supported", lambda: True)
+
+
+@pytest.mark.parametrize("sharding", ["", "stage1"])
+def test_n2_master_grads_reach_the_live_parallelized_parameters(monkeypatch, amp_state, amp_on_gpu, sharding):
+    """N2: under ZeRO stage 0/1 `amp_master_grad` casts the gradients of the parameters the model trains with.
+
+    The trainer's real `distribute` runs `paddle.amp.decorate(master_grad=True)` (its CPU early return bypassed by
+    a tracer whose place says GPU, so decorate casts the weights to bf16 and registers the master-grad list) and
+    `dist.parallelize`, which replaces every parameter object. A backward under `auto_cast` (which registers
+    Paddle's own end-of-backward `master_grad_hook`, also on CPU) must leave an fp32 gradient on the live bf16
+    dist parameter. Before the fix the hook cast the stale tensors' (absent) gradients and the live one stayed bf16.
+    What this cannot show: the bf16 forward kernels (the loss here is an fp32 cast of one parameter)."""
+    from autoparallel.config import RunConfig
+    from autoparallel.engine import trainer as trainer_mod
+    from parallel_cases import build_model, tiny_config
+
+    cfg = RunConfig.build("sft", [("test", {"amp_master_grad": "true", "bf16": "true", "sharding": sharding})])
+    monkeypatch.setattr(trainer_mod, "use_bf16", lambda _cfg: True)
+    cpu_compat.apply()
+    model = build_model(tiny_config())
+    optimizer = paddle.optimizer.AdamW(parameters=model.parameters(), multi_precision=True)
+    mesh = dist.ProcessMesh([[0]], dim_names=["dp", "mp"])  # ZeRO-1 over a one-rank "dp" (no degree check)
+    model, _ = trainer_mod.distribute(model, optimizer, cfg, mesh, None, cfg.model.trainable())
+    monkeypatch.undo()  # the rest runs on the plain CPU tracer
+
+    live = [p for p in model.parameters() if not p.stop_gradient]
+    assert amp_state.use_master_grad
+    assert {id(p) for p in amp_state.model_parameters} == {id(p) for p in live}
+    weight = model.model.embed_tokens.weight
+    assert weight.is_dist() and weight.dtype == paddle.bfloat16
+    with paddle.amp.auto_cast(enable=True, level="O2", dtype="bfloat16"):  # registers master_grad_hook
+        loss = (weight.astype("float32") ** 2).sum()
+    loss.backward()
+    grad = gradient(weight)
+    assert grad.dtype == paddle.float32
+    np.testing.assert_allclose(grad._local_value().numpy(), 2 * weight.astype("float32")._local_value().numpy(),
+                               rtol=1e-6)
+
+
+def test_n3_loss_statistics_run_without_tf32_and_restore_the_switch(monkeypatch):
+    """N3: the fp32 row sums of the loss statistics run with cuBLAS's TF32 switch off (Paddle turns it on by
+    default on a CUDA build); the logits matmul before them keeps the switch as it was, and so does everything
+    after. The switch is spied on (on the CPU build it changes nothing): this proves the switching, not cuBLAS."""
+    switch = {"tf32": True}
+    monkeypatch.setattr(core, "get_cublas_switch", lambda: switch["tf32"])
+    monkeypatch.setattr(core, "set_cublas_switch", lambda on: switch.update(tf32=on))
+    seen = []
+    original = paddle.matmul
+    monkeypatch.setattr(forward_mod.paddle, "matmul", lambda *a, **k: seen.append(switch["tf32"]) or original(*a, **k))
+    hidden, weight = paddle.randn([5, 8]), paddle.randn([8, 40])
+    targets = paddle.to_tensor([1, 2, 3, 4, 5])
+    loss, _, d_weight = forward_mod.vocab_parallel_chunk(hidden, weight, targets, paddle.ones([5]), False,
+                                                         (False, True))
+    assert seen[0] is True and len(seen) > 2 and not any(seen[1:])
+    assert switch["tf32"] is True  # restored
+    logits = original(hidden, weight)
+    expected = float((paddle.logsumexp(logits, axis=-1) - logits[paddle.arange(5), targets]).sum())
+    assert abs(float(loss) - expected) < 1e-4 and d_weight.shape == [8, 40]
+
+
+def test_n9_training_autocast_keeps_the_embedding_output_bf16(monkeypatch, amp_on_gpu):
+    """N9: the trainer's O2 autocast (also around pipeline stages) white-lists the embedding lookup, as PaddleMIX's
+    trainer does, so the residual stream is bf16; Paddle's own O2 lists keep the lookup fp32. Runs Paddle's real
+    `auto_cast` (place check bypassed) on a distributed bf16 embedding weight, for which Paddle's AMP casts on CPU."""
+    from autoparallel.config import RunConfig
+    from autoparallel.engine import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "use_bf16", lambda _cfg: True)
+    trainer = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    trainer.cfg = RunConfig.build("sft", [("test", {"bf16": "true"})])
+    mesh = dist.ProcessMesh([0], dim_names=["dp"])
+    weight = dist.shard_tensor(_bf16(paddle.randn([10, 4])), mesh, [dist.Replicate()])
+    ids = dist.shard_tensor(paddle.to_tensor([[1, 2, 3]]), mesh, [dist.Replicate()])
+    with paddle.amp.auto_cast(enable=True, level="O2", dtype="bfloat16"):
+        assert F.embedding(ids, weight).dtype == paddle.float32  # Paddle's default O2 lists: an fp32 residual
+    with trainer.autocast():
+        white_list, _ = paddle.base.framework._dygraph_tracer()._get_amp_op_list()
+        out = F.embedding(ids, weight)
+    assert "lookup_table_v2" in white_list and out.dtype == paddle.bfloat16
+    np.testing.assert_array_equal(out._local_value().numpy(), weight._local_value().numpy()[[1, 2, 3]][None])
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_n9_planner_counts_layer_inputs_and_stage_outputs_in_the_residual_dtype(monkeypatch, pp):
+    """N9: recompute's kept layer inputs and a pipeline stage's kept output are the residual stream: bf16 bytes under
+    O2 with the lookup white-listed (what the trainer runs), fp32 bytes if it were not."""
+    from autoparallel.planning import memory
+    from parallel_cases import tiny_config
+
+    config = tiny_config()
+    setup = memory.PlanSetup(config, ParallelDegrees(pipeline_parallel_degree=pp),
+                             memory.Workload(2, 64, recompute=True), dtype="bfloat16")
+
+    def residual_terms() -> list[int]:
+        saved = memory.activation_estimate(setup, 0).saved
+        return [x.bytes for x in saved if "recompute: layer inputs" in x.name or x.name.startswith("stage output")]
+
+    layers = len(setup.stage_split()[0])
+    tokens_x_hidden = 2 * 64 * config.hidden_size
+    expected = [layers * tokens_x_hidden] + ([tokens_x_hidden] if pp > 1 else [])
+    assert residual_terms() == [2 * x for x in expected]
+    monkeypatch.setattr(memory, "O2_WHITE_LIST", frozenset())
+    assert residual_terms() == [4 * x for x in expected]
+
+
+def _count_int32_uploads(monkeypatch) -> list[int]:
+    """Every int32 tensor network.attention creates from host data (cu_seqlens uploads on a GPU)."""
+    uploads, original = [], paddle.to_tensor
+
+    def counting(data, *args, **kwargs):
+        out = original(data, *args, **kwargs)
+        if out.dtype == paddle.int32:
+            uploads.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(attention_mod.paddle, "to_tensor", counting)
+    return uploads
+
+
+def test_cu_seqlens_are_uploaded_once_per_forward(gpu_kernels, monkeypatch):
+    """Smaller finding (a): the int32 cu_seqlens reach the device once per forward, not once per ViT block
+    (`Segments`) or decoder layer (`PackedRows`); every layer gets the same bounds."""
+    uploads = _count_int32_uploads(monkeypatch)
+    segments = Segments(np.array([0, 8, 12, 16]))
+    q, k, v = (_bf16(x[:1]) for x in _qkv(s=16, kv_heads=4))
+    for _block in range(3):
+        attention(q, k, v, causal=False, segments=segments)
+    assert uploads == [4]
+    packed = attention_mod.PackedRows(paddle.to_tensor(np.array([[0, 0, 0, 1, 1, -1, -1, -1]])))
+    q, k, v = (_bf16(x[:1]) for x in _qkv(s=8))
+    for _layer in range(3):
+        attention(q, k, v, causal=True, packed=packed)
+    assert uploads == [4, 4]
+    assert [got["cu"] for kind, got in gpu_kernels.calls] == [[0, 8, 12, 16]] * 3 + [[0, 3, 5, 8]] * 3
+
+
+class _Fp32Sdpa:
+    """Stands in for `F.scaled_dot_product_attention` on fp32: checks the call contract of Paddle 3.3.1's sdpa.py
+    (equal q/k/v dtypes, a mask of q's dtype, not both a mask and is_causal, GQA heads dividing), computes the
+    exact math."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, attn_mask=None, is_causal=False):
+        assert q.dtype == k.dtype == v.dtype == paddle.float32
+        assert attn_mask is None or (attn_mask.dtype == q.dtype and not is_causal)
+        assert q.shape[2] % k.shape[2] == 0 and k.shape[2] == v.shape[2]
+        self.calls.append({"causal": is_causal, "mask": attn_mask is not None, "kv_heads": k.shape[2]})
+        k, v = (attention_mod._repeat_kv(x, q.shape[2]) for x in (k, v))
+        qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
+        scores = paddle.matmul(qt, kt, transpose_y=True) * q.shape[-1] ** -0.5
+        if is_causal:
+            scores = scores + additive_mask(q.shape[1], k.shape[1], True, None, paddle.float32)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
+
+
+def test_fp32_prefill_on_gpu_goes_to_sdpa_not_the_math_path(monkeypatch):
+    """Smaller finding (b): fp32 text prefill on a GPU runs SDPA (its memory-efficient backend takes fp32)
+    instead of materialising [b, heads, S, S] fp32 scores; unpadded prefill as is_causal without a mask,
+    left-padded prefill with an fp32 additive mask; GQA k/v unrepeated. Decoding (one query) and distributed
+    tensors (no sharding rule for that kernel) stay on the math path. Results equal the math path."""
+    sdpa = _Fp32Sdpa()
+    monkeypatch.setattr(attention_mod, "on_gpu", lambda: True)
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", sdpa)
+    math_calls = []
+    original_math = attention_mod._math_attention
+    monkeypatch.setattr(attention_mod, "_math_attention", lambda *a, **kw: math_calls.append(1) or original_math(*a, **kw))
+    q, k, v = _qkv()
+    out = attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out.numpy(), original_math(q, k, v, True, None).numpy(), atol=1e-5)
+    mask = paddle.to_tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    padded = attention(q, k, v, causal=True, attention_mask=mask)
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(padded.numpy()[real], original_math(q, k, v, True, mask).numpy()[real], atol=1e-5)
+    assert sdpa.calls == [{"causal": True, "mask": False, "kv_heads": 2}, {"causal": False, "mask": True, "kv_heads": 2}]
+    assert math_calls == []
+    attention(q[:, -1:], k, v, causal=True)  # a decode step
+    mesh = dist.ProcessMesh([0], dim_names=["mp"])
+    attention(*(dist.shard_tensor(x, mesh, [dist.Replicate()]) for x in (q, k, v)), causal=True)
+    assert len(sdpa.calls) == 2 and len(math_calls) == 2
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_tensor_parallel_parent_does_not_read_the_device(monkeypatch, tmp_path, launched):
+    """Smaller finding (c): the parent of a tensor-parallel `infer`/`serve` (both use `check_model_args`) does not
+    read the device (on a GPU build that creates a CUDA context on GPU 0 beside rank 0's); the ranks check
+    `--dtype bfloat16` themselves, and refuse it on a device without bf16."""
+    from launch import infer as infer_mod
+    from network.config import Qwen2VLConfig
+
+    Qwen2VLConfig.preset("tiny").save_pretrained(str(tmp_path))
+    reads = []
+    monkeypatch.setattr(infer_mod, "bf16_supported", lambda: reads.append(1) or False)
+    if launched:
+        monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+        with pytest.raises(infer_mod.InferError, match="--dtype bfloat16 needs a GPU"):
+            infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16")
+        assert reads == [1]
+    else:
+        monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+        assert infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16") == str(tmp_path)
+        assert reads == []
+
+
+def test_every_rank_lifts_its_pixels_in_the_towers_dtype(monkeypatch):
+    """Smaller finding (d): a trainable ViT's rank with images lifts its fp32 `pixel_values` in the tower's dtype
+    (bf16 under O2), like an image-less rank, so the dist tensor has one dtype on every rank."""
+    lifted = []
+    monkeypatch.setattr(forward_mod, "lift_local", lambda x, mesh, dim: lifted.append(x) or x)
+
+    class Tower:
+        class config:
+            in_channels, temporal_patch_size, patch_size, embed_dim, num_heads = 3, 2, 2, 8, 2
+        patch_embed = type("P", (), {"proj": type("C", (), {"weight": _bf16(paddle.ones([1]))})()})()
+
+        @staticmethod
+        def rotary_cos_sin(grid):
+            return paddle.zeros([4, 4]), paddle.zeros([4, 4])
+
+        @staticmethod
+        def forward_padded(pixels, cos, sin, segments):
+            return pixels
+
+    pixel_values = paddle.randn([4, 24])
+    batch = type("B", (), {"max_patches": 6, "pixel_values": pixel_values, "grid_thw": np.array([[1, 2, 2]]),
+                           "mesh": None})()
+    out = forward_mod.distributed_vision_features(Tower(), batch)
+    assert out.dtype == paddle.bfloat16 and lifted[0] is out and out.shape == [1, 6, 24]
+    np.testing.assert_array_equal(out[0, :4].numpy(), _bf16(pixel_values).numpy())
+    empty = type("B", (), {"max_patches": 6, "pixel_values": None, "mesh": None})()
+    assert forward_mod.distributed_vision_features(Tower(), empty).dtype == paddle.bfloat16

@@ -82,7 +82,8 @@ def test_padded_vit_rows_equal_the_packed_tower():
     out = tower.forward_padded(*(paddle.stack(x) for x in inputs)).numpy()
     for row, ref in enumerate(expected):
         if ref is not None:
-            np.testing.assert_array_equal(out[row, :len(ref)], ref)
+            # Not bitwise: the padded batch changes the sgemm shapes, so MKL may block (and round) differently.
+            np.testing.assert_allclose(out[row, :len(ref)], ref, rtol=1e-5, atol=1e-5)
     assert np.isfinite(out).all()
 
 
