@@ -15,7 +15,8 @@ a CPU context of at most CPU_MAX_MODEL_LEN tokens, a body-read deadline, uvicorn
 media pool with a per-request deadline.
 
 Tensor parallel: the command relaunches itself under `paddle.distributed.launch`; every rank loads its shard of
-the model, rank 0 also runs the HTTP server and sends each batch (and each step's stopped rows) to the others.
+the model, rank 0 also runs the HTTP server and sends every call on its running batch (start, join, step, which
+rows leave) to the others.
 A signal to this parent process goes to rank 0, which drains and then releases the other ranks.
 """
 from __future__ import annotations
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batching")
     g.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together")
     g.add_argument("--batch_wait_ms", type=float, default=10.0, help="how long the first request waits for others")
+    g.add_argument("--max_batch_tokens", type=int, help="padded prompt tokens (rows x longest prompt) one prefill "
+                                                        "may hold; more wait for the next (default: 16384)")
+    g.add_argument("--static_batching", action="store_true",
+                   help="new requests wait until the running batch is done (default: they join it between steps)")
     g = p.add_argument_group("defaults for requests that leave a setting out")
     g.add_argument("--max_tokens", type=int,
                    help="completion tokens (default: --max_tokens_limit, or the room left in the context)")
@@ -105,7 +110,8 @@ def _check_args(args: argparse.Namespace) -> None:
                 "max_tokens_limit", "body_timeout", "max_connections", "keep_alive_timeout", "media_workers",
                 "media_timeout")
     bad = [f"--{k}" for k in positive if getattr(args, k) <= 0]
-    bad += ["--max_tokens"] if args.max_tokens is not None and args.max_tokens < 1 else []
+    bad += [f"--{k}" for k in ("max_tokens", "max_batch_tokens")
+            if getattr(args, k) is not None and getattr(args, k) < 1]
     bad += [f"--{k}" for k in ("max_videos", "media_queue") if getattr(args, k) < 0]
     if bad:
         raise InferError(f"{', '.join(bad)} must be > 0 (--max_videos, --media_queue >= 0)")
@@ -171,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from launch.serving.app import ServerSettings, create_app
-    from launch.serving.batcher import Batcher, RankSync, follow_rank0
+    from launch.serving.batcher import DEFAULT_MAX_BATCH_TOKENS, Batcher, RankSync, follow_rank0
     from launch.serving.messages import MediaLimits
     from network.generation import GenerationConfig
 
@@ -199,7 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
         defaults=defaults)
     limits.context_tokens = settings.max_model_len  # over-long prompts are refused from media headers
     batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,
-                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None)
+                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None,
+                      args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, not args.static_batching)
     app = create_app(batcher, processor, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout, limit_concurrency=args.max_connections,

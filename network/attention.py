@@ -155,8 +155,38 @@ def _segment_attention(q, k, v, cu: np.ndarray) -> paddle.Tensor:
     return paddle.gather(paddle.concat(outs), order)[None]
 
 
+# Score elements (fp32) one block of query rows may hold at once. Softmax rows are independent, so computing
+# the queries in blocks is exact and bounds the score maps (scores, mask, probabilities) to O(block * kv_len)
+# instead of O(q_len * kv_len): without it one long prompt (or a large image) needs tens of GB on CPU.
+SCORE_BLOCK_ELEMENTS = 1 << 24
+MIN_BLOCK_ROWS = 16  # below this, per-block overhead outweighs the memory it saves
+
+
 def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle.Tensor:
-    """Exact reference math: fp32 scores and softmax, masked by a boolean [batch, 1, q_len, kv_len] map.
+    """Exact reference math in blocks of query rows, each block's score map at most SCORE_BLOCK_ELEMENTS.
+
+    A causal block reads only the keys up to its last query (later ones are masked anyway), so a long causal
+    prefill also does about half the work. A query with no allowed key at all (left padding) averages the
+    values of the keys its block reads; such outputs are never read (they are padding)."""
+    b, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    rows = max(MIN_BLOCK_ROWS, SCORE_BLOCK_ELEMENTS // max(b * heads * kv_len, 1))
+    if q_len <= rows:
+        return _dense_attention(q, k, v, causal, attention_mask, segment_ids, segment_ids)
+    outs = []
+    for start in range(0, q_len, rows):
+        end = min(start + rows, q_len)
+        keys = kv_len - q_len + end if causal else kv_len  # query i sits at position kv_len - q_len + i
+        outs.append(_dense_attention(
+            q[:, start:end], k[:, :keys], v[:, :keys], causal,
+            None if attention_mask is None else attention_mask[:, :keys],
+            None if segment_ids is None else segment_ids[:, :keys],
+            None if segment_ids is None else segment_ids[:, start:end]))
+    return paddle.concat(outs, axis=1)
+
+
+def _dense_attention(q, k, v, causal, attention_mask, segment_ids, query_segment_ids) -> paddle.Tensor:
+    """fp32 scores and softmax over all of q's rows at once, masked by a boolean [batch, 1, q_len, kv_len] map.
 
     GQA on plain tensors without repeating k/v: the query heads sharing a kv head are stacked along the query
     axis, so one matmul per kv head covers the group (repeating would copy the whole KV cache every decode
@@ -171,7 +201,7 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     if kv_heads != heads:
         qt = qt.reshape([b, kv_heads, heads // kv_heads * q_len, head_dim])
     scores = paddle.matmul(qt, kt.astype("float32"), transpose_y=True)
-    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
+    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids, query_segment_ids)
     if allowed is not None:
         # A large finite negative (not -inf) keeps fully masked padding rows finite, as HF does.
         scores = scores.reshape([b, heads, q_len, kv_len])
@@ -184,8 +214,10 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     return out.transpose([0, 2, 1, 3])
 
 
-def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=None) -> paddle.Tensor | None:
-    """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed."""
+def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=None,
+             query_segment_ids=None) -> paddle.Tensor | None:
+    """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed.
+    `query_segment_ids` (default: `segment_ids`) are the queries' ids when they are a block of the keys' rows."""
     allowed = None
     if causal and q_len > 1:  # a single query (decoding) is the newest position: it sees every key
         # Query i sits at position kv_len - q_len + i (cached keys come first).
@@ -194,7 +226,8 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=
         keys = attention_mask.astype("bool")[:, None, None, :]
         allowed = keys if allowed is None else paddle.logical_and(allowed, keys)
     if segment_ids is not None:
-        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        queries = segment_ids if query_segment_ids is None else query_segment_ids
+        same = (queries[:, :, None] == segment_ids[:, None, :])[:, None]
         allowed = same if allowed is None else paddle.logical_and(allowed, same)
     return allowed
 
