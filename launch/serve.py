@@ -36,9 +36,9 @@ from network.log import logger
 # Set for tensor-parallel ranks: the file rank 0 writes its pid to (signals from the parent go there).
 RANK0_PID_ENV = "QWEN2VL_AP_SERVE_PID_FILE"
 API_KEY_ENV = "QWEN2VL_AP_API_KEY"  # the key from the environment keeps it out of `ps` listings
-# CPU prefill attention memory grows with the square of the prompt length, so the checkpoint's context (often
-# 32k tokens) would let one short request exhaust the host's memory; 8192 tokens keeps a batch of long prompts
-# within a workstation's RAM. --max_model_len raises it explicitly.
+# CPU prefill compute grows with the square of the prompt length (attention is blocked, so memory does not), and
+# the KV cache and activations with its length: the checkpoint's context (often 32k tokens) would let one short
+# request hold the one model thread for minutes. --max_model_len raises it explicitly.
 CPU_MAX_MODEL_LEN = 8192
 
 
