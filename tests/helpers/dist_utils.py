@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from launch.launcher import WorkerLaunch, exit_launched, stop
+from launch.launcher import WorkerLaunch, exit_launched, simulate_gpu_if_requested, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,7 @@ def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), t
 def worker_entry(main: Callable[[], None]) -> NoReturn:
     """Worker side, its `__main__`: run `main`, then exit the way the project's launched ranks do
     (`exit_launched`), with Python's own codes (1 and the traceback for an uncaught exception)."""
+    simulate_gpu_if_requested()
     try:
         main()
         code = 0
