@@ -194,9 +194,9 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
                 masked = paddle.logical_or(paddle.logical_and(i >= col[0], i < col[1]),
                                            paddle.logical_and(i >= col[2], i < col[3]))
             allowed = paddle.logical_not(masked)
-            if allowed.shape[1] != query.shape[2]:  # per kv head: the query heads of its group share it
-                allowed = attention_mod._repeat_kv(allowed.transpose([0, 2, 1, 3]), query.shape[2])
-                allowed = allowed.transpose([0, 2, 1, 3])
+            if allowed.shape[1] not in (1, query.shape[2]):  # per kv head: the query heads of its group share it
+                allowed = paddle.repeat_interleave(allowed.astype("int32"), query.shape[2] // allowed.shape[1],
+                                                   axis=1).astype("bool")
     return _math(query, key, value, causal, allowed=allowed, scale=softmax_scale)
 
 
