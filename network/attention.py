@@ -182,8 +182,13 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=
 
 def _repeat_kv(x: paddle.Tensor, heads: int) -> paddle.Tensor:
     # Query head h reads kv head h // (heads / kv_heads), the grouping Qwen2 checkpoints are trained with.
+    # unsqueeze/expand/reshape, not repeat_interleave: these have SPMD rules, so a distributed k/v keeps its
+    # placements (repeat_interleave has none in Paddle 3.3.1 and would all-gather it on every rank, N7).
     groups = heads // x.shape[2]
-    return x if groups == 1 else paddle.repeat_interleave(x, groups, axis=2)
+    if groups == 1:
+        return x
+    b, s, kv_heads, d = x.shape
+    return x.unsqueeze(3).expand([b, s, kv_heads, groups, d]).reshape([b, s, heads, d])
 
 
 def _heads_split(x: paddle.Tensor) -> bool:

@@ -203,3 +203,18 @@ def test_N4_cpu_place_keeps_the_zero_copy():
     array = np.arange(6, dtype=np.float32)
     out = weights_mod.to_paddle(array, paddle.float32)
     assert out.data_ptr() == array.ctypes.data  # DLPack shares the numpy memory on the CPU place
+
+
+def test_N7_replicated_kv_for_head_split_q_keeps_placements(simulated):
+    """mp > kv heads: k/v replicated over "mp" are repeated to q's heads with ops that have SPMD rules; on main
+    repeat_interleave (no SPMD rule) returned Replicate over "dp" too, and the simulated GPU refuses it."""
+    mesh = dist.ProcessMesh([[0]], dim_names=["dp", "mp"])
+    q, k, v = _qkv()
+    qd = dist.shard_tensor(q, mesh, [dist.Shard(0), dist.Shard(2)])
+    kd, vd = (dist.shard_tensor(x, mesh, [dist.Shard(0), dist.Replicate()]) for x in (k, v))
+    k2, _ = attention_mod.kv_for_kernel(qd, kd, vd)
+    assert k2.shape[2] == 4 and str(k2.placements) == "[Shard(dim=0), Replicate()]"
+    np.testing.assert_array_equal(k2._local_value().numpy(), np.repeat(k.numpy(), 2, axis=2))
+    out = attention(qd, kd, vd, causal=True)
+    assert simulated == {"flash_attention": 1}
+    np.testing.assert_allclose(out._local_value().numpy(), _math(q, k, v, True), atol=1e-6)
