@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers, run_workers_ok
+from dist_utils import run_workers, run_workers_ok, simulated_kernels
 from autoparallel.planning.memory import PlanSetup, Workload, state_memory
 from parallel_cases import (_IMAGES, GLOBAL_MICRO_BATCH, LAYOUTS_2, LAYOUTS_4, LR, MERGER_LR, MODES, SCHEDULED,
                             VIT_LR, micro_batches, tiny_config)
@@ -44,6 +44,20 @@ def launched(tmp_path_factory):
             runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()}, "degrees": kw,
                           "params": dict(np.load(out / f"params.{name}.npz")), "mode": mode}
     return runs
+
+
+# The same layouts on the simulated GPU (network/simulated_gpu.py): every CUDA-only attention branch, through
+# reference kernels that check the real kernels' input contracts, in one 2-process launch.
+SIMULATED = ["dp2", "mp2", "sharding1", "sharding2", "dp2_vit"]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simulated")
+    run = run_workers_ok(WORKER, 2, out, ["--layouts", ",".join(SIMULATED)], timeout=1800, simulate_gpu=True)
+    runs = {name: {"ranks": {r: res[name] for r, res in run.results.items()},
+                   "params": dict(np.load(out / f"params.{name}.npz"))} for name in SIMULATED}
+    return runs, simulated_kernels(out)
 
 
 ALL = [name for name, _, _ in LAYOUTS_2 + LAYOUTS_4]
@@ -90,6 +104,24 @@ def test_loss_and_params_match_single_process(name, launched, reference):
     trained_parts = {model_part(k) for k in run["params"]}
     assert trained_parts == {"frozen": {"llm"}, "train_merger": {"llm", "merger"}, "vit": {"llm", "merger", "vit"},
                              "vit_only": {"vit"}}[run["mode"]]
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_simulated_gpu_layout_trains_like_the_plain_run(name, simulated, launched, reference):
+    """Flash attention for the decoder, varlen flash for frozen ViT frames, SDPA with a block-diagonal mask for the
+    trainable ViT's padded rows: the losses of one process, the weights of the plain launch of the layout."""
+    runs, kernels = simulated
+    assert kernels["flash_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, kernels
+    assert kernels["scaled_dot_product_attention"] > 0, kernels  # dp2_vit
+    ref = reference[launched[name]["mode"]]
+    for rank, res in runs[name]["ranks"].items():
+        np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
+    plain = launched[name]["params"]
+    assert set(runs[name]["params"]) == set(plain)
+    for key, value in runs[name]["params"].items():
+        err = np.linalg.norm(value - plain[key]) / np.linalg.norm(plain[key])
+        # Biases whose gradient is ~0 (see test_loss_and_params_match_single_process): Adam scales up noise.
+        assert err < (1e-3 if key.endswith("bias") else 1e-5), f"{name} {key}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("name", VIT)
