@@ -233,7 +233,7 @@ def test_simulated_gpu_bf16_answers_equal_fp32(setup, capsys, tmp_path):
     assert calls == {"flash_attention": 2 * int(MAX_NEW), "flash_attn_unpadded": 2}
 
     requests = [{"id": "short", "prompt": "Hi."}, {"id": "long", "prompt": "What colour is it?",
-                                                    "images": ["media/img1.png"]}]
+                                                    "images": [str(setup / "media/img1.png")]}]
     (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in requests) + "\n")
     code, _, err = _run(capsys, "--model", setup / "st", "--input", tmp_path / "requests.jsonl", "--output",
                         tmp_path / "plain.jsonl", "--max_new_tokens", MAX_NEW, "--batch_size", 2)
