@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from cli_runs import REPO
+from dist_utils import console_kernels
 from tiny_model import save_tiny_model
 
 import launch.evaluate_answers as evaluate_answers
@@ -206,12 +207,6 @@ def test_every_written_layout_loads_in_infer_and_inspect(setup, tmp_path, capsys
     assert answer == expected
 
 
-def _simulated_kernels(stderr: str) -> dict[str, int]:
-    """The simulated GPU's closing console line as {kernel: calls}."""
-    line, = [ln for ln in stderr.splitlines() if ln.startswith("simulated GPU kernels: ")]
-    return {name: int(n) for name, n in (part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))}
-
-
 def test_simulated_gpu_bf16_answers_equal_fp32(setup, capsys, tmp_path):
     """`infer --dtype bfloat16` on the simulated GPU (network/simulated_gpu.py) answers exactly as fp32 on the CPU:
     a single prompt (unpadded decode: N1's flash branch), then a left-padded batch under tensor parallelism (SDPA
@@ -247,5 +242,5 @@ def test_simulated_gpu_bf16_answers_equal_fp32(setup, capsys, tmp_path):
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "log").glob("workerlog.*")))
     assert run.returncode == 0, run.stderr + logs
     assert (tmp_path / "simulated.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
-    kernels = _simulated_kernels(run.stderr)
+    kernels = console_kernels(run.stderr)
     assert kernels["scaled_dot_product_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, run.stderr

@@ -61,6 +61,7 @@ def simulated(tmp_path_factory):
 
 
 ALL = [name for name, _, _ in LAYOUTS_2 + LAYOUTS_4]
+LAYOUT_MODES = {name: mode for name, _, mode in LAYOUTS_2 + LAYOUTS_4}
 VIT = [name for name, _, mode in LAYOUTS_2 + LAYOUTS_4 if mode in SCHEDULED]
 
 
@@ -74,14 +75,12 @@ def test_data_has_two_image_samples_and_uneven_ranks():
     assert no_image and GLOBAL_MICRO_BATCH == 4
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_loss_and_params_match_single_process(name, launched, reference):
-    run = launched[name]
-    ref = reference[run["mode"]]
-    for rank, res in run["ranks"].items():
+def _assert_trains_like_one_process(name: str, ranks: dict, params: dict, ref: dict) -> None:
+    for rank, res in ranks.items():
         np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
-    assert set(run["params"]) == {k for k in ref["params"] if k in run["params"]}
-    for key, value in run["params"].items():
+    assert set(params) == {k for k in ref["params"] if k in params}
+    mode = LAYOUT_MODES[name]
+    for key, value in params.items():
         err = np.linalg.norm(value - ref["params"][key]) / np.linalg.norm(ref["params"][key])
         # k_proj.bias: its low-frequency M-RoPE channels barely rotate, so softmax shift invariance makes their
         # true gradient ~0 and AdamW turns rounding noise into lr-sized steps in any two summation orders.
@@ -94,34 +93,32 @@ def test_loss_and_params_match_single_process(name, launched, reference):
         # A trained ViT's biases start at zero, so all of their value is five Adam steps on small gradients:
         # summation-order noise (any layout sums patches and the decoder's backward differently) is normalised
         # up by Adam as for k_proj.bias; the weights' trajectory is checked in the test below.
-        if run["mode"] in SCHEDULED and key.startswith("visual.") and key.endswith(".bias"):
+        if mode in SCHEDULED and key.startswith("visual.") and key.endswith(".bias"):
             bound = 3e-5
         if key.endswith("k_proj.bias"):
             bound = 1e-2
         elif key.endswith("q_proj.bias"):
             bound = 1e-4
         assert err < bound, f"{name} {key}: relative error {err:.2e}"
-    trained_parts = {model_part(k) for k in run["params"]}
+    trained_parts = {model_part(k) for k in params}
     assert trained_parts == {"frozen": {"llm"}, "train_merger": {"llm", "merger"}, "vit": {"llm", "merger", "vit"},
-                             "vit_only": {"vit"}}[run["mode"]]
+                             "vit_only": {"vit"}}[mode]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_and_params_match_single_process(name, launched, reference):
+    run = launched[name]
+    _assert_trains_like_one_process(name, run["ranks"], run["params"], reference[run["mode"]])
 
 
 @pytest.mark.parametrize("name", SIMULATED)
-def test_simulated_gpu_layout_trains_like_the_plain_run(name, simulated, launched, reference):
+def test_simulated_gpu_layout_trains_like_one_process(name, simulated, reference):
     """Flash attention for the decoder, varlen flash for frozen ViT frames, SDPA with a block-diagonal mask for the
-    trainable ViT's padded rows: the losses of one process, the weights of the plain launch of the layout."""
+    trainable ViT's padded rows: the same losses and weights as one plain process."""
     runs, kernels = simulated
     assert kernels["flash_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, kernels
     assert kernels["scaled_dot_product_attention"] > 0, kernels  # dp2_vit
-    ref = reference[launched[name]["mode"]]
-    for rank, res in runs[name]["ranks"].items():
-        np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
-    plain = launched[name]["params"]
-    assert set(runs[name]["params"]) == set(plain)
-    for key, value in runs[name]["params"].items():
-        err = np.linalg.norm(value - plain[key]) / np.linalg.norm(plain[key])
-        # Biases whose gradient is ~0 (see test_loss_and_params_match_single_process): Adam scales up noise.
-        assert err < (1e-3 if key.endswith("bias") else 1e-5), f"{name} {key}: relative error {err:.2e}"
+    _assert_trains_like_one_process(name, runs[name]["ranks"], runs[name]["params"], reference[LAYOUT_MODES[name]])
 
 
 @pytest.mark.parametrize("name", VIT)

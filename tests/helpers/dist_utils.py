@@ -91,6 +91,13 @@ def simulated_kernels(out_dir: Path) -> Counter:
     return total
 
 
+def console_kernels(console: str) -> Counter:
+    """The kernel counts of the simulated GPU's one closing console line (network/simulated_gpu.report_line)."""
+    line, = [ln for ln in console.splitlines() if ln.startswith("simulated GPU kernels: ")]
+    listed = line.split(": ", 1)[1]
+    return Counter({} if listed == "none" else {k: int(n) for k, n in (p.rsplit(" ", 1) for p in listed.split(", "))})
+
+
 def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600,
                    simulate_gpu: bool = False) -> LaunchResult:
     """`run_workers` that fails the test (with the worker logs) unless every rank finished and reported."""

@@ -163,14 +163,6 @@ def test_broken_kernel_inputs_named(simulated):
         fa.flash_attn_unpadded(*flat, cu, cu, paddle.to_tensor(6), 6, 8**-0.5)
 
 
-def test_report_line_counts_kernels():
-    from collections import Counter
-
-    line = simulated_gpu.report_line(Counter({"flash_attn_unpadded": 8, "flash_attention": 96}))
-    assert line == "simulated GPU kernels: flash_attention 96, flash_attn_unpadded 8"
-    assert simulated_gpu.report_line(Counter()) == "simulated GPU kernels: none"
-
-
 # ---- N4 ------------------------------------------------------------------------------------------------------
 class _DevicePlace:
     def is_cpu_place(self):
@@ -218,3 +210,14 @@ def test_N7_replicated_kv_for_head_split_q_keeps_placements(simulated):
     out = attention(qd, kd, vd, causal=True)
     assert simulated == {"flash_attention": 1}
     np.testing.assert_allclose(out._local_value().numpy(), _math(q, k, v, True), atol=1e-6)
+
+
+def test_console_line_parses_back():
+    from collections import Counter
+
+    from dist_utils import console_kernels
+
+    counts = Counter({"flash_attn_unpadded": 8, "flash_attention": 96})
+    assert simulated_gpu.report_line(counts) == "simulated GPU kernels: flash_attention 96, flash_attn_unpadded 8"
+    assert console_kernels(f"log\n{simulated_gpu.report_line(counts)}\n") == counts
+    assert console_kernels(simulated_gpu.report_line(Counter())) == Counter()
