@@ -46,7 +46,6 @@ from network import device
 COUNTS_DIR_ENV = "QWEN2VL_AP_SIMULATED_KERNELS_DIR"
 calls: Counter = Counter()  # kernel name -> calls in this process
 _originals: dict[tuple[object, str], object] = {}
-_inside_reference = 0  # > 0 while a reference implementation runs: its own ops are not the project's calls
 
 
 class KernelContractError(RuntimeError):
@@ -85,38 +84,25 @@ def _dense_4d(op: str, q, k, v) -> None:
     _require(op, q.shape[0] == k.shape[0], f"batch of query {q.shape} and key {k.shape} differ")
 
 
-class _Reference:
-    """The reference math runs with the contract checks off (it may repeat distributed k/v itself)."""
-
-    def __enter__(self):
-        global _inside_reference
-        _inside_reference += 1
-
-    def __exit__(self, *exc):
-        global _inside_reference
-        _inside_reference -= 1
-
-
 def _math(q, k, v, causal: bool, allowed: paddle.Tensor | None = None, additive: paddle.Tensor | None = None,
           scale: float | None = None) -> paddle.Tensor:
     """fp32 attention on [b, s, h, d] with native GQA; `allowed` a boolean map or `additive` a float mask, both
     broadcast to [b, h, q_len, kv_len]."""
     heads, head_dim = q.shape[2], q.shape[3]
-    with _Reference():
-        if allowed is None and additive is None and scale in (None, head_dim**-0.5):
-            return attention_mod._math_attention(q, k, v, causal, None)
-        k, v = (attention_mod._repeat_kv(x, heads) for x in (k, v))
-        qt, kt, vt = (x.transpose([0, 2, 1, 3]).astype("float32") for x in (q, k, v))
-        scores = paddle.matmul(qt * (head_dim**-0.5 if scale is None else scale), kt, transpose_y=True)
-        low = paddle.full([], paddle.finfo(paddle.float32).min, "float32")
-        if causal:
-            allowed = _and(allowed, attention_mod._allowed(q.shape[1], k.shape[1], True, None))
-        if allowed is not None:
-            scores = paddle.where(allowed, scores, low)
-        if additive is not None:
-            scores = paddle.maximum(scores + additive.astype("float32"), low)
-        out = paddle.matmul(F.softmax(scores, axis=-1).astype(v.dtype), vt)
-        return out.transpose([0, 2, 1, 3])
+    if allowed is None and additive is None and scale in (None, head_dim**-0.5):
+        return attention_mod._math_attention(q, k, v, causal, None)
+    k, v = (attention_mod._repeat_kv(x, heads) for x in (k, v))
+    qt, kt, vt = (x.transpose([0, 2, 1, 3]).astype("float32") for x in (q, k, v))
+    scores = paddle.matmul(qt * (head_dim**-0.5 if scale is None else scale), kt, transpose_y=True)
+    low = paddle.full([], paddle.finfo(paddle.float32).min, "float32")
+    if causal:
+        allowed = _and(allowed, attention_mod._allowed(q.shape[1], k.shape[1], True, None))
+    if allowed is not None:
+        scores = paddle.where(allowed, scores, low)
+    if additive is not None:
+        scores = paddle.maximum(scores + additive.astype("float32"), low)
+    out = paddle.matmul(F.softmax(scores, axis=-1).astype(v.dtype), vt)
+    return out.transpose([0, 2, 1, 3])
 
 
 def _and(a, b):
@@ -183,20 +169,19 @@ def flashmask_attention(query, key, value, startend_row_indices=None, *, dropout
         _require(op, len(rows.shape) == 4 and rows.shape[0] == key.shape[0] and rows.shape[2] == key.shape[1]
                  and rows.shape[1] in (1, key.shape[2]) and rows.shape[3] in ((1, 2) if causal else (2, 4)),
                  f"startend_row_indices shape {rows.shape} for key {key.shape}, causal={causal}")
-        with _Reference():
-            i = paddle.arange(query.shape[1], dtype="int32")[None, None, :, None]
-            col = [rows[..., c][:, :, None, :] for c in range(rows.shape[3])]  # [b, h, 1, kv_len] each
-            if causal:
-                masked = i >= col[0] if len(col) == 1 else paddle.logical_and(i >= col[0], i < col[1])
-            elif len(col) == 2:
-                masked = paddle.logical_or(i >= col[0], i < col[1])
-            else:
-                masked = paddle.logical_or(paddle.logical_and(i >= col[0], i < col[1]),
-                                           paddle.logical_and(i >= col[2], i < col[3]))
-            allowed = paddle.logical_not(masked)
-            if allowed.shape[1] not in (1, query.shape[2]):  # per kv head: the query heads of its group share it
-                allowed = paddle.repeat_interleave(allowed.astype("int32"), query.shape[2] // allowed.shape[1],
-                                                   axis=1).astype("bool")
+        i = paddle.arange(query.shape[1], dtype="int32")[None, None, :, None]
+        col = [rows[..., c][:, :, None, :] for c in range(rows.shape[3])]  # [b, h, 1, kv_len] each
+        if causal:
+            masked = i >= col[0] if len(col) == 1 else paddle.logical_and(i >= col[0], i < col[1])
+        elif len(col) == 2:
+            masked = paddle.logical_or(i >= col[0], i < col[1])
+        else:
+            masked = paddle.logical_or(paddle.logical_and(i >= col[0], i < col[1]),
+                                       paddle.logical_and(i >= col[2], i < col[3]))
+        allowed = paddle.logical_not(masked)
+        if allowed.shape[1] not in (1, query.shape[2]):  # per kv head: the query heads of its group share it
+            group = paddle.arange(query.shape[2]) // (query.shape[2] // allowed.shape[1])
+            allowed = paddle.gather(allowed.astype("int32"), group, axis=1).astype("bool")
     return _math(query, key, value, causal, allowed=allowed, scale=softmax_scale)
 
 
@@ -224,8 +209,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def repeat_interleave(x, repeats, axis=None, name=None):
     """No SPMD rule in Paddle 3.3.1: a distributed input is replicated (all-gathered) on every rank."""
-    if not _inside_reference:
-        _no_spmd_rule("repeat_interleave", x=x)
+    _no_spmd_rule("repeat_interleave", x=x)
     return _originals[(paddle, "repeat_interleave")](x, repeats, axis=axis, name=name)
 
 

@@ -99,6 +99,8 @@ def test_flashmask_reference_matches_a_document_mask(simulated):
     out = paddle.nn.functional.flashmask_attention(q, k, v, ends, causal=True)
     parts = [_math(q[:, a:b], k[:, a:b], v[:, a:b], True) for a, b in ((0, 3), (3, 7))]
     np.testing.assert_allclose(out.numpy(), np.concatenate(parts, axis=1), atol=1e-6)
+    per_kv_head = paddle.nn.functional.flashmask_attention(q, k, v, paddle.concat([ends, ends], axis=1), causal=True)
+    np.testing.assert_allclose(per_kv_head.numpy(), out.numpy(), atol=1e-6)
     with pytest.raises(KernelContractError, match="flashmask_attention: startend_row_indices must be int32"):
         paddle.nn.functional.flashmask_attention(q, k, v, ends.astype("int64"), causal=True)
 
