@@ -249,10 +249,10 @@ def to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
         wide = bits.astype(np.uint32)
         wide <<= 16
         array = wide.view(np.float32)
-    if not weights_zero_copy():
-        tensor = paddle.to_tensor(np.ascontiguousarray(array), place=paddle.framework._current_expected_place())
-    else:
+    if weights_zero_copy():
         tensor = _share(np.ascontiguousarray(array))
+    else:
+        tensor = paddle.to_tensor(np.ascontiguousarray(array), place=paddle.framework._current_expected_place())
     return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
