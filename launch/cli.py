@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"qwen2vl-ap: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from launch.launcher import simulate_gpu_if_requested
+
+    simulate_gpu_if_requested()
     from autoparallel.config import ConfigError
 
     try:

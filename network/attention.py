@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from network.device import flash_attention_supported, on_gpu
+from network.device import flash_attention_supported, kernel_dtypes, on_gpu
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class PackedRows:
 
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
     # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
-    return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
+    return q.dtype in kernel_dtypes() and flash_attention_supported()
 
 
 def _use_fp32_sdpa(q: paddle.Tensor, causal: bool) -> bool:
@@ -234,8 +234,13 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=
 
 def _repeat_kv(x: paddle.Tensor, heads: int) -> paddle.Tensor:
     # Query head h reads kv head h // (heads / kv_heads), the grouping Qwen2 checkpoints are trained with.
+    # unsqueeze/expand/reshape, not repeat_interleave: these have SPMD rules, so a distributed k/v keeps its
+    # placements (repeat_interleave has none in Paddle 3.3.1 and would all-gather it on every rank, N7).
     groups = heads // x.shape[2]
-    return x if groups == 1 else paddle.repeat_interleave(x, groups, axis=2)
+    if groups == 1:
+        return x
+    b, s, kv_heads, d = x.shape
+    return x.unsqueeze(3).expand([b, s, kv_heads, groups, d]).reshape([b, s, heads, d])
 
 
 def _heads_split(x: paddle.Tensor) -> bool:
@@ -252,17 +257,21 @@ def kv_for_kernel(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> tuple
     return k, v
 
 
-def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype, segment_ids=None) -> paddle.Tensor:
-    """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked)."""
+def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype,
+                  segment_ids=None) -> paddle.Tensor | None:
+    """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked); None when
+    nothing is masked."""
     allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
+    if allowed is None:
+        return None
     # Built in fp32 and cast: every bf16/fp16 value, its minimum included, is exact in fp32.
     low = paddle.full([], paddle.finfo(dtype).min, "float32")
     return paddle.where(allowed, paddle.zeros([], "float32"), low).astype(dtype)
 
 
 def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
-    """CUDA fast paths. Not run here (no GPU build): written against Paddle 3.x `flash_attention` / SDPA signatures;
-    tests/unit/test_attention_kernels.py checks what each kernel is given, with the kernels replaced by the math."""
+    """CUDA fast paths, written against Paddle 3.x `flash_attention` / `flash_attn_unpadded` / SDPA. Checked on the
+    CPU against the kernels' input contracts by the simulated GPU (network/simulated_gpu.py)."""
     from paddle.nn.functional.flash_attention import flash_attention, flash_attn_unpadded
 
     k, v = kv_for_kernel(q, k, v)
@@ -273,13 +282,17 @@ def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
             q[0], k[0], v[0], cu, cu, max_len, max_len, scale=q.shape[-1] ** -0.5, causal=False,
         )
         return out.unsqueeze(0)
-    if attention_mask is None and q.shape[1] == k.shape[1]:
-        # flash_attention handles GQA (kv_heads dividing heads) natively.
-        out, _ = flash_attention(q, k, v, causal=causal)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    if attention_mask is None and (q_len == kv_len or q_len == 1):
+        # Training and unpadded prefill: causal. A decode step's single query is the newest position and sees
+        # every cached key: nothing to mask (N1). flash_attention takes GQA (kv_heads dividing heads) natively.
+        out, _ = flash_attention(q, k, v, causal=causal and q_len > 1)
         return out
-    # Left-padded prefill and cached decoding.
-    mask = additive_mask(q.shape[1], k.shape[1], causal, attention_mask, q.dtype)
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]), attn_mask=mask)
+    # Left-padded prefill, padded decoding, chunked prefill over a cache. SDPA takes GQA natively (enable_gqa):
+    # repeating k/v would copy the cache, and all-gather it when it is split over "mp" (repeat_interleave has
+    # no SPMD rule).
+    mask = additive_mask(q_len, kv_len, causal, attention_mask, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _fp32_sdpa_attention(q, k, v, attention_mask) -> paddle.Tensor:
