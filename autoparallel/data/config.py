@@ -15,6 +15,10 @@ def _bounds_ok(low: Optional[int], high: Optional[int]) -> bool:
 class DataConfig:
     # PaddleMIX meta JSON: {name: {"annotation" | "file_name": path, "repeat_time": float, "root"?: dir}}.
     meta_path: Optional[str] = None
+    # LLaMA-Factory / ms-swift: entries of meta_path (or of dataset_dir/dataset_info.json) picked by name, or
+    # annotation files read directly (records.resolve_sources).
+    dataset: Optional[list[str]] = None
+    dataset_dir: Optional[str] = None
     # Used by the demo when meta_path is unset: the synthetic dataset is generated there (or reused).
     synthetic_data_dir: Optional[str] = None
     max_seq_length: int = 2048

@@ -43,6 +43,7 @@ from autoparallel.data.records import (
     SkipLog,
     missing_media_error,
 )
+from autoparallel.data.media_refs import VideoRef
 from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
 from network.rope_index import get_rope_index
@@ -64,15 +65,16 @@ def build_processor(config: DataConfig, path: Optional[str] = None,
     return Qwen2VLProcessor(processor.tokenizer, dataclasses.replace(processor.image_processor, **overrides))
 
 
-def _video_frames_and_size(path: str, fps: float, max_frames: int) -> tuple[int, int, int]:
-    """(sampled frame count, height, width) of a video file or frame directory, as `load_video` will return,
-    from container metadata / image headers only."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not names:
+def _video_frames_and_size(path: VideoRef, fps: float, max_frames: int) -> tuple[int, int, int]:
+    """(sampled frame count, height, width) of a video file, frame directory or frame list, as `load_video` will
+    return, from container metadata / image headers only."""
+    if isinstance(path, tuple) or os.path.isdir(path):
+        frames = list(path) if isinstance(path, tuple) else [os.path.join(path, n) for n in sorted(
+            n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))]
+        if not frames:
             raise ValueError(f"frame directory {path!r} contains no image files")
-        n = min(len(names), max(2, max_frames // 2 * 2))
-        return n + n % 2, *image_hw(os.path.join(path, names[0]))
+        n = min(len(frames), max(2, max_frames // 2 * 2))
+        return n + n % 2, *image_hw(frames[0])
     import av
 
     try:
@@ -110,11 +112,13 @@ class SFTDataset:
         self.config = config
         self.video_tokens_per_second = video_tokens_per_second
         self.meta_path = meta_path or config.meta_path
-        if not self.meta_path:
-            raise ValueError("no meta_path given (DataConfig.meta_path or the meta_path argument)")
+        if not self.meta_path and not config.dataset:
+            raise ValueError("no data given (DataConfig.meta_path / dataset or the meta_path argument)")
         self.processor = build_processor(config, processor=processor)
         self.skips = skips if skips is not None else SkipLog()
-        self.records = RecordStore(self.meta_path, config.data_seed, config.skip_bad_samples, self.skips)
+        own = meta_path is None  # the config's training data (meta_path and/or dataset); else e.g. eval_meta_path
+        self.records = RecordStore(self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
+                                   dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
         tok = self.processor.tokenizer
         self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
@@ -213,7 +217,9 @@ class SFTDataset:
         return ids[:cut], labels[:cut]
 
     # ---- probing (no pixel decoding) ----------------------------------------------------------------------------
-    def _media_error(self, conv: Conversation, path: str, e: Exception) -> DataError:
+    def _media_error(self, conv: Conversation, path: VideoRef, e: Exception) -> DataError:
+        if isinstance(path, tuple):  # a frame list: name its first missing frame, else its first
+            path = next((p for p in path if not os.path.exists(p)), path[0])
         if not os.path.exists(path):
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
