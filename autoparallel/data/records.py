@@ -165,9 +165,9 @@ def _entry_source(name: str, entry: Any, where: str, meta_dir: str) -> DatasetSo
     if unknown:
         raise DataError(where, None, f"unknown keys {unknown} (PaddleMIX: {list(PADDLEMIX_ENTRY_KEYS)}; "
                                      f"LLaMA-Factory: {list(llamafactory.ENTRY_KEYS)})")
-    is_lf = "file_name" in entry and "annotation" not in entry
-    fmt = llamafactory.entry_format(entry, where) if is_lf and (
-        set(entry) - {"file_name", *PADDLEMIX_ENTRY_KEYS}) else RecordFormat()
+    lf_keys = set(entry) - {"file_name", *PADDLEMIX_ENTRY_KEYS}
+    is_lf = "annotation" not in entry and ("file_name" in entry or bool(lf_keys))
+    fmt = llamafactory.entry_format(entry, where) if lf_keys else RecordFormat()
     annotation = entry.get("annotation", entry.get("file_name"))
     if not isinstance(annotation, str):
         raise DataError(where, None, 'needs an "annotation" (or "file_name") path')
