@@ -91,6 +91,20 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+TRAINING_COMMANDS = ("sft", "lora", "data")
+
+
+def training_help(command: str) -> str:
+    """`qwen2vl-ap sft --help`: the usage line and every config key, by section."""
+    from autoparallel.config import SECTIONS
+
+    lines = [f"usage: qwen2vl-ap {command} [--config FILE|PRESET] [--key value ...]"
+             + (" [--show N]" if command == "data" else ""), "", "config keys (YAML or --key value):"]
+    for name, section in SECTIONS.items():
+        lines.append(f"  {name}: " + " ".join(sorted(section.__dataclass_fields__)))
+    return "\n".join(lines)
+
+
 # Third-party warnings every run prints that say nothing about the user's run (workers keep them in their logs).
 KNOWN_WARNINGS = ("No ccache found",)
 
@@ -104,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in TRAINING_COMMANDS and any(a in ("-h", "--help") for a in rest):
+        print(training_help(command))
+        return 0
     if command not in COMMANDS:
         print(f"qwen2vl-ap: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
+from autoparallel.data.dataset import SFTDataset
 from autoparallel.data.records import DataError, RecordStore, missing_media_error
+from autoparallel.data.survey import survey
 from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
+from autoparallel.engine.trainer import build_processor_for
 from launch.config import launch_defaults, load_run_config, parse_overrides
 from network.config import Qwen2VLConfig
 from network.formats import CheckpointError
@@ -58,9 +61,13 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     return config
 
 
+PARENT_PROBE_SAMPLES = 1000
+
+
 def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None:
     """What is cheap to find before workers start: the meta and annotation files parse, every record is valid
-    (placeholder counts, roles, JSON), its media files exist, and the training set fills one global batch.
+    (placeholder counts, roles, JSON), its media files exist, the training set fills one global batch, and a
+    sample of the records fits max_seq_length (and has readable media headers).
     Decoding media stays with the workers (their errors are relayed as one line too). With skip_bad_samples,
     bad records are left to the loader, which skips and counts them."""
     skip = cfg.data.skip_bad_samples
@@ -75,6 +82,18 @@ def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None
             for path in (*conv.images, *frames):
                 if not os.path.exists(path):
                     raise missing_media_error(conv, path)
+    # Lengths need the tokenizer: a bounded, evenly spaced probe finds "every sample is too long" (a preset's
+    # max_seq_length with videos) here, in one line, instead of inside the workers.
+    found = survey(SFTDataset(cfg.data, build_processor_for(cfg), meta_path=meta_path, records=store),
+                   PARENT_PROBE_SAMPLES)
+    if found.errors and not skip:
+        raise found.errors[0]
+    problem = found.too_long_problem()
+    if problem:
+        raise DataError(store.meta_path, None, problem, kind="too long")
+    warning = found.too_long_warning()
+    if warning:
+        logger.warning("%s: %s", store.meta_path, warning)
     per_device = cfg.train.per_device_train_batch_size if train else cfg.train.per_device_eval_batch_size
     dp = cfg.parallel.degrees().dp
     if train and len(store) < per_device * dp:

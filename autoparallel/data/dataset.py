@@ -102,13 +102,14 @@ class SFTDataset:
     + second_per_grid_ts float32 [n_videos] (only with videos),
     num_tokens int (= S), num_labels int (supervised tokens), index int.
     Bad samples raise DataError naming the annotation file, record index and reason.
+    `records`: an already read RecordStore of the same data (the parent's checks reuse theirs).
     `video_tokens_per_second`: the model's video M-RoPE time scale (Qwen2.5-VL; None for Qwen2-VL, see
     network.rope_index.video_tokens_per_second), used for `position_ids`.
     """
 
     def __init__(self, config: DataConfig, processor: Optional[Qwen2VLProcessor] = None,
                  meta_path: Optional[str] = None, skips: Optional[SkipLog] = None,
-                 video_tokens_per_second: Optional[float] = None):
+                 video_tokens_per_second: Optional[float] = None, records: Optional[RecordStore] = None):
         self.config = config
         self.video_tokens_per_second = video_tokens_per_second
         self.meta_path = meta_path or config.meta_path
@@ -117,8 +118,9 @@ class SFTDataset:
         self.processor = build_processor(config, processor=processor)
         self.skips = skips if skips is not None else SkipLog()
         own = meta_path is None  # the config's training data (meta_path and/or dataset); else e.g. eval_meta_path
-        self.records = RecordStore(self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
-                                   dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
+        self.records = records if records is not None else RecordStore(
+            self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
+            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
         tok = self.processor.tokenizer
         self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}

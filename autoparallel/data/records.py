@@ -42,9 +42,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from autoparallel.data import llamafactory, swift
 from autoparallel.data.annotation_file import read_annotation, read_json_file
 from autoparallel.data.content_list import flatten_content
+from autoparallel.data.llamafactory import ENTRY_KEYS as LF_ENTRY_KEYS
+from autoparallel.data.llamafactory import HUB_KEYS as LF_HUB_KEYS
+from autoparallel.data.llamafactory import NOT_HONOURED as LF_NOT_HONOURED
+from autoparallel.data.llamafactory import entry_format, read_alpaca, read_sharegpt
 from autoparallel.data.media_refs import (
     DEFAULT_CACHE_DIR,
     VideoRef,
@@ -53,6 +56,8 @@ from autoparallel.data.media_refs import (
     media_candidates,
     resolve_media,
 )
+from autoparallel.data.swift import ALPACA_KEYS, QUERY_KEYS, read_query_response
+from autoparallel.data.swift import read_alpaca as read_swift_alpaca
 from autoparallel.data.schema import (
     IMAGE_PLACEHOLDER,
     VIDEO_PLACEHOLDER,
@@ -160,14 +165,14 @@ def _not_a_meta_file(meta_path: str, value: Any, is_jsonl: bool) -> Optional[str
 def _entry_source(name: str, entry: Any, where: str, meta_dir: str) -> DatasetSource:
     if not isinstance(entry, dict):
         raise DataError(where, None, 'expected an object {"annotation" | "file_name": path, ...}')
-    unknown = sorted(set(entry) - set(PADDLEMIX_ENTRY_KEYS) - set(llamafactory.ENTRY_KEYS)
-                     - set(llamafactory.HUB_KEYS) - set(llamafactory.NOT_HONOURED))
+    unknown = sorted(set(entry) - set(PADDLEMIX_ENTRY_KEYS) - set(LF_ENTRY_KEYS)
+                     - set(LF_HUB_KEYS) - set(LF_NOT_HONOURED))
     if unknown:
         raise DataError(where, None, f"unknown keys {unknown} (PaddleMIX: {list(PADDLEMIX_ENTRY_KEYS)}; "
-                                     f"LLaMA-Factory: {list(llamafactory.ENTRY_KEYS)})")
+                                     f"LLaMA-Factory: {list(LF_ENTRY_KEYS)})")
     lf_keys = set(entry) - {"file_name", *PADDLEMIX_ENTRY_KEYS}
     is_lf = "annotation" not in entry and ("file_name" in entry or bool(lf_keys))
-    fmt = llamafactory.entry_format(entry, where) if lf_keys else RecordFormat()
+    fmt = entry_format(entry, where) if lf_keys else RecordFormat()
     annotation = entry.get("annotation", entry.get("file_name"))
     if not isinstance(annotation, str):
         raise DataError(where, None, 'needs an "annotation" (or "file_name") path')
@@ -258,15 +263,15 @@ def _auto_messages(record: dict, where: tuple[str, int]) -> ParsedRecord:
 def read_record(record: dict, where: tuple[str, int], fmt: RecordFormat) -> ParsedRecord:
     """Dispatch a raw record to its format's reader."""
     if fmt.formatting == "sharegpt":
-        return llamafactory.read_sharegpt(record, where, fmt)
+        return read_sharegpt(record, where, fmt)
     if fmt.formatting == "alpaca":
-        return llamafactory.read_alpaca(record, where, fmt)
+        return read_alpaca(record, where, fmt)
     if "messages" in record or "conversations" in record:
         return _auto_messages(record, where)
-    if all(k in record for k in swift.QUERY_KEYS):
-        parsed = swift.read_query_response(record, where)
-    elif all(k in record for k in swift.ALPACA_KEYS):
-        parsed = swift.read_alpaca(record, where)
+    if all(k in record for k in QUERY_KEYS):
+        parsed = read_query_response(record, where)
+    elif all(k in record for k in ALPACA_KEYS):
+        parsed = read_swift_alpaca(record, where)
     else:
         raise DataError(*where, 'no known record shape: expected "messages", "conversations", "query"/"response" '
                                 f'or "instruction"/"output"; record keys are {sorted(record)}')
