@@ -213,6 +213,8 @@ KEY_ALIASES: dict[str, tuple[str, bool]] = {
     "neat_packing": ("packing", False),  # LLaMA-Factory (packing without cross-sample attention, as ours)
     "cutoff_len": ("max_seq_length", False),  # LLaMA-Factory
     "max_length": ("max_seq_length", False),  # ms-swift
+    "video_max_frames": ("video_maxlen", False),  # LLaMA-Factory
+    "fps_max_frames": ("video_maxlen", False),  # ms-swift FPS_MAX_FRAMES
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,

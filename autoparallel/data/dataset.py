@@ -11,6 +11,9 @@ generates after `<|im_start|>assistant\\n`.
 Labels: the answer tokens and their `<|im_end|>` are supervised; everything else is -100 — system, user, template
 and vision tokens, and the "\\n" after each `<|im_end|>`: generation stops at `<|im_end|>`, so the model is never
 asked to produce that newline (it stays in input_ids so multi-turn context matches the chat template).
+Users choose otherwise with DataConfig (LLaMA-Factory / ms-swift names): `train_on_prompt` / `loss_scale all` also
+supervise the system, user and template tokens (never the vision spans: pixels are not predicted);
+`mask_history` / `loss_scale last_round` supervise only the last turn's answer.
 
 Truncation to `max_seq_length` (S = untruncated length, L = max_seq_length), when S > L:
   1. keep the longest prefix ending at a complete turn (after an answer's `<|im_end|>\\n`) that is <= L, else
@@ -169,6 +172,8 @@ class SFTDataset:
                 else:
                     prompt(piece)
 
+        supervise_prompt = self.config.supervises_prompt
+
         def flush() -> None:
             nonlocal spans_end
             text = ""
@@ -176,12 +181,15 @@ class SFTDataset:
                 if isinstance(part, str):
                     text += part
                     continue
-                ids.extend(self._encode(text))
+                encoded = self._encode(text)
+                ids.extend(encoded)
+                labels.extend(encoded if supervise_prompt else [IGNORE_INDEX] * len(encoded))
                 text = ""
-                if part and part[0] == ids_["<|vision_start|>"]:
+                vision = bool(part) and part[0] == ids_["<|vision_start|>"]
+                if vision:
                     spans_end = len(ids) + len(part)
                 ids.extend(part)
-            labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
+                labels.extend(part if supervise_prompt and not vision else [IGNORE_INDEX] * len(part))
             chunk.clear()
 
         system = conv.system if conv.system is not None else self.config.system_prompt
@@ -189,7 +197,8 @@ class SFTDataset:
             prompt([ids_["<|im_start|>"]], "system\n")
             content(system)
             prompt([ids_["<|im_end|>"]], "\n")
-        for user, answer in conv.turns:
+        last_turn = len(conv.turns) - 1
+        for turn, (user, answer) in enumerate(conv.turns):
             prompt([ids_["<|im_start|>"]], "user\n")
             content(user)
             prompt([ids_["<|im_end|>"]], "\n", [ids_["<|im_start|>"]], "assistant\n")
@@ -198,7 +207,8 @@ class SFTDataset:
                 return np.asarray(ids, np.int64), np.asarray(labels, np.int64)
             answer_ids = self._encode(answer) + [ids_["<|im_end|>"]]
             ids.extend(answer_ids)
-            labels.extend(answer_ids)
+            masked = self.config.masks_history and turn < last_turn
+            labels.extend([IGNORE_INDEX] * len(answer_ids) if masked else answer_ids)
             ids.extend(self._encode("\n"))
             labels.append(IGNORE_INDEX)
             turn_ends.append(len(ids))
