@@ -18,6 +18,7 @@ training (started on every device with paddle.distributed.launch):
 
 planning:
   plan        will it fit? per-rank memory and communication for a config, without starting workers
+  data        validate and preview a dataset as training reads it (--meta_path M | --dataset A,B, --show N)
 
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
@@ -50,6 +51,12 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
+def _data(argv: list[str]) -> int:
+    from launch.data import data_main
+
+    return data_main(argv)
+
+
 def _infer(argv: list[str]) -> int:
     from launch.infer import infer_main
 
@@ -79,6 +86,7 @@ def _training(command: str) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plan": _plan,
+    "data": _data,
     "infer": _infer,
     "serve": _serve,
     "merge-ckpt": _ckpt_tool("merge_ckpt_main"),

@@ -252,14 +252,18 @@ class SFTDataset:
                 raise self._media_error(conv, path, e) from None
         return image_tokens, video_tokens
 
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of sample i as training builds them, from media headers only (no pixels)."""
+        conv = self.records.conversation(i)
+        return self.render(conv, *self._probe_tokens(conv))
+
     def probe(self, i: int) -> tuple[int, int]:
         """(num_tokens, num_labels) of sample i after truncation; raises DataError for a bad sample. Cached."""
         if i in self._probe_errors:
             raise self._probe_errors[i]
         if self._lengths[i] < 0:
-            conv = self.records.conversation(i)
             try:
-                ids, labels = self.render(conv, *self._probe_tokens(conv))
+                ids, labels = self.tokens(i)
             except DataError as e:
                 self._probe_errors[i] = e
                 raise
