@@ -76,6 +76,10 @@ def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None
     warning = store.unread_keys_warning()
     if warning:
         logger.warning("%s", warning)
+    own_system = sum(conv.system is not None for conv in store.conversations)
+    if own_system and any("system_prompt" in layer for _, layer in cfg.sources):
+        logger.warning("%s: %d of %d records carry their own system prompt, which replaces system_prompt for them",
+                       store.meta_path, own_system, len(store.conversations))
     if not skip:
         for conv in store.conversations:
             frames = [f for v in conv.videos for f in (v if isinstance(v, tuple) else (v,))]

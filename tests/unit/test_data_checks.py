@@ -60,3 +60,16 @@ def test_sft_help_prints_the_keys(capsys):
     assert main(["sft", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: qwen2vl-ap sft") and "max_seq_length" in out and "dataset_dir" in out
+
+
+def test_records_own_system_prompts_replacing_system_prompt_are_counted(tmp_path, caplog):
+    path = dataset_dir(tmp_path, (28, 28), n=2, extra={"system": "You are a pirate."})
+    check_records(build(dataset=path, per_device_train_batch_size=1, system_prompt="Be formal."), None, train=True)
+    assert any(r.getMessage().endswith("2 of 2 records carry their own system prompt, which replaces system_prompt "
+                                       "for them") for r in caplog.records)
+
+
+def test_plan_refuses_a_meta_path_that_does_not_exist(tmp_path, capsys):
+    """8p: `plan --meta_path /nonexistent/meta.json` exited 0."""
+    assert main(["plan", "--meta_path", str(tmp_path / "nope.json")]) == 2
+    assert "meta_path=" in capsys.readouterr().err
