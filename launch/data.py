@@ -11,7 +11,6 @@ tokenised for the statistics (default 20000; all: 0). Exit code 2 when the data 
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -56,8 +55,8 @@ def render_sample(dataset: SFTDataset, i: int) -> str:
 
 
 def report(store: RecordStore, dataset: SFTDataset, found: Survey, show: int) -> list[str]:
-    per_source = Counter(store.conversations[int(r)].file for r in store.sample_to_record)
-    lines = [f"data: {store.meta_path}: {len(store)} samples from {len(store.conversations)} valid records "
+    per_source = store.samples_per_source()
+    lines = [f"data: {store.meta_path}: {len(store)} samples from {store.num_records} valid records "
              "(repeat_time applied)", "sources:"]
     for source in store.sources:
         lines.append(f"  {source.name:<20} {per_source[source.annotation]:>9} samples  {source.annotation}"

@@ -8,7 +8,7 @@ from typing import Optional
 
 from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
 from autoparallel.data.dataset import SFTDataset
-from autoparallel.data.records import DataError, RecordStore, missing_media_error
+from autoparallel.data.records import DataError, RecordStore
 from autoparallel.data.survey import survey
 from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
 from autoparallel.engine.trainer import build_processor_for
@@ -66,26 +66,21 @@ PARENT_PROBE_SAMPLES = 1000
 
 def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None:
     """What is cheap to find before workers start: the meta and annotation files parse, every record is valid
-    (placeholder counts, roles, JSON), its media files exist, the training set fills one global batch, and a
-    sample of the records fits max_seq_length (and has readable media headers).
-    Decoding media stays with the workers (their errors are relayed as one line too). With skip_bad_samples,
-    bad records are left to the loader, which skips and counts them."""
+    (placeholder counts, roles, JSON) and its media files exist (RecordStore, once per file content), the
+    training set fills one global batch, and a sample of the records fits max_seq_length (with readable media
+    headers). Decoding media stays with the workers (their errors are relayed as one line too). With
+    skip_bad_samples, bad records are skipped and counted instead."""
     skip = cfg.data.skip_bad_samples
     store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip, dataset=cfg.data.dataset if train else None,
                         dataset_dir=cfg.data.dataset_dir)
+    if store.missing_media and not skip:
+        raise store.missing_media[0]
     warning = store.unread_keys_warning()
     if warning:
         logger.warning("%s", warning)
-    own_system = sum(conv.system is not None for conv in store.conversations)
-    if own_system and any("system_prompt" in layer for _, layer in cfg.sources):
+    if store.own_system and any("system_prompt" in layer for _, layer in cfg.sources):
         logger.warning("%s: %d of %d records carry their own system prompt, which replaces system_prompt for them",
-                       store.meta_path, own_system, len(store.conversations))
-    if not skip:
-        for conv in store.conversations:
-            frames = [f for v in conv.videos for f in (v if isinstance(v, tuple) else (v,))]
-            for path in (*conv.images, *frames):
-                if not os.path.exists(path):
-                    raise missing_media_error(conv, path)
+                       store.meta_path, store.own_system, store.num_records)
     # Lengths need the tokenizer: a bounded, evenly spaced probe finds "every sample is too long" (a preset's
     # max_seq_length with videos) here, in one line, instead of inside the workers.
     found = survey(SFTDataset(cfg.data, build_processor_for(cfg), meta_path=meta_path, records=store),

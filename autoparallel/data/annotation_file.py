@@ -91,28 +91,3 @@ def read_json_file(path: str) -> tuple[Any, bool]:
         raise DataError(path, None, f"text is not valid UTF-8 (byte 0x{bad:02x}); save the file as UTF-8",
                         kind="invalid text")
     return parse_json_values(text, path)
-
-
-def _invalid_utf8_byte(record: Any) -> int | None:
-    """The first byte of a record decoded with surrogateescape that was not valid UTF-8 (None if all were)."""
-    text = json.dumps(record, ensure_ascii=False)
-    return next((ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF), None)
-
-
-def read_annotation(path: str) -> list[Any]:
-    """Raw records of a JSON list or JSONL file (by content). An unparsable JSONL line, or a record holding bytes
-    that are not UTF-8, becomes a DataError entry (so it can be skipped); an unparsable JSON file raises."""
-    with open(path, "rb") as f:
-        text, valid_utf8 = decode_text(f.read(), path)
-    records, _ = parse_json_values(text, path)
-    if isinstance(records, dict):  # a JSONL file of one record
-        records = [records]
-    if not isinstance(records, list):
-        raise DataError(path, None, f"expected a JSON list of records or JSONL, got a JSON {type(records).__name__}")
-    if not valid_utf8:
-        for index, record in enumerate(records):
-            bad = None if isinstance(record, DataError) else _invalid_utf8_byte(record)
-            if bad is not None:
-                records[index] = DataError(path, index, f"text is not valid UTF-8 (byte 0x{bad:02x}); save the "
-                                                        "annotation file as UTF-8", kind="invalid text")
-    return records

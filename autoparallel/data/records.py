@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from autoparallel.data.annotation_file import read_annotation, read_json_file
+from autoparallel.data.annotation_file import read_json_file
 from autoparallel.data.content_list import flatten_content
 from autoparallel.data.llamafactory import ENTRY_KEYS as LF_ENTRY_KEYS
 from autoparallel.data.llamafactory import HUB_KEYS as LF_HUB_KEYS
@@ -56,8 +56,13 @@ from autoparallel.data.media_refs import (
     media_candidates,
     resolve_media,
 )
-from autoparallel.data.swift import ALPACA_KEYS, QUERY_KEYS, read_query_response
-from autoparallel.data.swift import read_alpaca as read_swift_alpaca
+from autoparallel.data.record_index import (
+    AnnotationIndex,
+    Validation,
+    index_annotation,
+    load_validation,
+    save_validation,
+)
 from autoparallel.data.schema import (
     IMAGE_PLACEHOLDER,
     VIDEO_PLACEHOLDER,
@@ -65,6 +70,8 @@ from autoparallel.data.schema import (
     ParsedRecord,
     RecordFormat,
 )
+from autoparallel.data.swift import ALPACA_KEYS, QUERY_KEYS, read_query_response
+from autoparallel.data.swift import read_alpaca as read_swift_alpaca
 
 __all__ = ["IMAGE_PLACEHOLDER", "VIDEO_PLACEHOLDER", "DataError", "media_candidates", "resolve_media"]
 
@@ -401,40 +408,101 @@ def repeat_indices(num_records: int, repeat_time: float, seed: int, name: str) -
 
 
 class RecordStore:
-    """All records of a run's sources (`resolve_sources`), validated, with `repeat_time` applied:
-    `conversation(i)` for sample i. Invalid records raise at construction, or with `skip_bad=True` are left out
-    and counted in `skips`; `unread_keys` counts the record keys no reader used."""
+    """The records of a run's sources (`resolve_sources`), with `repeat_time` applied: `conversation(i)` for
+    sample i, parsed on demand from the annotation's cached byte-offset index (record_index.py), so no process holds
+    all records as Python objects. Every record is validated once per file content and reading setting (the first
+    process to read it, normally the parent; the result is cached beside the index); records whose media files
+    do not exist are listed in `missing_media` (re-checked on every run) and left to the loader. Invalid records raise at construction, or with `skip_bad=True` are left out and counted in
+    `skips`; `unread_keys` counts the record keys no reader used, `own_system` the records with their own
+    system prompt."""
 
     def __init__(self, meta_path: Optional[str], seed: int, skip_bad: bool = False, skips: Optional[SkipLog] = None,
-                 dataset: Optional[list[str]] = None, dataset_dir: Optional[str] = None):
+                 dataset: Optional[list[str]] = None, dataset_dir: Optional[str] = None,
+                 cache_dir: str = DEFAULT_CACHE_DIR):
         self.meta_path = meta_path or ",".join(dataset or [])
         self.sources = resolve_sources(meta_path, dataset, dataset_dir)
         self.skips = skips if skips is not None else SkipLog()
-        self.conversations: list[Conversation] = []
+        self.cache_dir = cache_dir
+        self.indexes: list[AnnotationIndex] = []
         self.added_placeholders = 0  # over valid records (each once, however often repeat_time draws it)
         self.unread_keys: Counter[str] = Counter()
+        self.own_system = 0
+        self.missing_media: list[DataError] = []  # valid records whose media files do not exist (now)
+        self.num_records = 0  # valid records
         per_sample: list[np.ndarray] = []
-        for source in self.sources:
-            valid: list[Conversation] = []
-            for index, raw in enumerate(read_annotation(source.annotation)):
-                try:
-                    valid.append(parse_record(raw, source.annotation, index, source.root, source.format))
-                    self.added_placeholders += valid[-1].added_placeholders
-                    self.unread_keys.update(valid[-1].unread_keys)
-                except DataError as e:
-                    if not skip_bad:
-                        raise
-                    self.skips.add(e)
+        record_sources: list[np.ndarray] = []
+        record_offsets: list[np.ndarray] = []
+        for s, source in enumerate(self.sources):
+            index = index_annotation(source.annotation)
+            self.indexes.append(index)
+            found = self._validation(source, index)
+            for j, reason, kind in found.errors:
+                error = DataError(source.annotation, j, reason, kind)
+                if not skip_bad:
+                    raise error
+                self.skips.add(error)
+            self.missing_media += [DataError(source.annotation, j, reason, "missing media")
+                                   for j, reason, path in found.missing if not os.path.exists(path)]
+            self.added_placeholders += found.added_placeholders
+            self.unread_keys.update(found.unread_keys)
+            self.own_system += found.own_system
+            valid = np.flatnonzero(found.valid)
             picks = repeat_indices(len(valid), source.repeat_time, seed, source.name)
-            per_sample.append(picks + len(self.conversations))
-            self.conversations.extend(valid)
-        self.sample_to_record = np.concatenate(per_sample) if per_sample else np.zeros(0, np.int64)
+            per_sample.append(picks + self.num_records)
+            record_sources.append(np.full(len(valid), s, np.int32))
+            record_offsets.append(valid.astype(np.int64))
+            self.num_records += len(valid)
+        empty = np.zeros(0, np.int64)
+        self.sample_to_record = np.concatenate(per_sample) if per_sample else empty
+        self._record_source = np.concatenate(record_sources) if record_sources else empty
+        self._record_line = np.concatenate(record_offsets) if record_offsets else empty
+
+    def _validation(self, source: DatasetSource, index: AnnotationIndex) -> Validation:
+        """The cached validation of a source's records, computed (parsing each record once) when missing."""
+        setting = repr((source.format, source.root, self.cache_dir))
+        found = load_validation(index, setting)
+        if found is not None:
+            return found
+        valid = np.zeros(len(index), bool)
+        errors: list[tuple[int, str, str]] = []
+        missing: list[tuple[int, str, str]] = []
+        unread: Counter[str] = Counter()
+        added = own_system = 0
+        for j in range(len(index)):
+            try:
+                conv = parse_record(index.record(j), source.annotation, j, source.root, source.format, self.cache_dir)
+                frames = [f for v in conv.videos for f in (v if isinstance(v, tuple) else (v,))]
+                gone = next((p for p in (*conv.images, *frames) if not os.path.exists(p)), None)
+                if gone is not None:  # valid record, left to the loader (skip mode) or refused by the parent
+                    missing.append((j, missing_media_error(conv, gone).reason, gone))
+            except DataError as e:
+                errors.append((j, e.reason, e.kind))
+                continue
+            valid[j] = True
+            added += conv.added_placeholders
+            unread.update(conv.unread_keys)
+            own_system += conv.system is not None
+        found = Validation(valid, errors, added, dict(unread), own_system, missing)
+        save_validation(index, setting, found)
+        return found
 
     def __len__(self) -> int:
         return len(self.sample_to_record)
 
+    def record_conversation(self, r: int) -> Conversation:
+        """Valid record r (0 <= r < num_records), parsed from its annotation file."""
+        s, j = int(self._record_source[r]), int(self._record_line[r])
+        source = self.sources[s]
+        return parse_record(self.indexes[s].record(j), source.annotation, j, source.root, source.format,
+                            self.cache_dir)
+
     def conversation(self, i: int) -> Conversation:
-        return self.conversations[int(self.sample_to_record[i])]
+        return self.record_conversation(int(self.sample_to_record[i]))
+
+    def samples_per_source(self) -> dict[str, int]:
+        """Annotation file -> samples drawn from it (repeat_time applied)."""
+        counts = np.bincount(self._record_source[self.sample_to_record], minlength=len(self.sources))
+        return {source.annotation: int(n) for source, n in zip(self.sources, counts)}
 
     def unread_keys_warning(self) -> Optional[str]:
         """One line naming the record keys no reader used, with counts (None when every key was read)."""

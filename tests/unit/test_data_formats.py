@@ -11,7 +11,7 @@ import os
 import pytest
 from PIL import Image
 
-from autoparallel.data.annotation_file import read_annotation
+from autoparallel.data.record_index import index_annotation
 from autoparallel.data.records import DataError, RecordStore, load_meta, parse_record, resolve_sources
 
 
@@ -19,6 +19,11 @@ def write(path, obj, jsonl=False, encoding="utf-8"):
     text = "\n".join(json.dumps(r, ensure_ascii=False) for r in obj) + "\n" if jsonl else json.dumps(obj)
     path.write_bytes(text.encode(encoding))
     return str(path)
+
+
+def read_annotation(path):
+    index = index_annotation(path)
+    return [index.record(i) for i in range(len(index))]
 
 
 def png_bytes(colour=(200, 30, 30)):
