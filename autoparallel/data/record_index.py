@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -38,11 +39,29 @@ class AnnotationIndex:
     def __len__(self) -> int:
         return len(self.spans)
 
+    _data: Optional[mmap.mmap] = None  # opened on first read (after a fork, each process maps it itself)
+
+    def __getstate__(self) -> dict:  # a mapping does not pickle; the receiving process maps the file again
+        return {**self.__dict__, "_data": None}
+
     def record(self, i: int) -> Any:
-        start, end = (int(v) for v in self.spans[i])
-        with open(self.data_path, "rb") as f:
-            f.seek(start)
-            raw = f.read(end - start)
+        start, end = self.spans[i].tolist()
+        return self._decode(i, start, self._bytes()[start:end])
+
+    def records(self) -> Iterator[Any]:
+        """Every record in order, in one pass (validation)."""
+        data = self._bytes()
+        for i, (start, end) in enumerate(self.spans.tolist()):
+            yield self._decode(i, start, data[start:end])
+
+    def _bytes(self) -> Union[mmap.mmap, bytes]:
+        if self._data is None:
+            with open(self.data_path, "rb") as f:
+                self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size \
+                    else b""
+        return self._data
+
+    def _decode(self, i: int, start: int, raw: bytes) -> Any:
         try:
             return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -149,7 +168,8 @@ def index_annotation(path: str) -> AnnotationIndex:
                                json.dumps(record, ensure_ascii=False)) + "\n")
             os.replace(tmp, copy_path)
         _save(_line_spans(data_path), spans_path)
-    return AnnotationIndex(path, data_path, np.load(spans_path, mmap_mode="r"), key, cache)
+    spans = np.load(spans_path, mmap_mode="r").view(np.ndarray)  # still file-backed; plain indexing is faster
+    return AnnotationIndex(path, data_path, spans, key, cache)
 
 
 @dataclass

@@ -468,9 +468,9 @@ class RecordStore:
         missing: list[tuple[int, str, str]] = []
         unread: Counter[str] = Counter()
         added = own_system = 0
-        for j in range(len(index)):
+        for j, raw in enumerate(index.records()):
             try:
-                conv = parse_record(index.record(j), source.annotation, j, source.root, source.format, self.cache_dir)
+                conv = parse_record(raw, source.annotation, j, source.root, source.format, self.cache_dir)
                 frames = [f for v in conv.videos for f in (v if isinstance(v, tuple) else (v,))]
                 gone = next((p for p in (*conv.images, *frames) if not os.path.exists(p)), None)
                 if gone is not None:  # valid record, left to the loader (skip mode) or refused by the parent

@@ -24,7 +24,7 @@ def test_store_reads_records_on_demand_from_a_memory_mapped_index(tmp_path):
     assert len(store) == 100 and store.num_records == 50 and not hasattr(store, "conversations")
     assert store.conversation(7).turns == (("q7", "a7"),) and store.conversation(57).turns == (("q7", "a7"),)
     index = store.indexes[0]
-    assert isinstance(index.spans, np.memmap) and index.data_path != str(path)  # a JSON list: normalised copy
+    assert isinstance(index.spans.base, np.memmap) and index.data_path != str(path)  # a JSON list: normalised copy
     assert store.unread_keys == {"id": 50}
 
 
@@ -32,8 +32,8 @@ def test_validation_runs_once_per_content_and_a_changed_file_is_reindexed(tmp_pa
     meta, path = write_dataset(tmp_path, 20)
     RecordStore(meta, seed=0)
     calls = []
-    real = record_index.AnnotationIndex.record
-    monkeypatch.setattr(record_index.AnnotationIndex, "record", lambda self, i: calls.append(i) or real(self, i))
+    real = record_index.AnnotationIndex._decode
+    monkeypatch.setattr(record_index.AnnotationIndex, "_decode", lambda self, i, *a: calls.append(i) or real(self, i, *a))
     warm = RecordStore(meta, seed=0)  # what every worker does: nothing is parsed up front
     assert calls == [] and len(warm) == 40 and warm.indexes[0].data_path == str(path)
     path.write_text(path.read_text().replace('"q3"', '"changed"'))
