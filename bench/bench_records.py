@@ -49,7 +49,9 @@ def make(root: Path, n: int) -> str:
 
 def run(tree: Path, meta: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", CHILD, meta], env=env, capture_output=True, text=True, check=True)
+    # cwd = the tree: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", CHILD, meta], env=env, cwd=tree, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

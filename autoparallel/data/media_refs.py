@@ -109,10 +109,9 @@ def local_media(ref: Any, where: tuple[str, int], field: str, root: Optional[str
                         kind="missing media")
     if scheme:
         raise DataError(*where, f"{field}: unsupported URL scheme {scheme!r} in {describe(ref)}")
-    if not os.path.exists(ref) and not (root and os.path.exists(os.path.join(root, ref))):
-        inline = _looks_like_base64_image(ref)
-        if inline is not None:
-            return _store(_b64(ref, where, field), cache_dir)
+    if _looks_like_base64_image(ref) is not None and not os.path.exists(ref) and not (
+            root and os.path.exists(os.path.join(root, ref))):  # the cheap test first: no stat for plain paths
+        return _store(_b64(ref, where, field), cache_dir)
     return resolve_media(ref, root)
 
 
