@@ -34,7 +34,8 @@ def entry_format(entry: dict, where: str) -> RecordFormat:
     hub = [k for k in HUB_KEYS if k in entry]
     if hub:
         raise DataError(where, None, f"{hub[0]}: hub and script datasets are not downloaded here; download the "
-                                     "file and give its file_name", kind="unsupported")
+                                     "file and give its file_name (or pick other entries with --dataset NAME,...)",
+                        kind="unsupported")
     for key, what in NOT_HONOURED.items():
         if key in entry:
             raise DataError(where, None, f"{key!r} ({what}) is not supported", kind="unsupported")
