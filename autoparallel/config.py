@@ -226,6 +226,10 @@ KEY_ALIASES: dict[str, tuple[str, bool]] = {
     "mm_projector_lr": ("merger_lr", False),
     "padding_free": ("packing", False),  # ms-swift
     "neat_packing": ("packing", False),  # LLaMA-Factory (packing without cross-sample attention, as ours)
+    "cutoff_len": ("max_seq_length", False),  # LLaMA-Factory
+    "max_length": ("max_seq_length", False),  # ms-swift
+    "video_max_frames": ("video_maxlen", False),  # LLaMA-Factory
+    "fps_max_frames": ("video_maxlen", False),  # ms-swift FPS_MAX_FRAMES
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,
@@ -256,7 +260,7 @@ COMPATIBILITY_ONLY: dict[str, tuple[Optional[tuple[str, ...]], str]] = {
     "auto_parallel_resume_form_hybrid_parallel": (None, "resume reads this project's dist checkpoints"),
     "overwrite_output_dir": (None, "checkpoints are published atomically and never overwritten mid-run"),
     "logging_dir": (None, "metrics go to output_dir/metrics.jsonl, worker logs to output_dir/logs"),
-    "report_to": (None, "metrics go to output_dir/metrics.jsonl"),
+    "report_to": (("visualdl", "none"), "metrics go to output_dir/metrics.jsonl (and VisualDL when installed)"),
     "save_strategy": (("steps",), "saving follows save_steps"),
     "optim": (("adamw", "adamw_torch"), "the optimizer is AdamW"),
     "hybrid_parallel_topo_order": (None, "the mesh order is fixed by the plan (dp, mp)"),
@@ -364,6 +368,7 @@ class RunConfig:
         owner = _owners(classes)
         values: dict[str, dict[str, Any]] = {name: {} for name in classes}
         ignored: list[str] = []
+        unknown: list[str] = []  # every unknown key of every layer, reported at once (not one per run)
         for source, layer in [(f"{command} default", COMMAND_DEFAULTS[command]), *sources]:
             spelled: dict[str, str] = {}  # key -> how this layer spelled it (aliases may collide)
             for given, raw in layer.items():
@@ -374,8 +379,9 @@ class RunConfig:
                 key, negate = KEY_ALIASES.get(given, (given, False))
                 if key not in owner:
                     close = difflib.get_close_matches(key, [*owner, *KEY_ALIASES], n=3)
-                    hint = f"; did you mean {', '.join(close)}?" if close else ""
-                    raise ConfigError(f"unknown config key {key!r} ({source}){hint}")
+                    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                    unknown.append(f"{key!r} ({source}){hint}")
+                    continue
                 section, annotation = owner[key]
                 value = _convert(raw, annotation, given, source)
                 value = not value if negate else value
@@ -384,6 +390,8 @@ class RunConfig:
                                       f"(both set {key})")
                 spelled[key] = f"{given}={raw!r}"
                 values[section][key] = value
+        if unknown:
+            raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {'; '.join(unknown)}")
         built = {}
         for name, section_cls in classes.items():
             try:

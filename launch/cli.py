@@ -18,6 +18,7 @@ training (started on every device with paddle.distributed.launch):
 
 planning:
   plan        will it fit? per-rank memory and communication for a config, without starting workers
+  data        validate and preview a dataset as training reads it (--meta_path M | --dataset A,B, --show N)
 
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
@@ -49,6 +50,12 @@ def _plan(argv: list[str]) -> int:
     from launch.plan import plan_main
 
     return plan_main(argv)
+
+
+def _data(argv: list[str]) -> int:
+    from launch.data import data_main
+
+    return data_main(argv)
 
 
 def _infer(argv: list[str]) -> int:
@@ -86,6 +93,7 @@ def _training(command: str) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plan": _plan,
+    "data": _data,
     "infer": _infer,
     "serve": _serve,
     "eval": _eval,
@@ -97,6 +105,20 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "lora": _training("lora"),
     "demo": _demo,
 }
+
+
+TRAINING_COMMANDS = ("sft", "lora", "data")
+
+
+def training_help(command: str) -> str:
+    """`qwen2vl-ap sft --help`: the usage line and every config key, by section."""
+    from autoparallel.config import SECTIONS
+
+    lines = [f"usage: qwen2vl-ap {command} [--config FILE|PRESET] [--key value ...]"
+             + (" [--show N]" if command == "data" else ""), "", "config keys (YAML or --key value):"]
+    for name, section in SECTIONS.items():
+        lines.append(f"  {name}: " + " ".join(sorted(section.__dataclass_fields__)))
+    return "\n".join(lines)
 
 
 # Third-party warnings every run prints that say nothing about the user's run (workers keep them in their logs).
@@ -112,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in TRAINING_COMMANDS and any(a in ("-h", "--help") for a in rest):
+        print(training_help(command))
+        return 0
     if command not in COMMANDS:
         print(f"qwen2vl-ap: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ described in autoparallel/planning/setup.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from autoparallel.config import ConfigError, RunConfig
@@ -63,6 +64,9 @@ def plan_main(argv: list[str]) -> int:
     if options.device not in ("gpu", "cpu") or not 0 < options.supervised_fraction <= 1:
         raise ConfigError("plan options: --device gpu|cpu, --supervised_fraction in (0, 1]")
     cfg = load(config, overrides)
+    for key, path in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
+        if path is not None and not os.path.isfile(path):  # the plan would describe data that is not there
+            raise ConfigError(f"{key}={path!r}: file not found")
     planned = plan_run(cfg, options)
     collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
     print(render_report(planned, collectives, options))

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
-from autoparallel.data.records import DataError, RecordStore, missing_media_error
+from autoparallel.data.dataset import SFTDataset
+from autoparallel.data.records import DataError, RecordStore
+from autoparallel.data.survey import survey
 from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
+from autoparallel.engine.trainer import build_processor_for
 from autoparallel.engine.training_eval import evaluation_problem
 from launch.config import launch_defaults, load_run_config, parse_overrides
 from network.config import Qwen2VLConfig
@@ -31,15 +34,16 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     problem = trainable_problem(config, cfg.model.trainable())
     if problem:
         raise ConfigError(problem)
-    if cfg.data.meta_path is None and cfg.data.synthetic_data_dir is None:
-        raise ConfigError("meta_path is not set (or set synthetic_data_dir for the generated demo dataset)")
-    for key, value in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
-        if value is None:
+    if cfg.data.meta_path is None and not cfg.data.dataset and cfg.data.synthetic_data_dir is None:
+        raise ConfigError("meta_path is not set (or dataset, or synthetic_data_dir for the generated demo dataset)")
+    train_key = "meta_path" if cfg.data.meta_path is not None else "dataset"
+    for key, value in ((train_key, cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
+        if value is None and (key != "dataset" or not cfg.data.dataset):
             continue
-        if not Path(value).is_file():
+        if value is not None and not Path(value).is_file():
             raise ConfigError(f"{key}={value!r}: file not found")
         try:
-            check_records(cfg, value, train=key == "meta_path")
+            check_records(cfg, value, train=key != "eval_meta_path")
         except DataError as exc:
             raise ConfigError(f"{key}: {exc}") from None
     if cfg.parallel.pipeline_parallel_degree > 1 and cfg.train.evaluation_strategy != "no":
@@ -61,29 +65,49 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     return config
 
 
-def check_records(cfg: RunConfig, meta_path: str, train: bool) -> None:
+PARENT_PROBE_SAMPLES = 1000
+
+
+def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None:
     """What is cheap to find before workers start: the meta and annotation files parse, every record is valid
-    (placeholder counts, roles, JSON), its media files exist, and the training set fills one global batch.
-    Decoding media stays with the workers (their errors are relayed as one line too). With skip_bad_samples,
-    bad records are left to the loader, which skips and counts them."""
+    (placeholder counts, roles, JSON) and its media files exist (RecordStore, once per file content), the
+    training set fills one global batch, and a sample of the records fits max_seq_length (with readable media
+    headers). Decoding media stays with the workers (their errors are relayed as one line too). With
+    skip_bad_samples, bad records are skipped and counted instead."""
     skip = cfg.data.skip_bad_samples
-    store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip)
-    if not skip:
-        for conv in store.conversations:
-            for path in (*conv.images, *conv.videos):
-                if not os.path.exists(path):
-                    raise missing_media_error(conv, path)
+    store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip, dataset=cfg.data.dataset if train else None,
+                        dataset_dir=cfg.data.dataset_dir)
+    if store.missing_media and not skip:
+        raise store.missing_media[0]
+    warning = store.unread_keys_warning()
+    if warning:
+        logger.warning("%s", warning)
+    if store.own_system and any("system_prompt" in layer for _, layer in cfg.sources):
+        logger.warning("%s: %d of %d records carry their own system prompt, which replaces system_prompt for them",
+                       store.meta_path, store.own_system, store.num_records)
+    # Lengths need the tokenizer: a bounded, evenly spaced probe finds "every sample is too long" (a preset's
+    # max_seq_length with videos) here, in one line, instead of inside the workers.
+    found = survey(SFTDataset(cfg.data, build_processor_for(cfg), meta_path=meta_path, records=store),
+                   PARENT_PROBE_SAMPLES)
+    if found.errors and not skip:
+        raise found.errors[0]
+    problem = found.too_long_problem()
+    if problem:
+        raise DataError(store.meta_path, None, problem, kind="too long")
+    warning = found.too_long_warning()
+    if warning:
+        logger.warning("%s: %s", store.meta_path, warning)
     per_device = cfg.train.per_device_train_batch_size if train else cfg.train.per_device_eval_batch_size
     dp = cfg.parallel.degrees().dp
     if train and len(store) < per_device * dp:
-        raise DataError(meta_path, None, f"the dataset has {len(store)} samples, fewer than one global batch of "
+        raise DataError(store.meta_path, None, f"the dataset has {len(store)} samples, fewer than one global batch of "
                                          f"{per_device * dp} (per_device_train_batch_size {per_device} x {dp} "
                                          "data-parallel ranks)", kind="too small")
 
 
 def _ensure_synthetic_data(cfg: RunConfig) -> None:
     """The demo dataset is generated on first use and referenced from the config."""
-    if cfg.data.meta_path is not None or cfg.data.synthetic_data_dir is None:
+    if cfg.data.meta_path is not None or cfg.data.dataset or cfg.data.synthetic_data_dir is None:
         return
     from autoparallel.data.synthetic import eval_meta_path, make_synthetic_dataset
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from network.processor import DEFAULT_SYSTEM_PROMPT
+
+
+PIXELS_PER_TOKEN = 28 * 28  # one LLM token per merged 2x2 group of 14-pixel patches
 
 
 def _bounds_ok(low: Optional[int], high: Optional[int]) -> bool:
@@ -15,6 +18,10 @@ def _bounds_ok(low: Optional[int], high: Optional[int]) -> bool:
 class DataConfig:
     # PaddleMIX meta JSON: {name: {"annotation" | "file_name": path, "repeat_time": float, "root"?: dir}}.
     meta_path: Optional[str] = None
+    # LLaMA-Factory / ms-swift: entries of meta_path (or of dataset_dir/dataset_info.json) picked by name, or
+    # annotation files read directly (records.resolve_sources).
+    dataset: Optional[list[str]] = None
+    dataset_dir: Optional[str] = None
     # Used by the demo when meta_path is unset: the synthetic dataset is generated there (or reused).
     synthetic_data_dir: Optional[str] = None
     max_seq_length: int = 2048
@@ -37,8 +44,26 @@ class DataConfig:
     dataloader_num_workers: int = 2
     # Used when a record has no system message; "" means no system turn at all.
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Loss masks (dataset.py "Labels"): LLaMA-Factory's train_on_prompt / mask_history, ms-swift's loss_scale
+    # (default: every answer; last_round: the last answer only; all: prompts too). They combine: either name turns
+    # a behaviour on.
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    loss_scale: Literal["default", "last_round", "all"] = "default"
+    # Token budgets (ms-swift's IMAGE_MAX_TOKEN_NUM / VIDEO_MAX_TOKEN_NUM): tokens per image / per video frame,
+    # applied as max_pixels / video_max_pixels = n x 28 x 28 before tokenisation (a token is a merged 28x28 patch).
+    image_max_token_num: Optional[int] = None
+    video_max_token_num: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for budget, pixels in (("image_max_token_num", "max_pixels"), ("video_max_token_num", "video_max_pixels")):
+            tokens = getattr(self, budget)
+            if tokens is None:
+                continue
+            if tokens <= 0 or getattr(self, pixels) not in (None, tokens * PIXELS_PER_TOKEN):
+                raise ValueError(f"{budget}={tokens} must be > 0 and agree with {pixels}={getattr(self, pixels)} "
+                                 f"(= {budget} x {PIXELS_PER_TOKEN}); set one of them")
+            setattr(self, pixels, tokens * PIXELS_PER_TOKEN)
         checks = {
             "max_seq_length": self.max_seq_length >= 8,
             "min_pixels": _bounds_ok(self.min_pixels, self.max_pixels),
@@ -51,6 +76,14 @@ class DataConfig:
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+
+    @property
+    def supervises_prompt(self) -> bool:
+        return self.train_on_prompt or self.loss_scale == "all"
+
+    @property
+    def masks_history(self) -> bool:
+        return self.mask_history or self.loss_scale == "last_round"
 
     @property
     def pixel_overrides(self) -> dict[str, int]:

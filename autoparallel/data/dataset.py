@@ -11,6 +11,9 @@ generates after `<|im_start|>assistant\\n`.
 Labels: the answer tokens and their `<|im_end|>` are supervised; everything else is -100 — system, user, template
 and vision tokens, and the "\\n" after each `<|im_end|>`: generation stops at `<|im_end|>`, so the model is never
 asked to produce that newline (it stays in input_ids so multi-turn context matches the chat template).
+Users choose otherwise with DataConfig (LLaMA-Factory / ms-swift names): `train_on_prompt` / `loss_scale all` also
+supervise the system, user and template tokens (never the vision spans: pixels are not predicted);
+`mask_history` / `loss_scale last_round` supervise only the last turn's answer.
 
 Truncation to `max_seq_length` (S = untruncated length, L = max_seq_length), when S > L:
   1. keep the longest prefix ending at a complete turn (after an answer's `<|im_end|>\\n`) that is <= L, else
@@ -43,6 +46,7 @@ from autoparallel.data.records import (
     SkipLog,
     missing_media_error,
 )
+from autoparallel.data.media_refs import VideoRef
 from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
 from network.rope_index import get_rope_index
@@ -64,15 +68,16 @@ def build_processor(config: DataConfig, path: Optional[str] = None,
     return Qwen2VLProcessor(processor.tokenizer, dataclasses.replace(processor.image_processor, **overrides))
 
 
-def _video_frames_and_size(path: str, fps: float, max_frames: int) -> tuple[int, int, int]:
-    """(sampled frame count, height, width) of a video file or frame directory, as `load_video` will return,
-    from container metadata / image headers only."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not names:
+def _video_frames_and_size(path: VideoRef, fps: float, max_frames: int) -> tuple[int, int, int]:
+    """(sampled frame count, height, width) of a video file, frame directory or frame list, as `load_video` will
+    return, from container metadata / image headers only."""
+    if isinstance(path, tuple) or os.path.isdir(path):
+        frames = list(path) if isinstance(path, tuple) else [os.path.join(path, n) for n in sorted(
+            n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))]
+        if not frames:
             raise ValueError(f"frame directory {path!r} contains no image files")
-        n = min(len(names), max(2, max_frames // 2 * 2))
-        return n + n % 2, *image_hw(os.path.join(path, names[0]))
+        n = min(len(frames), max(2, max_frames // 2 * 2))
+        return n + n % 2, *image_hw(frames[0])
     import av
 
     try:
@@ -100,21 +105,25 @@ class SFTDataset:
     + second_per_grid_ts float32 [n_videos] (only with videos),
     num_tokens int (= S), num_labels int (supervised tokens), index int.
     Bad samples raise DataError naming the annotation file, record index and reason.
+    `records`: an already read RecordStore of the same data (the parent's checks reuse theirs).
     `video_tokens_per_second`: the model's video M-RoPE time scale (Qwen2.5-VL; None for Qwen2-VL, see
     network.rope_index.video_tokens_per_second), used for `position_ids`.
     """
 
     def __init__(self, config: DataConfig, processor: Optional[Qwen2VLProcessor] = None,
                  meta_path: Optional[str] = None, skips: Optional[SkipLog] = None,
-                 video_tokens_per_second: Optional[float] = None):
+                 video_tokens_per_second: Optional[float] = None, records: Optional[RecordStore] = None):
         self.config = config
         self.video_tokens_per_second = video_tokens_per_second
         self.meta_path = meta_path or config.meta_path
-        if not self.meta_path:
-            raise ValueError("no meta_path given (DataConfig.meta_path or the meta_path argument)")
+        if not self.meta_path and not config.dataset:
+            raise ValueError("no data given (DataConfig.meta_path / dataset or the meta_path argument)")
         self.processor = build_processor(config, processor=processor)
         self.skips = skips if skips is not None else SkipLog()
-        self.records = RecordStore(self.meta_path, config.data_seed, config.skip_bad_samples, self.skips)
+        own = meta_path is None  # the config's training data (meta_path and/or dataset); else e.g. eval_meta_path
+        self.records = records if records is not None else RecordStore(
+            self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
+            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
         tok = self.processor.tokenizer
         self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
@@ -163,6 +172,8 @@ class SFTDataset:
                 else:
                     prompt(piece)
 
+        supervise_prompt = self.config.supervises_prompt
+
         def flush() -> None:
             nonlocal spans_end
             text = ""
@@ -170,12 +181,15 @@ class SFTDataset:
                 if isinstance(part, str):
                     text += part
                     continue
-                ids.extend(self._encode(text))
+                encoded = self._encode(text)
+                ids.extend(encoded)
+                labels.extend(encoded if supervise_prompt else [IGNORE_INDEX] * len(encoded))
                 text = ""
-                if part and part[0] == ids_["<|vision_start|>"]:
+                vision = bool(part) and part[0] == ids_["<|vision_start|>"]
+                if vision:
                     spans_end = len(ids) + len(part)
                 ids.extend(part)
-            labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
+                labels.extend(part if supervise_prompt and not vision else [IGNORE_INDEX] * len(part))
             chunk.clear()
 
         system = conv.system if conv.system is not None else self.config.system_prompt
@@ -183,7 +197,8 @@ class SFTDataset:
             prompt([ids_["<|im_start|>"]], "system\n")
             content(system)
             prompt([ids_["<|im_end|>"]], "\n")
-        for user, answer in conv.turns:
+        last_turn = len(conv.turns) - 1
+        for turn, (user, answer) in enumerate(conv.turns):
             prompt([ids_["<|im_start|>"]], "user\n")
             content(user)
             prompt([ids_["<|im_end|>"]], "\n", [ids_["<|im_start|>"]], "assistant\n")
@@ -192,7 +207,8 @@ class SFTDataset:
                 return np.asarray(ids, np.int64), np.asarray(labels, np.int64)
             answer_ids = self._encode(answer) + [ids_["<|im_end|>"]]
             ids.extend(answer_ids)
-            labels.extend(answer_ids)
+            masked = self.config.masks_history and turn < last_turn
+            labels.extend([IGNORE_INDEX] * len(answer_ids) if masked else answer_ids)
             ids.extend(self._encode("\n"))
             labels.append(IGNORE_INDEX)
             turn_ends.append(len(ids))
@@ -213,7 +229,9 @@ class SFTDataset:
         return ids[:cut], labels[:cut]
 
     # ---- probing (no pixel decoding) ----------------------------------------------------------------------------
-    def _media_error(self, conv: Conversation, path: str, e: Exception) -> DataError:
+    def _media_error(self, conv: Conversation, path: VideoRef, e: Exception) -> DataError:
+        if isinstance(path, tuple):  # a frame list: name its first missing frame, else its first
+            path = next((p for p in path if not os.path.exists(p)), path[0])
         if not os.path.exists(path):
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
@@ -234,14 +252,18 @@ class SFTDataset:
                 raise self._media_error(conv, path, e) from None
         return image_tokens, video_tokens
 
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of sample i as training builds them, from media headers only (no pixels)."""
+        conv = self.records.conversation(i)
+        return self.render(conv, *self._probe_tokens(conv))
+
     def probe(self, i: int) -> tuple[int, int]:
         """(num_tokens, num_labels) of sample i after truncation; raises DataError for a bad sample. Cached."""
         if i in self._probe_errors:
             raise self._probe_errors[i]
         if self._lengths[i] < 0:
-            conv = self.records.conversation(i)
             try:
-                ids, labels = self.render(conv, *self._probe_tokens(conv))
+                ids, labels = self.tokens(i)
             except DataError as e:
                 self._probe_errors[i] = e
                 raise

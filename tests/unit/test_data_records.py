@@ -60,7 +60,7 @@ def test_both_record_forms_round_trip(tmp_path, ext):
 
 def test_without_root_media_paths_are_taken_as_given(tmp_path):
     ann = write_json(tmp_path / "a.json", [MESSAGES])
-    meta = write_json(tmp_path / "meta.json", {"d": {"file_name": "a.json"}})  # relative to the meta file
+    meta = write_json(tmp_path / "meta.json", {"d": {"annotation": "a.json"}})  # relative to the meta file
     assert RecordStore(meta, seed=0).conversation(0).images == ("a.png", "/abs/b.png")
     assert load_meta(meta)[0].annotation == ann
 
@@ -136,7 +136,7 @@ def test_repeat_time_in_meta(tmp_path):
 
 BAD_RECORDS = [
     ({"messages": []}, "empty or not a list", "malformed record"),
-    ({"foo": 1}, 'neither "messages" nor "conversations"', "malformed record"),
+    ({"foo": 1}, 'no known record shape: expected "messages", "conversations"', "malformed record"),
     ("just a string", "must be an object", "malformed record"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "'role' must be one of", "malformed record"),
     ({"messages": [{"role": "user", "content": "q"}]}, "must alternate", "malformed record"),
@@ -149,7 +149,7 @@ BAD_RECORDS = [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<image>"}],
       "images": ["x.png"]}, "placeholder in the answer", "placeholder mismatch"),
     ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
-     "'value' must be a string", "malformed record"),
+     "'value' must be a string or a content list", "malformed record"),
 ]
 
 
