@@ -22,7 +22,7 @@ vocab-parallel one (only [chunk]-sized statistics cross "mp").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import paddle
 import paddle.nn.functional as F
@@ -126,6 +126,16 @@ class _LinearCrossEntropy(PyLayer):
         return grads
 
 
+def rows_per_chunk(hidden_shape: Sequence[int], weight_shape: Sequence[int], transpose_weight: bool) -> int:
+    """Rows along N per chunk so that one chunk's fp32 logits [..., rows, V] are about CHUNK_BYTES. Give the
+    shapes one process computes on (a distributed caller: the local shapes)."""
+    vocab = weight_shape[0] if transpose_weight else weight_shape[-1]
+    lead = 1
+    for d in hidden_shape[:-2]:
+        lead *= d
+    return max(1, CHUNK_BYTES // (4 * vocab * lead))
+
+
 def linear_cross_entropy(hidden: paddle.Tensor, weight: paddle.Tensor, targets: paddle.Tensor, *,
                          transpose_weight: bool, normalizer: float = 1.0, chunk_rows: int | None = None,
                          rule: ChunkRule = dense_chunk) -> paddle.Tensor:
@@ -135,11 +145,7 @@ def linear_cross_entropy(hidden: paddle.Tensor, weight: paddle.Tensor, targets: 
     matrix) else [H, V] (a Paddle Linear). Chunks of `chunk_rows` rows along N (default: ~CHUNK_BYTES of
     fp32 logits per chunk). Gradients flow to `hidden` and `weight` unless they are stop_gradient.
     """
-    vocab = weight.shape[0] if transpose_weight else weight.shape[-1]
-    lead = 1
-    for d in hidden.shape[:-2]:
-        lead *= d
-    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * vocab * lead))
+    chunk = chunk_rows or rows_per_chunk(hidden.shape, weight.shape, transpose_weight)
     need_grads = paddle.is_grad_enabled()
     return _LinearCrossEntropy.apply(hidden, weight, targets.astype("int64"), float(normalizer), int(chunk),
                                      transpose_weight, rule, need_grads)

@@ -1,0 +1,142 @@
+"""Issue 29's fixes that one process can check on a one-rank mesh: N8 (loss chunks from local shapes), N10 (the
+pipeline norm: Partial gradients reduced once, one scalar reduction), N11 (ZeRO-1 reduces to the optimizer
+shard), and the communication ledger's pieces that need no peer (reshard kinds, the planner's ring volumes)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+import pytest
+
+from autoparallel import gradients, pipeline
+from autoparallel.comm_ledger import StepComm, render_comm_summary, reshard_kind
+from autoparallel.forward import loss_chunk_rows
+from autoparallel.planning.communication import Collective, wire_bytes_sent
+from network.loss import rows_per_chunk
+
+
+class _DistLike:
+    """A dist tensor's shape facts only: global `shape`, this rank's `_local_shape`."""
+
+    def __init__(self, shape, local):
+        self.shape, self._local_shape = shape, local
+
+    def is_dist(self) -> bool:
+        return True
+
+
+def test_n8_loss_chunks_are_sized_from_local_shapes():
+    """N8: at dp 4 x mp 2 a rank computes logits of [1, K] rows x V/2 columns; the chunk must hold 8x the rows the
+    global shapes [4, K, H] x V would give (old main sized from the global shapes)."""
+    K, H, V = 4096, 64, 32768
+    hidden = _DistLike([4, K, H], [1, K, H])
+    weight = _DistLike([V, H], [V // 2, H])
+    global_rows = rows_per_chunk([4, K, H], [V, H], transpose_weight=True)
+    assert loss_chunk_rows(hidden, weight, transpose_weight=True) == 8 * global_rows
+    dense = paddle.zeros([2, 3, H])
+    assert loss_chunk_rows(dense, paddle.zeros([H, V]), transpose_weight=False) == rows_per_chunk(
+        [2, 3, H], [H, V], transpose_weight=False)
+
+
+@pytest.fixture
+def mesh():
+    return dist.ProcessMesh([0], dim_names=["dp"])
+
+
+def _partial_grads(mesh, n=3):
+    """A layer with replicated [4, 2] parameters whose gradients are Partial over "dp" (a dp-sharded batch
+    through them)."""
+    layer = paddle.nn.Layer()
+    for i in range(n):
+        init = paddle.nn.initializer.Constant(float(i + 1))
+        param = layer.create_parameter([4, 2], default_initializer=init)
+        layer.add_parameter(f"w{i}", dist.shard_tensor(param, mesh, [dist.Replicate()]))
+    params = list(layer.parameters())
+    x = dist.shard_tensor(paddle.ones([3, 4]), mesh, [dist.Shard(0)])
+    sum(paddle.matmul(x, p).sum() for p in params).backward()
+    assert all(p.grad.placements[0].is_partial() for p in params)
+    return layer
+
+
+def _spy_reshard(monkeypatch):
+    calls = []
+    original = dist.reshard
+
+    def reshard(tensor, mesh, placements):
+        calls.append((list(tensor.placements), list(placements)))
+        return original(tensor, mesh, placements)
+
+    monkeypatch.setattr(dist, "reshard", reshard)
+    return calls
+
+
+def test_n11_zero1_reduces_partial_gradients_to_the_optimizer_shard(mesh, monkeypatch):
+    """N11: under ZeRO-1 a Partial gradient goes to the shard ShardingStage1 keeps (Partial -> Shard(0): a
+    reduce-scatter), not to the replicated parameter's placements (Partial -> Replicate: an all-reduce)."""
+    params = _partial_grads(mesh).parameters()
+    optimizer = dist.shard_optimizer(paddle.optimizer.AdamW(parameters=params),
+                                     dist.ShardingStage1("dp", mesh))
+    axis = gradients.zero1_sharding_axis(optimizer)
+    assert axis == 0
+    calls = _spy_reshard(monkeypatch)
+    gradients.reduce_partial_gradients_(params, axis)
+    assert [dst for _, dst in calls] == [[dist.Shard(0)]] * 3
+    assert all(p.grad.placements == [dist.Shard(0)] for p in params)
+    np.testing.assert_allclose(params[0].grad.numpy(), np.full([4, 2], 3.0))
+    assert gradients.zero1_sharding_axis(paddle.optimizer.AdamW(parameters=params)) is None
+    stage2 = dist.shard_optimizer(paddle.optimizer.AdamW(parameters=params), dist.ShardingStage2("dp", mesh))
+    assert gradients.zero1_sharding_axis(stage2) is None
+
+
+def test_n10_pipeline_norm_reduces_partials_once_then_one_scalar(mesh, monkeypatch):
+    """N10: `finish_gradients` reshards each Partial gradient once (to the parameter's placements) and takes the
+    stage's sum of squares with ONE scalar reduction (old main: one blocking `replicated_value` per parameter,
+    each squaring a Partial gradient)."""
+    model = _partial_grads(mesh)
+    stage = pipeline.Stage(index=0, num_stages=1, layers=range(0), mesh=mesh, prev_rank=None, next_rank=None,
+                           tied_peer=None, ranks_per_stage=1)
+    scalars = []
+    monkeypatch.setattr(pipeline, "replicated_value",
+                        lambda t: scalars.append(t) or t._local_value().numpy())
+    monkeypatch.setattr(pipeline, "_world_sum", lambda value: value)
+    calls = _spy_reshard(monkeypatch)
+    norm = pipeline.finish_gradients(model, stage)
+    assert len(scalars) == 1
+    assert [src[0].is_partial() and dst == [dist.Replicate()] for src, dst in calls] == [True] * 3
+    # grad of p = x^T @ ones = 3 everywhere: 3 params x 8 entries x 9
+    assert math.isclose(norm, math.sqrt(3 * 8 * 9), rel_tol=1e-6)
+
+
+def test_reshard_kinds_follow_the_placement_change():
+    P, R, S0, S1 = dist.Partial(), dist.Replicate(), dist.Shard(0), dist.Shard(1)
+    assert reshard_kind([P], [R]) == "all_reduce"
+    assert reshard_kind([P, R], [S0, R]) == "reduce_scatter"
+    assert reshard_kind([S0], [R]) == "all_gather"
+    assert reshard_kind([S0], [S1]) == "all_to_all"
+    assert reshard_kind([R], [S0]) == "local"
+    assert reshard_kind([P, S0], [R, R]) == "all_reduce"
+
+
+def test_planned_wire_bytes_are_ring_volumes():
+    """The planner's ideal per-rank sent bytes: ring all-reduce 2(n-1)/n, all-gather/reduce-scatter (n-1)/n,
+    send/recv entries half sent."""
+    setup = type("S", (), {"degrees": type("D", (), {"dp": 4, "mp": 2})(), "pp": 1})()
+    assert wire_bytes_sent(Collective("dp", "all_reduce", "g", 2, 1000), setup) == 2 * 1000 * 2 * 3 / 4
+    assert wire_bytes_sent(Collective("dp", "reduce_scatter", "g", 1, 1000), setup) == 750
+    assert wire_bytes_sent(Collective("mp", "all_gather", "g", 1, 1000), setup) == 500
+    assert wire_bytes_sent(Collective("pp", "send/recv", "a", 4, 1000), setup) == 2000
+
+
+def test_summary_puts_cpu_workarounds_on_their_own_line():
+    step = StepComm(sent=3000, received=3000)
+    step.bytes["all_reduce"] = [1000, 1000]
+    step.bytes["reduce_scatter"] = [2000, 2000]
+    step.calls.update(all_reduce=1, reduce_scatter=1)
+    step.workaround["reduce_scatter"] = [2000, 2000]
+    text = render_comm_summary([step], {"all_reduce": 3000}, {"all_reduce": 1000, "reduce_scatter": 1000})
+    first, *kinds, workaround = text.splitlines()
+    assert "measured/planned 1.000" in first
+    assert workaround.strip().startswith("CPU-only workarounds") and "ratio 1.000" in workaround
+    assert step.record()["kinds"]["other"] == {"sent": 0, "received": 0, "calls": None}
