@@ -20,7 +20,7 @@ block for all images at once would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -69,6 +69,22 @@ class PackedRows:
         return paddle.to_tensor(self.bounds[0])
 
 
+@dataclass
+class SegmentRows:
+    """Padded ViT rows' `ids` int [batch, seq] (one id per image/frame, the padding a segment of its own), with
+    the GPU path's additive block-diagonal mask built once per forward and shared by every block (N6: one mask
+    per block, each kept for backward, was 32 [N, N] masks)."""
+
+    ids: paddle.Tensor
+    _masks: dict = field(default_factory=dict)
+
+    def additive(self, dtype) -> paddle.Tensor:
+        if dtype not in self._masks:
+            seq = self.ids.shape[1]
+            self._masks[dtype] = additive_mask(seq, seq, False, None, dtype, self.ids)
+        return self._masks[dtype]
+
+
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
     # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
     return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
@@ -91,7 +107,7 @@ def attention(
     causal: bool,
     attention_mask: paddle.Tensor | None = None,
     segments: Segments | None = None,
-    segment_ids: paddle.Tensor | None = None,
+    segment_ids: paddle.Tensor | SegmentRows | None = None,
     packed: PackedRows | None = None,
 ) -> paddle.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)); returns [batch, q_len, heads, head_dim].
@@ -100,14 +116,17 @@ def attention(
     for right-padded batches whose padded positions are never read.
     segments: block-diagonal attention within each segment of a single packed sequence (batch 1).
     segment_ids: int [batch, seq] (q_len == kv_len, no cache): tokens attend only within their own id (the
-    image/frame of a padded ViT row).
+    image/frame of a padded ViT row); a `SegmentRows` shares its GPU mask across calls.
     packed: the samples of packed text rows (q_len == kv_len, no cache, causal): each sample sees only itself.
     """
     if packed is not None and _use_gpu_kernels(q):
         return _gpu_packed_attention(q, k, v, packed)
+    rows = segment_ids if isinstance(segment_ids, SegmentRows) else None
+    if rows is not None:
+        segment_ids = rows.ids
     if segment_ids is not None and _use_gpu_kernels(q):
         # Padded ViT rows: short, padding runs included; SDPA with the block-diagonal map (additive_mask).
-        mask = additive_mask(q.shape[1], k.shape[1], False, None, q.dtype, segment_ids)
+        mask = (rows or SegmentRows(segment_ids)).additive(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if _use_gpu_kernels(q):
         return _gpu_attention(q, k, v, causal, attention_mask, segments)

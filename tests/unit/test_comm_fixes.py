@@ -140,3 +140,41 @@ def test_summary_puts_cpu_workarounds_on_their_own_line():
     assert "measured/planned 1.000" in first
     assert workaround.strip().startswith("CPU-only workarounds") and "ratio 1.000" in workaround
     assert step.record()["kinds"]["other"] == {"sent": 0, "received": 0, "calls": None}
+
+
+def test_n6_padded_vit_builds_one_mask_per_forward(monkeypatch):
+    """N6: on the GPU path the trainable ViT's block-diagonal additive mask is built once per `forward_padded` and
+    shared by every block (old main: one [B, 1, N, N] mask per block, each kept for backward); same output.
+    The GPU branch is entered by patching the kernel gate (fp32 here: no bf16 matmul on CPU); under the
+    simulated-GPU mode (QWEN2VL_AP_SIMULATE_GPU=1) the gate patch is not needed."""
+    import paddle.nn.functional as F
+
+    import network.attention as attention_mod
+    from network.config import Qwen2VLConfig
+    from network.modeling_vision import Qwen2VisionTransformer, vision_segment_ids
+
+    config = Qwen2VLConfig.preset("tiny").vision_config
+    paddle.seed(0)
+    tower = Qwen2VisionTransformer(config)
+    grid = np.array([[1, 4, 4], [1, 4, 8]])
+    n, width = 48, 56
+    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    pad = lambda x, value: paddle.concat([x, paddle.full([width - n, *x.shape[1:]], value, x.dtype)])[None]
+    cos, sin = tower.rotary_cos_sin(grid)
+    inputs = (pad(paddle.randn([n, patch_dim]), 0.0), pad(cos, 0.0), pad(sin, 0.0),
+              pad(paddle.to_tensor(vision_segment_ids(grid)), -1))
+    expected = tower.forward_padded(*inputs).numpy()
+
+    def sdpa(q, k, v, attn_mask=None):
+        qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
+        scores = paddle.matmul(qt, kt, transpose_y=True) * q.shape[-1] ** -0.5 + attn_mask
+        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
+
+    built = []
+    original = attention_mod.additive_mask
+    monkeypatch.setattr(attention_mod, "_use_gpu_kernels", lambda q: True)
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(attention_mod, "additive_mask", lambda *a, **k: built.append(1) or original(*a, **k))
+    out = tower.forward_padded(*inputs).numpy()
+    assert len(tower.blocks) > 1 and len(built) == 1
+    np.testing.assert_allclose(out[0, :n], expected[0, :n], rtol=1e-4, atol=1e-5)
