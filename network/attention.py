@@ -64,9 +64,23 @@ class PackedRows:
         return self._bounds
 
     @cached_property
-    def cu_seqlens(self) -> paddle.Tensor:
-        """`bounds`' cu_seqlens as the int32 device tensor varlen kernels take, uploaded once per forward."""
-        return paddle.to_tensor(self.bounds[0])
+    def sample_ends(self) -> paddle.Tensor:
+        """int32 [batch, 1, seq, 1]: for each key, the end (exclusive) of its sample in its row: FlashMask's
+        causal `startend_row_indices` (queries from that row on are masked), computed on the device from `ids`
+        once per forward, with `ids`' batch split (no host read)."""
+        seq = self.ids.shape[1]
+        ids = self.ids.astype("int64")
+        position = paddle.cumsum(paddle.ones_like(ids), axis=1) - 1
+        starts = paddle.concat([paddle.zeros_like(ids[:, :1]).astype("bool"), ids[:, 1:] != ids[:, :-1]], axis=1)
+        # A run starting at k ends every run before it: the end of key j is the first start after j, else seq.
+        start_at = paddle.where(starts, position, paddle.full_like(position, seq))
+        later = paddle.concat([start_at[:, 1:], paddle.full_like(start_at[:, :1], seq)], axis=1)
+        # A suffix minimum as a prefix minimum of the reversed row; reversed by take_along_axis, which keeps the
+        # batch split (flip has no sharding rule and would replicate the rows).
+        reverse = (seq - 1) - position
+        backwards = paddle.cummin(paddle.take_along_axis(later, reverse, axis=1), axis=1)[0]
+        ends = paddle.take_along_axis(backwards, reverse, axis=1)
+        return ends.astype("int32")[:, None, :, None]
 
 
 @dataclass
@@ -288,14 +302,12 @@ def packed_cu_seqlens(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _gpu_packed_attention(q, k, v, packed: PackedRows) -> paddle.Tensor:
-    """Varlen flash attention over the samples of packed rows (not exercised on CPU: written against Paddle
-    3.x `flash_attn_unpadded(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-    dropout, causal)` on [total_tokens, heads, head_dim])."""
-    from paddle.nn.functional.flash_attention import flash_attn_unpadded
+    """Causal FlashMask attention over packed rows: each key's sample end masks the later samples' queries (not
+    exercised on CPU: written against Paddle 3.3.1 `flashmask_attention(query, key, value,
+    startend_row_indices, causal=True)`). N5: FlashMask has a sharding rule (FlashMaskInferSpmd), so dp-split
+    rows and mp-split heads stay local; the varlen kernel has none, and every rank received the replicated
+    global batch in every layer."""
+    from paddle.nn.functional.flash_attention import flashmask_attention
 
     k, v = kv_for_kernel(q, k, v)
-    b, s = q.shape[0], q.shape[1]
-    cu, longest = packed.cu_seqlens, packed.bounds[1]
-    flat = [x.reshape([b * s, x.shape[2], x.shape[3]]) for x in (q, k, v)]
-    out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=True)
-    return out.reshape([b, s, q.shape[2], q.shape[3]])
+    return flashmask_attention(q, k, v, packed.sample_ends, causal=True)
