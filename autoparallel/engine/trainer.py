@@ -45,6 +45,7 @@ from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
+from network.device import on_gpu
 from network.hub import resolve_model_dir
 from network.log import logger
 from network.process_memory import peak_rss_bytes
@@ -428,10 +429,14 @@ class Trainer:
         return dict(Counter(kind for _, _, kind in unique))
 
     def report_peak_rss(self) -> float:
-        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt."""
+        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt; on a GPU
+        also the device's peak allocated memory, which is what the planner's per-rank figure models there."""
         peak_gib = peak_rss_bytes() / 2**30
         with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
             f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
+            if on_gpu():
+                device_gib = paddle.device.cuda.max_memory_allocated() / 2**30
+                f.write(f"peak device memory allocated after {self.step} steps: {device_gib:.3f} GiB\n")
         logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
         return round(peak_gib, 3)
 

@@ -178,3 +178,80 @@ def test_n6_padded_vit_builds_one_mask_per_forward(monkeypatch):
     out = tower.forward_padded(*inputs).numpy()
     assert len(tower.blocks) > 1 and len(built) == 1
     np.testing.assert_allclose(out[0, :n], expected[0, :n], rtol=1e-4, atol=1e-5)
+
+
+def _setup(seq=256, mp=1, sharding=0, flash=True, vit=False, lora=None, dtype="bfloat16"):
+    from autoparallel.planning.memory import PlanSetup, Workload
+    from network.config import Qwen2VLConfig
+    from placements.degrees import ParallelDegrees
+    from placements.qwen2_vl import Trainable
+
+    degrees = ParallelDegrees(tensor_parallel_degree=mp, **(dict(sharding_parallel_degree=2, sharding_stage=sharding)
+                                                            if sharding else {}))
+    workload = Workload(1, seq, image_grid=(1, 16, 16))
+    return PlanSetup(Qwen2VLConfig.preset("qwen2-vl-2b"), degrees, workload, dtype=dtype,
+                     trainable=Trainable(vit=vit, merger=vit), lora=lora, flash_attention=flash)
+
+
+def test_n12_flash_decoder_layer_has_no_mask_nor_repeated_kv():
+    """N12: with flash attention a decoder layer keeps nothing of size S^2 (training passes no mask: its bytes
+    double with S) and k/v are not repeated to the query heads (2B: 12 heads, 2 KV heads); old main counted an
+    additive [b, 1, S, S] mask and repeated k/v."""
+    from autoparallel.planning.memory import _decoder_layer_saved, local_widths
+
+    one, two = _setup(1024), _setup(2048)
+    w = local_widths(one.config, 1)
+    _, rest1, _ = _decoder_layer_saved(one, w)
+    _, rest2, _ = _decoder_layer_saved(two, w)
+    assert rest2 == 2 * rest1
+    t, e = 1024, 2
+    qkv = t * e * (3 * w.q + 2 * w.kv + w.kv + w.kv)  # q/k projections + rotary, v: no repeat
+    assert rest1 == qkv + t * w.q * e + 4 * t * w.ffn * e + w.heads * t * 4
+
+
+def test_n12_loss_backward_counts_the_fp32_head_gradient_accumulator():
+    """N12/N8: the chunked loss sums [V/mp, H] weight gradients in an fp32 accumulator, beside the chunk's bf16
+    gradient and its fp32 copy: 10 bytes per head weight element under bf16 (old main: 2)."""
+    from autoparallel.planning.memory import activation_estimate, local_widths
+
+    setup = _setup()
+    est = activation_estimate(setup)
+    phases = {p.name: p.bytes for p in est.phases}
+    kept = sum(x.bytes for x in est.saved)
+    w, k = local_widths(setup.config, 1), setup.workload.supervised
+    assert phases["loss backward"] - kept == 3 * k * w.vocab * 4 + w.vocab * w.h * 10
+
+
+def test_n12_trainable_vit_on_flash_keeps_one_patch_mask():
+    """N12/N6: a trainable ViT on the GPU path keeps one additive [P, P] mask (shared by all blocks)."""
+    from autoparallel.planning.memory import activation_estimate
+
+    with_vit = {t.name: t.bytes for t in activation_estimate(_setup(vit=True)).saved}
+    p = _setup(vit=True).workload.patches
+    term = next(v for n, v in with_vit.items() if n.startswith("trainable ViT"))
+    no_mask = {t.name: t.bytes for t in activation_estimate(_setup(vit=True, flash=False)).saved}
+    assert p > 0 and term >= p * p * 2
+    assert next(v for n, v in no_mask.items() if n.startswith("trainable ViT")) != term
+
+
+def test_n12_lora_zero3_starts_dense():
+    """N12: LoRA under ZeRO-3 loads the whole model first, as the trainer does (needs_dense_load ignores LoRA)."""
+    from autoparallel.planning.memory import LoraSpec, startup_memory, state_memory
+    from autoparallel.sharded_load import needs_dense_load
+
+    setup = _setup(sharding=3, lora=LoraSpec(8, ("q_proj",)))
+    assert needs_dense_load(3)
+    assert startup_memory(setup, state_memory(setup)).dense_first
+
+
+def test_n12_gpu_memory_report_has_device_peak(tmp_path, monkeypatch):
+    """N12: on a GPU, memory_rank*.txt reports the device's peak allocated memory beside host RSS."""
+    from autoparallel.engine import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "on_gpu", lambda: True)
+    monkeypatch.setattr(paddle.device.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    t = object.__new__(trainer_mod.Trainer)
+    t.rank, t.step, t.output_dir = 0, 5, tmp_path
+    t.report_peak_rss()
+    lines = (tmp_path / "memory_rank0.txt").read_text().splitlines()
+    assert lines[0].startswith("peak RSS") and lines[1] == "peak device memory allocated after 5 steps: 3.000 GiB"
