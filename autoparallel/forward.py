@@ -28,7 +28,8 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
-from network.loss import exact_fp32_matmuls, linear_cross_entropy, rows_per_chunk
+from network.loss import exact_fp32_matmuls, linear_cross_entropy
+from network.loss_chunks import rows_per_chunk
 from network.modeling_vision import vision_segment_ids
 
 # Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away

@@ -22,14 +22,15 @@ vocab-parallel one (only [chunk]-sized statistics cross "mp").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from network.loss_chunks import rows_per_chunk
+
 IGNORE_INDEX = -100
-CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk
 # Below it a softmax probability is not exact: Paddle's CPU softmax clamps exponents at -64 (e^-64 ~ 1.6e-28).
 TINY_PROB = 1e-25
 
@@ -124,16 +125,6 @@ class _LinearCrossEntropy(PyLayer):
                       for g in (ctx.hidden_grad, ctx.weight_grad))
         ctx.hidden_grad = ctx.weight_grad = None
         return grads
-
-
-def rows_per_chunk(hidden_shape: Sequence[int], weight_shape: Sequence[int], transpose_weight: bool) -> int:
-    """Rows along N per chunk so that one chunk's fp32 logits [..., rows, V] are about CHUNK_BYTES. Give the
-    shapes one process computes on (a distributed caller: the local shapes)."""
-    vocab = weight_shape[0] if transpose_weight else weight_shape[-1]
-    lead = 1
-    for d in hidden_shape[:-2]:
-        lead *= d
-    return max(1, CHUNK_BYTES // (4 * vocab * lead))
 
 
 def linear_cross_entropy(hidden: paddle.Tensor, weight: paddle.Tensor, targets: paddle.Tensor, *,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from network.config import Qwen2VLConfig
+from network.loss_chunks import rows_per_chunk
 from placements.degrees import ParallelDegrees
 from placements.lora import adapter_layout, adapter_shapes
 from placements.qwen2_vl import (FROZEN_VISION, ParamLayout, Trainable, layout, parameter_shapes, parameter_stages,
@@ -350,9 +351,12 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
     head_saved = 3 * k * w.vocab * 4 + k * w.h * e if last else 0
     head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
-    # CE gradients; the chunk's weight gradient, its fp32 copy (half precision) and the fp32 accumulator of
-    # the chunked loss (network/loss.py sums the chunks' [V/mp, H] weight gradients in fp32).
-    head_backward = 3 * k * w.vocab * 4 + w.vocab * w.h * (e + (4 if e < 4 else 0) + 4)
+    # CE gradients; the chunk's weight gradient, its fp32 copy (half precision) and, over several chunks, the
+    # fp32 accumulator of the chunked loss (network/loss.py sums the chunks' [V/mp, H] weight gradients in fp32;
+    # chunks sized from this rank's shapes, as autoparallel/forward.py does).
+    chunks = math.ceil(k / rows_per_chunk([1, k, w.h], [w.vocab, w.h], transpose_weight=True)) if k else 0
+    head_grad = w.vocab * w.h * (e + (4 if e < 4 else 0) + (4 if chunks > 1 else 0))
+    head_backward = 3 * k * w.vocab * 4 + head_grad
     # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
     boundary = t * w.h * residual if setup.pp > 1 and not last else 0
 

@@ -14,7 +14,7 @@ from autoparallel import gradients, pipeline
 from autoparallel.comm_ledger import StepComm, render_comm_summary, reshard_kind
 from autoparallel.forward import loss_chunk_rows
 from autoparallel.planning.communication import Collective, wire_bytes_sent
-from network.loss import rows_per_chunk
+from network.loss_chunks import rows_per_chunk
 
 
 class _DistLike:
@@ -210,11 +210,11 @@ def test_n12_flash_decoder_layer_has_no_mask_nor_repeated_kv():
 
 
 def test_n12_loss_backward_counts_the_fp32_head_gradient_accumulator():
-    """N12/N8: the chunked loss sums [V/mp, H] weight gradients in an fp32 accumulator, beside the chunk's bf16
-    gradient and its fp32 copy: 10 bytes per head weight element under bf16 (old main: 2)."""
+    """N12/N8: over several chunks the loss sums [V/mp, H] weight gradients in an fp32 accumulator, beside the
+    chunk's bf16 gradient and its fp32 copy: 10 bytes per head weight element under bf16 (old main: 2)."""
     from autoparallel.planning.memory import activation_estimate, local_widths
 
-    setup = _setup()
+    setup = _setup(seq=8192)  # 2048 supervised rows x 151936 fp32 logits: several chunks
     est = activation_estimate(setup)
     phases = {p.name: p.bytes for p in est.phases}
     kept = sum(x.bytes for x in est.saved)
