@@ -20,7 +20,7 @@ figure a GPU run would move (a ring reduce-scatter: half a ring all-reduce) can 
 
 On NCCL nothing crosses a socket within a node (NVLink / shared memory): the same wrapper would time the
 kinds, and the bytes would come from the payloads handed to the collectives (NCCL moves exactly the ring
-volume) or from `NCCL_DEBUG_SUBSYS=COLL` traces; `Ledger` falls back to counting calls only there.
+volume) or from `NCCL_DEBUG_SUBSYS=COLL` traces; `Ledger(gloo=False)` counts calls only.
 """
 from __future__ import annotations
 
@@ -144,18 +144,19 @@ class StepComm:
 class Ledger:
     """Per-step communication of this rank: `start_step()`, the step, `end_step()` -> StepComm."""
 
-    def __init__(self, cpu_workarounds: bool = False):
-        self.cpu_workarounds = cpu_workarounds
+    def __init__(self, gloo: bool = True):
+        """gloo: the process group runs over gloo (the CPU place): bytes come from its TCP sockets, and a
+        Partial -> Shard reshard is cpu_compat's all-reduce + slice. Otherwise (NCCL) only calls are counted."""
+        self.cpu_workarounds = self.measures_bytes = gloo
         self.exclude = store_port()
         self.fds: list[int] = []
         self.current: StepComm | None = None
         self.depth = 0  # nested wrapped calls (the cpu_compat reshard calls reshard): outermost attributes
-        self.measures_bytes = True
 
     # ---- transport counters ------------------------------------------------------------------------------
     def totals(self) -> tuple[int, int]:
-        """(sent, received) over this process's group sockets; rescans when a socket closed or a group was
-        created (new sockets are picked up at the next step boundary and every wrapped call)."""
+        """(sent, received) over this process's group sockets, rescanned at every call (a new group opens new
+        connections)."""
         if not self.measures_bytes:
             return 0, 0
         self.fds = group_sockets(self.exclude)

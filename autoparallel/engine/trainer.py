@@ -151,7 +151,7 @@ class Trainer:
             os.environ.setdefault("PADDLE_PG_TIMEOUT", str(cfg.train.step_timeout * 1000))
         dist.init_parallel_env()
         cpu_compat.apply()
-        self.ledger = Ledger(cpu_workarounds=cpu_compat.runs_on_cpu()).install()
+        self.ledger = Ledger(gloo=cpu_compat.runs_on_cpu()).install()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)

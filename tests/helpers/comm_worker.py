@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_parallel_env()
     cpu_compat.apply()
-    ledger = Ledger(cpu_workarounds=cpu_compat.runs_on_cpu()).install()
+    ledger = Ledger(gloo=cpu_compat.runs_on_cpu()).install()
     result = {}
     for name, kw in LAYOUTS.items():
         config = tiny_config()
