@@ -95,6 +95,18 @@ class TrainingArgs:
     eval_steps: int = 0
     evaluation_strategy: Literal["no", "steps"] = "no"
     per_device_eval_batch_size: int = 1
+    # Generation evaluation at eval_steps on eval_meta_path (autoparallel/engine/training_eval.py): greedy answers
+    # to the first eval_max_samples records scored with eval_metrics (comma-separated names of `qwen2vl-ap eval`).
+    eval_generate: bool = False
+    eval_metrics: str = "exact_match"
+    eval_max_samples: int = 64
+    eval_max_new_tokens: int = 32
+    # `best` link to the checkpoint with the best value of this metric ("eval_loss" or an eval_metrics name, with
+    # or without "eval_"); greater_is_better None: true unless the name ends in "loss" (HF's rule).
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    # Stop after this many evaluations without improving metric_for_best_model (0 = never).
+    early_stopping_patience: int = 0
     # Optional cross-check (PaddleMIX has no such key): when set it must equal per_device_train_batch_size x
     # gradient_accumulation_steps x dp; it never changes the accumulation.
     global_batch_size: Optional[int] = None
@@ -128,6 +140,9 @@ class TrainingArgs:
             "max_steps": self.max_steps == -1 or self.max_steps >= 1,
             "eval_steps": self.eval_steps >= 0,
             "per_device_eval_batch_size": self.per_device_eval_batch_size >= 1,
+            "eval_max_samples": self.eval_max_samples >= 1,
+            "eval_max_new_tokens": self.eval_max_new_tokens >= 1,
+            "early_stopping_patience": self.early_stopping_patience >= 0,
             "global_batch_size": self.global_batch_size is None or self.global_batch_size >= 1,
             "step_timeout": self.step_timeout >= 0,
         }

@@ -223,6 +223,8 @@ class DistCheckpoint:
                                  f"{'; '.join(sl.describe() for sl in entry.slices)})")
 
     def check(self) -> None:
+        if len(self.problems) == 1:
+            raise CheckpointError(f"checkpoint {self.path} is incomplete or inconsistent: {self.problems[0]}")
         if self.problems:
             shown = "\n  ".join(self.problems[:20])
             more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""

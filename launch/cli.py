@@ -22,6 +22,7 @@ planning:
 inference:
   infer       answer prompts with images/videos (single, batch JSONL, --tensor_parallel_degree N)
   serve       OpenAI-compatible server: /v1/chat/completions (stream, images, videos), batching, --lora
+  eval        generate answers for a dataset and score them (exact_match, anls, bleu, ...), --nproc_per_node N
 
 checkpoints:
   merge-ckpt  merge a distributed checkpoint into one model directory (streaming, bounded memory)
@@ -62,6 +63,12 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from launch.evaluate import eval_main
+
+    return eval_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from launch.demo import demo_main
 
@@ -81,6 +88,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plan": _plan,
     "infer": _infer,
     "serve": _serve,
+    "eval": _eval,
     "merge-ckpt": _ckpt_tool("merge_ckpt_main"),
     "merge-lora": _ckpt_tool("merge_lora_main"),
     "convert": _ckpt_tool("convert_main"),
@@ -107,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"qwen2vl-ap: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from launch.launcher import simulate_gpu_if_requested
+
+    simulate_gpu_if_requested()
     from autoparallel.config import ConfigError
 
     try:

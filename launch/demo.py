@@ -14,11 +14,14 @@ EVAL_QUESTIONS = 96
 
 
 def _accuracy(model_dir: str | None, config_name: str, synthetic_dir: str, seed: int) -> float:
+    """exact_match of greedy answers to the first EVAL_QUESTIONS held-out questions (`qwen2vl-ap eval`'s code)."""
     import paddle
 
-    from autoparallel.data.synthetic import eval_questions
-    from launch.evaluate_answers import answer_accuracy
+    from autoparallel.data import DataConfig, SFTDataset
+    from autoparallel.data.synthetic import eval_meta_path
+    from autoparallel.engine.evaluation import eval_records, predict, prediction_rows, score_rows, stop_token_ids
     from network.config import Qwen2VLConfig
+    from network.generation import GenerationConfig
     from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
     from network.processor import Qwen2VLProcessor
 
@@ -30,8 +33,16 @@ def _accuracy(model_dir: str | None, config_name: str, synthetic_dir: str, seed:
         model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
         processor = Qwen2VLProcessor.from_pretrained(model_dir)
     model.eval()
-    questions = eval_questions(synthetic_dir)[:EVAL_QUESTIONS]
-    return answer_accuracy(model, processor, questions, batch_size=16)
+    dataset = SFTDataset(DataConfig(meta_path=eval_meta_path(synthetic_dir)), processor=processor)
+    records = eval_records(dataset, EVAL_QUESTIONS)
+    # One-word answers: a few tokens, then <|im_end|>.
+    config = GenerationConfig(max_new_tokens=8, stop_token_ids=stop_token_ids(processor, model.config))
+    rows = prediction_rows(records, predict(model, dataset, records, config, batch_size=16))
+    accuracy = score_rows(rows, ["exact_match"])["exact_match"]
+    for row in rows[:3]:
+        logger.info("question %r: expected %r, answered %r", row["prompt"], row["reference"], row["prediction"])
+    logger.info("held-out exact_match %.3f (%d questions)", accuracy, len(rows))
+    return accuracy
 
 
 def demo_main(argv: list[str]) -> int:

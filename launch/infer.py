@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import paddle
 
+from autoparallel.engine.evaluation import TensorParallelModel, stop_token_ids
 from launch.launcher import WorkerLaunch
 from network.config import Qwen2VLConfig
 from network.device import bf16_supported
@@ -38,7 +40,7 @@ from network.generation import SAMPLING_KEYS, CheckpointGenerationDefaults, Gene
 from network.hub import ModelNotFoundError, resolve_model_dir
 from network.log import logger
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-from network.processor import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, Qwen2VLProcessor
+from network.processor import Qwen2VLProcessor
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 # Set for tensor-parallel workers: where rank 0 writes what a single process prints to stdout.
@@ -68,28 +70,21 @@ class Answer:
 def render_prompt(processor: Qwen2VLProcessor, prompt: str, num_images: int, num_videos: int,
                   system: str | None = None) -> str:
     """Chat-template text ending with the assistant turn, one vision span per image/video (the training format)."""
-    spans = {IMAGE_PLACEHOLDER: VISION_START + IMAGE_TOKEN + VISION_END,
-             VIDEO_PLACEHOLDER: VISION_START + VIDEO_TOKEN + VISION_END}
     counts = {IMAGE_PLACEHOLDER: num_images, VIDEO_PLACEHOLDER: num_videos}
-    if any(p in prompt for p in spans):
+    kinds = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+    if any(p in prompt for p in kinds):
         for placeholder, n in counts.items():
             if prompt.count(placeholder) != n:
                 raise InferError(f"prompt has {prompt.count(placeholder)} {placeholder} placeholders "
                                  f"but {n} files were given")
-            prompt = prompt.replace(placeholder, spans[placeholder])
+        pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", prompt)
     else:
-        prompt = spans[IMAGE_PLACEHOLDER] * num_images + spans[VIDEO_PLACEHOLDER] * num_videos + prompt
+        pieces = [IMAGE_PLACEHOLDER] * num_images + [VIDEO_PLACEHOLDER] * num_videos + [prompt]
+    # vision spans as content items: the template writes their control tokens, the prompt text stays text (M4)
+    content = [{"type": kinds[p]} if p in kinds else {"type": "text", "text": p} for p in pieces if p]
     messages = ([{"role": "system", "content": system}] if system is not None else [])
-    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "user", "content": content})
     return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def stop_token_ids(processor: Qwen2VLProcessor, model_config, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """`<|im_end|>` (end of an assistant turn), the tokenizer's eos, the model config's eos and `extra` (the eos
-    ids of the checkpoint's generation_config.json)."""
-    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.eos_token_id,
-           model_config.eos_token_id, *extra}
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def answer_batch(model, processor: Qwen2VLProcessor, requests: list[Request], generation_config: GenerationConfig,
@@ -130,26 +125,6 @@ class TextStreamer:
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
-class TensorParallelModel:
-    """A model parallelized with the training plan, called like the plain one; logits (vocab-split over "mp")
-    come back dense and replicated, which is what `generate` reads on every rank."""
-
-    def __init__(self, model: paddle.nn.Layer):
-        self.model = model
-        self.config = model.config
-
-    def __call__(self, *args, **kwargs):
-        import paddle.distributed as dist
-
-        out = self.model(*args, **kwargs)
-        logits = out.logits
-        if logits.is_dist():
-            replicated = [dist.Replicate()] * len(logits.process_mesh.shape)
-            logits = dist.reshard(logits, logits.process_mesh, replicated)._local_value()
-        out.__dict__["logits"] = logits  # `Qwen2VLOutput.logits` is a cached_property: this is its cache slot
-        return out
-
-
 def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32", lora_dir: str | None = None):
     """The model for `generate` in `dtype`: plain, or (inside a launched job) split over `tensor_parallel_degree`
     ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first).
@@ -187,6 +162,16 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature/--top_p/--top_k/--repetition_penalty/--seed (read by `generation_config_from_args`)."""
+    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--repetition_penalty", type=float)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-ap infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="batch mode: JSONL of {id, answer, num_tokens}")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    # Sampling settings left unset take the checkpoint's generation_config.json, else greedy decoding.
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_sampling_arguments(p)
     p.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
     p.add_argument("--max_pixels", type=int)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -296,7 +276,7 @@ def _check_args(args: argparse.Namespace) -> None:
     args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
 
 
-def _generation_config(args: argparse.Namespace, defaults: CheckpointGenerationDefaults) -> GenerationConfig:
+def generation_config_from_args(args: argparse.Namespace, defaults: CheckpointGenerationDefaults) -> GenerationConfig:
     """Validated settings: the command line, else the checkpoint's generation_config.json, else greedy. The stop
     tokens are filled in once the processor and model are loaded."""
     given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
@@ -419,7 +399,7 @@ def infer_main(argv: list[str]) -> int:
             defaults = CheckpointGenerationDefaults.read(args.model)
         except ValueError as e:
             raise InferError(str(e)) from None
-        generation_config = _generation_config(args, defaults)
+        generation_config = generation_config_from_args(args, defaults)
         if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
         return _run(args, requests, generation_config)

@@ -117,10 +117,26 @@ class WorkerLaunch:
             stop(proc)
 
 
+SIMULATE_GPU_ENV = "QWEN2VL_AP_SIMULATE_GPU"
+
+
+def simulate_gpu_if_requested() -> None:
+    """`QWEN2VL_AP_SIMULATE_GPU=1`: every CUDA-only branch runs on the simulated GPU (network/simulated_gpu.py)
+    from process start; processes a command launches inherit the variable."""
+    if os.environ.get(SIMULATE_GPU_ENV) == "1":
+        from network.simulated_gpu import start
+
+        start()
+
+
 def exit_launched(code: int) -> NoReturn:
     """End a process that `paddle.distributed.launch` started, once its work (and its final barrier) is done,
     without interpreter teardown: Paddle's CPU build sometimes aborts (SIGABRT) while destroying its communication
     context at exit, and the launcher would then report a failed job after every result was written."""
+    if os.environ.get(SIMULATE_GPU_ENV) == "1":  # os._exit skips atexit: hand the kernel counts over now
+        from network.simulated_gpu import write_counts
+
+        write_counts()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -131,6 +147,7 @@ def run_launched(main: Callable[[list[str]], int]) -> NoReturn:
     from network.log import setup_logging
 
     setup_logging()
+    simulate_gpu_if_requested()
     exit_launched(main(sys.argv[1:]))
 
 

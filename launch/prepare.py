@@ -9,6 +9,7 @@ from typing import Optional
 from autoparallel.config import RUN_CONFIG_FILE, ConfigError, RunConfig, model_config
 from autoparallel.data.records import DataError, RecordStore, missing_media_error
 from autoparallel.engine.checkpoint import check_writable, resolve_resume_path
+from autoparallel.engine.training_eval import evaluation_problem
 from launch.config import launch_defaults, load_run_config, parse_overrides
 from network.config import Qwen2VLConfig
 from network.formats import CheckpointError
@@ -54,6 +55,9 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
                           "sequence-sharded activations): drop one of them")
     if cfg.train.evaluation_strategy == "steps" and cfg.train.eval_steps <= 0:
         raise ConfigError("evaluation_strategy=steps needs eval_steps > 0")
+    problem = evaluation_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     return config
 
 

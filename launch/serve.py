@@ -9,8 +9,14 @@ leaves out come from `--temperature` etc. (default greedy, like `infer`).
 
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight, then exits.
 
+Access and abuse bounds (see launch/serving/app.py): loopback by default, `--api_key` for `/v1/` routes (a warning
+when another machine can connect without one), Host and content-type checks, a server-side `--max_tokens_limit`,
+a CPU context of at most CPU_MAX_MODEL_LEN tokens, a body-read deadline, uvicorn connection limits, and a bounded
+media pool with a per-request deadline.
+
 Tensor parallel: the command relaunches itself under `paddle.distributed.launch`; every rank loads its shard of
-the model, rank 0 also runs the HTTP server and sends each batch (and each step's stopped rows) to the others.
+the model, rank 0 also runs the HTTP server and sends every call on its running batch (start, join, step, which
+rows leave) to the others.
 A signal to this parent process goes to rank 0, which drains and then releases the other ranks.
 """
 from __future__ import annotations
@@ -29,6 +35,11 @@ from network.log import logger
 
 # Set for tensor-parallel ranks: the file rank 0 writes its pid to (signals from the parent go there).
 RANK0_PID_ENV = "QWEN2VL_AP_SERVE_PID_FILE"
+API_KEY_ENV = "QWEN2VL_AP_API_KEY"  # the key from the environment keeps it out of `ps` listings
+# CPU prefill compute grows with the square of the prompt length (attention is blocked, so memory does not), and
+# the KV cache and activations with its length: the checkpoint's context (often 32k tokens) would let one short
+# request hold the one model thread for minutes. --max_model_len raises it explicitly.
+CPU_MAX_MODEL_LEN = 8192
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or a Hub id such as Qwen/Qwen2-VL-2B-Instruct (Hub cache)")
     p.add_argument("--lora", help="adapter directory (lora_config.json + lora_model_state.pdparams), folded at load")
     p.add_argument("--served_model_name", help="the `model` name clients use (default: the model folder's name)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tensor_parallel_degree", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -47,15 +58,37 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batching")
     g.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together")
     g.add_argument("--batch_wait_ms", type=float, default=10.0, help="how long the first request waits for others")
+    g.add_argument("--max_batch_tokens", type=int, help="padded prompt tokens (rows x longest prompt) one prefill "
+                                                        "may hold; more wait for the next (default: 16384)")
+    g.add_argument("--static_batching", action="store_true",
+                   help="new requests wait until the running batch is done (default: they join it between steps)")
     g = p.add_argument_group("defaults for requests that leave a setting out")
-    g.add_argument("--max_tokens", type=int, default=512)
+    g.add_argument("--max_tokens", type=int,
+                   help="completion tokens (default: --max_tokens_limit, or the room left in the context)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0)
     g.add_argument("--repetition_penalty", type=float, default=1.0)
+    g = p.add_argument_group("access")
+    g.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                   help=f"clients must send `Authorization: Bearer KEY` to /v1/ routes (default: ${API_KEY_ENV})")
+    g.add_argument("--allowed_hosts", nargs="+", default=[], metavar="NAME",
+                   help="Host header names accepted besides loopback names and --host ('*': any)")
     g = p.add_argument_group("limits (a request over one gets a 4xx naming the field)")
-    g.add_argument("--max_model_len", type=int, help="prompt + completion tokens (default: the model's context)")
+    g.add_argument("--max_model_len", type=int,
+                   help=f"prompt + completion tokens (default: the model's context; on CPU at most "
+                        f"{CPU_MAX_MODEL_LEN})")
+    g.add_argument("--max_tokens_limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     g.add_argument("--max_body_mb", type=float, default=32.0, help="request body size")
+    g.add_argument("--body_timeout", type=float, default=30.0, help="seconds to receive a request body")
+    g.add_argument("--max_connections", type=int, default=256,
+                   help="open connections and requests in flight; beyond it new ones get 503")
+    g.add_argument("--keep_alive_timeout", type=int, default=5, help="seconds an idle connection stays open")
+    g.add_argument("--media_workers", type=int, default=4, help="threads reading and decoding images and videos")
+    g.add_argument("--media_queue", type=int, default=16,
+                   help="requests with media that may wait for a media thread; beyond it new ones get 503")
+    g.add_argument("--media_timeout", type=float, default=60.0,
+                   help="seconds for all images and videos of one request (504 beyond)")
     g.add_argument("--max_images", type=int, default=8, help="images per request")
     g.add_argument("--max_videos", type=int, default=2, help="videos per request")
     g.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
@@ -63,20 +96,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_video_frames", type=int, default=64, help="frames sampled from one video")
     g.add_argument("--min_pixels", type=int, help="image resize bounds (override the model's preprocessor config)")
     g.add_argument("--max_pixels", type=int)
-    g.add_argument("--allow_remote_media", action="store_true", help="fetch http(s) image/video URLs")
-    g.add_argument("--media_dir", help="if set, local image/video paths must lie inside this directory")
+    g.add_argument("--allow_remote_media", action="store_true",
+                   help="fetch http(s) image/video URLs (public addresses only; redirects re-checked)")
+    g.add_argument("--media_dir", help="local image/video paths are read only below this directory (relative ones "
+                                       "resolve against it); without it no local file is read")
     g.add_argument("--drain_timeout", type=float, help="seconds SIGTERM waits for requests in flight (default: all)")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
     args.model = check_model_args(args.model, args.tensor_parallel_degree, args.lora, args.dtype)
-    positive = ("max_batch_size", "max_tokens", "max_images", "max_image_pixels", "max_video_frames")
-    bad = [f"--{k}" for k in positive if getattr(args, k) < 1] + (["--max_videos"] if args.max_videos < 0 else [])
+    positive = ("max_batch_size", "max_images", "max_image_pixels", "max_video_frames",
+                "max_tokens_limit", "body_timeout", "max_connections", "keep_alive_timeout", "media_workers",
+                "media_timeout")
+    bad = [f"--{k}" for k in positive if getattr(args, k) <= 0]
+    bad += [f"--{k}" for k in ("max_tokens", "max_batch_tokens")
+            if getattr(args, k) is not None and getattr(args, k) < 1]
+    bad += [f"--{k}" for k in ("max_videos", "media_queue") if getattr(args, k) < 0]
     if bad:
-        raise InferError(f"{', '.join(bad)} must be >= 1 (--max_videos >= 0)")
+        raise InferError(f"{', '.join(bad)} must be > 0 (--max_videos, --media_queue >= 0)")
     if args.media_dir and not os.path.isdir(args.media_dir):
         raise InferError(f"--media_dir {args.media_dir}: not a directory")
+
+
+def startup_warnings(host: str, api_key: str | None, allowed_hosts: list[str]) -> list[str]:
+    """Warnings for a server other machines can use without a key, or cannot use at all (Host check)."""
+    from launch.serving.app import is_loopback
+
+    warnings = []
+    if not api_key and not is_loopback(host):
+        warnings.append(f"--host {host} is reachable from other machines and no --api_key is set: anyone who can "
+                        "reach the port can use the model")
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        warnings.append(f"--host {host}: requests must name this server in their Host header; add the names "
+                        "clients use with --allowed_hosts (others get 400)")
+    return warnings
+
+
+def _max_model_len(args: argparse.Namespace, model) -> int:
+    from network.device import on_gpu
+
+    if args.max_model_len:
+        return args.max_model_len
+    context = model.config.max_position_embeddings
+    return context if on_gpu() else min(context, CPU_MAX_MODEL_LEN)
 
 
 def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
@@ -114,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from launch.serving.app import ServerSettings, create_app
-    from launch.serving.batcher import Batcher, RankSync, follow_rank0
+    from launch.serving.batcher import DEFAULT_MAX_BATCH_TOKENS, Batcher, RankSync, follow_rank0
     from launch.serving.messages import MediaLimits
     from network.generation import GenerationConfig
 
@@ -134,15 +197,24 @@ def _serve(args: argparse.Namespace) -> int:
                          allow_remote=args.allow_remote_media, media_dir=args.media_dir)
     settings = ServerSettings(
         model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
-        max_model_len=args.max_model_len or model.config.max_position_embeddings, limits=limits,
-        max_body_bytes=int(args.max_body_mb * (1 << 20)), default_max_tokens=args.max_tokens, defaults=defaults)
+        max_model_len=_max_model_len(args, model), limits=limits, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        body_timeout=args.body_timeout, default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+        api_key=args.api_key or None,
+        allowed_hosts=(args.host.lower(), *(h.lower() for h in args.allowed_hosts)),
+        media_workers=args.media_workers, media_queue=args.media_queue, media_timeout=args.media_timeout,
+        defaults=defaults)
+    limits.context_tokens = settings.max_model_len  # over-long prompts are refused from media headers
     batcher = Batcher(model, processor, checkpoint_stop_ids(processor, model, args.model), args.max_batch_size,
-                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None)
+                      args.batch_wait_ms / 1000, RankSync() if args.tensor_parallel_degree > 1 else None,
+                      args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, not args.static_batching)
     app = create_app(batcher, processor, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=args.drain_timeout)
-    logger.info("serving %r on http://%s:%d/v1 (batches of up to %d)", settings.model_name, args.host, args.port,
-                args.max_batch_size)
+                            timeout_graceful_shutdown=args.drain_timeout, limit_concurrency=args.max_connections,
+                            timeout_keep_alive=args.keep_alive_timeout)
+    logger.info("serving %r on http://%s:%d/v1 (batches of up to %d, context %d tokens)", settings.model_name,
+                args.host, args.port, args.max_batch_size, settings.max_model_len)
+    for warning in startup_warnings(args.host, settings.api_key, args.allowed_hosts):
+        logger.warning(warning)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed before it:
     # these record it, so the drained server exits normally.
     received: list[int] = []
@@ -159,12 +231,14 @@ def serve_main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help or a usage error
         return int(e.code or 0)
+    from network.formats import CheckpointError, FormatError
+
     try:
         _check_args(args)
         if relaunch_needed(args.tensor_parallel_degree):
             return _relaunch(argv, args)
         return _serve(args)
-    except InferError as e:
+    except (InferError, FormatError, CheckpointError) as e:  # bad inputs, refused or corrupt weight files
         print(f"qwen2vl-ap serve: error: {e}", file=sys.stderr)
         return 2
 

@@ -68,6 +68,9 @@ def main() -> None:
         sys.exit(_supervise())
     command, run_config_path = sys.argv[1], sys.argv[2]
     setup_logging()
+    from launch.launcher import simulate_gpu_if_requested
+
+    simulate_gpu_if_requested()
     try:
         from autoparallel.engine.lora_trainer import LoraTrainer
         from autoparallel.engine.trainer import Trainer

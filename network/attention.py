@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from network.device import flash_attention_supported, on_gpu
+from network.device import flash_attention_supported, kernel_dtypes, on_gpu
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class SegmentRows:
 
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
     # Flash kernels exist only for half precision, on GPUs of compute capability >= 8.0.
-    return q.dtype in (paddle.float16, paddle.bfloat16) and flash_attention_supported()
+    return q.dtype in kernel_dtypes() and flash_attention_supported()
 
 
 def _use_fp32_sdpa(q: paddle.Tensor, causal: bool) -> bool:
@@ -188,8 +188,38 @@ def _segment_attention(q, k, v, cu: np.ndarray) -> paddle.Tensor:
     return paddle.gather(paddle.concat(outs), order)[None]
 
 
+# Score elements (fp32) one block of query rows may hold at once. Softmax rows are independent, so computing
+# the queries in blocks is exact and bounds the score maps (scores, mask, probabilities) to O(block * kv_len)
+# instead of O(q_len * kv_len): without it one long prompt (or a large image) needs tens of GB on CPU.
+SCORE_BLOCK_ELEMENTS = 1 << 24
+MIN_BLOCK_ROWS = 16  # below this, per-block overhead outweighs the memory it saves
+
+
 def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle.Tensor:
-    """Exact reference math: fp32 scores and softmax, masked by a boolean [batch, 1, q_len, kv_len] map.
+    """Exact reference math in blocks of query rows, each block's score map at most SCORE_BLOCK_ELEMENTS.
+
+    A causal block reads only the keys up to its last query (later ones are masked anyway), so a long causal
+    prefill also does about half the work. A query with no allowed key at all (left padding) averages the
+    values of the keys its block reads; such outputs are never read (they are padding)."""
+    b, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    rows = max(MIN_BLOCK_ROWS, SCORE_BLOCK_ELEMENTS // max(b * heads * kv_len, 1))
+    if q_len <= rows:
+        return _dense_attention(q, k, v, causal, attention_mask, segment_ids, segment_ids)
+    outs = []
+    for start in range(0, q_len, rows):
+        end = min(start + rows, q_len)
+        keys = kv_len - q_len + end if causal else kv_len  # query i sits at position kv_len - q_len + i
+        outs.append(_dense_attention(
+            q[:, start:end], k[:, :keys], v[:, :keys], causal,
+            None if attention_mask is None else attention_mask[:, :keys],
+            None if segment_ids is None else segment_ids[:, :keys],
+            None if segment_ids is None else segment_ids[:, start:end]))
+    return paddle.concat(outs, axis=1)
+
+
+def _dense_attention(q, k, v, causal, attention_mask, segment_ids, query_segment_ids) -> paddle.Tensor:
+    """fp32 scores and softmax over all of q's rows at once, masked by a boolean [batch, 1, q_len, kv_len] map.
 
     GQA on plain tensors without repeating k/v: the query heads sharing a kv head are stacked along the query
     axis, so one matmul per kv head covers the group (repeating would copy the whole KV cache every decode
@@ -204,7 +234,7 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     if kv_heads != heads:
         qt = qt.reshape([b, kv_heads, heads // kv_heads * q_len, head_dim])
     scores = paddle.matmul(qt, kt.astype("float32"), transpose_y=True)
-    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
+    allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids, query_segment_ids)
     if allowed is not None:
         # A large finite negative (not -inf) keeps fully masked padding rows finite, as HF does.
         scores = scores.reshape([b, heads, q_len, kv_len])
@@ -217,8 +247,10 @@ def _math_attention(q, k, v, causal, attention_mask, segment_ids=None) -> paddle
     return out.transpose([0, 2, 1, 3])
 
 
-def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=None) -> paddle.Tensor | None:
-    """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed."""
+def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=None,
+             query_segment_ids=None) -> paddle.Tensor | None:
+    """Boolean [batch or 1, 1, q_len, kv_len] map (True = attend), or None when everything is allowed.
+    `query_segment_ids` (default: `segment_ids`) are the queries' ids when they are a block of the keys' rows."""
     allowed = None
     if causal and q_len > 1:  # a single query (decoding) is the newest position: it sees every key
         # Query i sits at position kv_len - q_len + i (cached keys come first).
@@ -227,15 +259,21 @@ def _allowed(q_len: int, kv_len: int, causal: bool, attention_mask, segment_ids=
         keys = attention_mask.astype("bool")[:, None, None, :]
         allowed = keys if allowed is None else paddle.logical_and(allowed, keys)
     if segment_ids is not None:
-        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        queries = segment_ids if query_segment_ids is None else query_segment_ids
+        same = (queries[:, :, None] == segment_ids[:, None, :])[:, None]
         allowed = same if allowed is None else paddle.logical_and(allowed, same)
     return allowed
 
 
 def _repeat_kv(x: paddle.Tensor, heads: int) -> paddle.Tensor:
     # Query head h reads kv head h // (heads / kv_heads), the grouping Qwen2 checkpoints are trained with.
+    # unsqueeze/expand/reshape, not repeat_interleave: these have SPMD rules, so a distributed k/v keeps its
+    # placements (repeat_interleave has none in Paddle 3.3.1 and would all-gather it on every rank, N7).
     groups = heads // x.shape[2]
-    return x if groups == 1 else paddle.repeat_interleave(x, groups, axis=2)
+    if groups == 1:
+        return x
+    b, s, kv_heads, d = x.shape
+    return x.unsqueeze(3).expand([b, s, kv_heads, groups, d]).reshape([b, s, heads, d])
 
 
 def _heads_split(x: paddle.Tensor) -> bool:
@@ -252,17 +290,21 @@ def kv_for_kernel(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> tuple
     return k, v
 
 
-def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype, segment_ids=None) -> paddle.Tensor:
-    """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked)."""
+def additive_mask(q_len: int, kv_len: int, causal: bool, attention_mask, dtype,
+                  segment_ids=None) -> paddle.Tensor | None:
+    """[batch, 1, q_len, kv_len] of 0 (attend) and the most negative finite value of `dtype` (masked); None when
+    nothing is masked."""
     allowed = _allowed(q_len, kv_len, causal, attention_mask, segment_ids)
+    if allowed is None:
+        return None
     # Built in fp32 and cast: every bf16/fp16 value, its minimum included, is exact in fp32.
     low = paddle.full([], paddle.finfo(dtype).min, "float32")
     return paddle.where(allowed, paddle.zeros([], "float32"), low).astype(dtype)
 
 
 def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
-    """CUDA fast paths. Not run here (no GPU build): written against Paddle 3.x `flash_attention` / SDPA signatures;
-    tests/unit/test_attention_kernels.py checks what each kernel is given, with the kernels replaced by the math."""
+    """CUDA fast paths, written against Paddle 3.x `flash_attention` / `flash_attn_unpadded` / SDPA. Checked on the
+    CPU against the kernels' input contracts by the simulated GPU (network/simulated_gpu.py)."""
     from paddle.nn.functional.flash_attention import flash_attention, flash_attn_unpadded
 
     k, v = kv_for_kernel(q, k, v)
@@ -273,13 +315,17 @@ def _gpu_attention(q, k, v, causal, attention_mask, segments) -> paddle.Tensor:
             q[0], k[0], v[0], cu, cu, max_len, max_len, scale=q.shape[-1] ** -0.5, causal=False,
         )
         return out.unsqueeze(0)
-    if attention_mask is None and q.shape[1] == k.shape[1]:
-        # flash_attention handles GQA (kv_heads dividing heads) natively.
-        out, _ = flash_attention(q, k, v, causal=causal)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    if attention_mask is None and (q_len == kv_len or q_len == 1):
+        # Training and unpadded prefill: causal. A decode step's single query is the newest position and sees
+        # every cached key: nothing to mask (N1). flash_attention takes GQA (kv_heads dividing heads) natively.
+        out, _ = flash_attention(q, k, v, causal=causal and q_len > 1)
         return out
-    # Left-padded prefill and cached decoding.
-    mask = additive_mask(q.shape[1], k.shape[1], causal, attention_mask, q.dtype)
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]), attn_mask=mask)
+    # Left-padded prefill, padded decoding, chunked prefill over a cache. SDPA takes GQA natively (enable_gqa):
+    # repeating k/v would copy the cache, and all-gather it when it is split over "mp" (repeat_interleave has
+    # no SPMD rule).
+    mask = additive_mask(q_len, kv_len, causal, attention_mask, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _fp32_sdpa_attention(q, k, v, attention_mask) -> paddle.Tensor:

@@ -13,10 +13,39 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from network.formats import FormatError
+
 CONFIG_NAME = "config.json"
 _DTYPES = {"float32", "bfloat16", "float16"}
 _OPTIONAL = ("hidden_act", "attention_dropout", "image_token_id", "video_token_id", "vision_start_token_id",
              "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+# Upper bounds of config.json values, far above every published model (72B: 80 layers, hidden 8192, vocab 152064,
+# 128k context) and low enough that a crafted file fails here instead of allocating terabytes or building
+# millions of layers; keys as config.json spells them (both vision families' names).
+TEXT_LIMITS = {"vocab_size": 2**22, "hidden_size": 65536, "intermediate_size": 2**20, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**22}
+VISION_LIMITS = {"depth": 1024, "embed_dim": 65536, "hidden_size": 65536, "out_hidden_size": 65536,
+                 "num_heads": 1024, "intermediate_size": 2**20, "in_channels": 64, "in_chans": 64, "patch_size": 1024,
+                 "spatial_patch_size": 1024, "spatial_merge_size": 64, "temporal_patch_size": 64,
+                 "window_size": 65536}
+
+
+def _check_ints(source: str, values: dict[str, Any], limits: dict[str, int], where: str = "") -> None:
+    """Every present key of `limits` holds an integer in [1, limit] (JSON numbers only: bool and float are not)."""
+    for key, limit in limits.items():
+        value = values.get(key)
+        if key in values and (type(value) is not int or not 1 <= value <= limit):
+            raise FormatError(f"{source}: '{where}{key}' = {value!r} must be an integer between 1 and {limit}")
+
+
+def _check_numbers(source: str, values: dict[str, Any], limits: dict[str, float], where: str = "") -> None:
+    """Every present key of `limits` holds a finite number in (0, limit]."""
+    for key, limit in limits.items():
+        value = values.get(key)
+        if key in values and (type(value) not in (int, float) or not 0 < value <= limit):
+            raise FormatError(f"{source}: '{where}{key}' = {value!r} must be a number in (0, {limit:g}]")
 
 
 # transformers' Qwen2VLVisionConfig defaults (the shared 675M ViT of every published Qwen2-VL size).
@@ -112,9 +141,20 @@ class Qwen2VLConfig:
         if isinstance(self.vision_config, dict):  # asdict() round trip: the 2.5 tower has intermediate_size
             cls = Qwen2_5_VLVisionConfig if "intermediate_size" in self.vision_config else Qwen2VLVisionConfig
             self.vision_config = cls(**self.vision_config)
-        self.mrope_section = [int(s) for s in self.mrope_section]
+        if not all(type(s) is int and s >= 0 for s in self.mrope_section):
+            raise ValueError(f"mrope_section {self.mrope_section} must be non-negative integers")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by num_key_value_heads "
+                             f"{self.num_key_value_heads}")
+        vision = self.vision_config
+        if vision.embed_dim % vision.num_heads or (vision.embed_dim // vision.num_heads) % 2:
+            raise ValueError(f"vision_config: the width {vision.embed_dim} must split into num_heads "
+                             f"{vision.num_heads} heads of an even size (rotary embedding)")
         if sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if self.vision_config.hidden_size != self.hidden_size:
@@ -146,6 +186,14 @@ class Qwen2VLConfig:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(MODEL_TYPES)}")
         vis = need(d, "vision_config")
+        if not isinstance(vis, dict):
+            raise FormatError(f"{source}: 'vision_config' must be an object")
+        _check_ints(source, text, TEXT_LIMITS)
+        _check_numbers(source, text, {"rms_norm_eps": 1, "rope_theta": 1e12})
+        _check_ints(source, vis, VISION_LIMITS, "vision_config.")
+        _check_numbers(source, vis, {"mlp_ratio": 64, "tokens_per_second": 1e6}, "vision_config.")
+        if not isinstance(rope["mrope_section"], list):
+            raise FormatError(f"{source}: 'mrope_section' must be a list of integers")
         if model_type == "qwen2_vl":
             # transformers >= 4.45 writes only the non-default vision keys: a missing one takes HF's
             # Qwen2VLVisionConfig default (the merger width defaults to the LLM's, which it must equal).
@@ -158,25 +206,28 @@ class Qwen2VLConfig:
             spatial_merge_size=vis.get("spatial_merge_size", 2),
             temporal_patch_size=vis.get("temporal_patch_size", 2),
         )
-        if model_type == "qwen2_vl":
-            vision = Qwen2VLVisionConfig(
-                embed_dim=need(vis, "embed_dim", "vision_config."),
-                hidden_size=vis.get("hidden_size", need(text, "hidden_size")),
-                mlp_ratio=need(vis, "mlp_ratio", "vision_config."),
-                hidden_act=vis.get("hidden_act", "quick_gelu"),
-                **common,
-            )
-        else:  # Qwen2.5-VL names: hidden_size is the ViT width, out_hidden_size the merger output
-            vision = Qwen2_5_VLVisionConfig(
-                embed_dim=need(vis, "hidden_size", "vision_config."),
-                hidden_size=vis.get("out_hidden_size", need(text, "hidden_size")),
-                intermediate_size=need(vis, "intermediate_size", "vision_config."),
-                fullatt_block_indexes=need(vis, "fullatt_block_indexes", "vision_config."),
-                window_size=need(vis, "window_size", "vision_config."),
-                tokens_per_second=need(vis, "tokens_per_second", "vision_config."),
-                hidden_act=vis.get("hidden_act", "silu"),
-                **common,
-            )
+        try:
+            if model_type == "qwen2_vl":
+                vision = Qwen2VLVisionConfig(
+                    embed_dim=need(vis, "embed_dim", "vision_config."),
+                    hidden_size=vis.get("hidden_size", need(text, "hidden_size")),
+                    mlp_ratio=need(vis, "mlp_ratio", "vision_config."),
+                    hidden_act=vis.get("hidden_act", "quick_gelu"),
+                    **common,
+                )
+            else:  # Qwen2.5-VL names: hidden_size is the ViT width, out_hidden_size the merger output
+                vision = Qwen2_5_VLVisionConfig(
+                    embed_dim=need(vis, "hidden_size", "vision_config."),
+                    hidden_size=vis.get("out_hidden_size", need(text, "hidden_size")),
+                    intermediate_size=need(vis, "intermediate_size", "vision_config."),
+                    fullatt_block_indexes=need(vis, "fullatt_block_indexes", "vision_config."),
+                    window_size=need(vis, "window_size", "vision_config."),
+                    tokens_per_second=need(vis, "tokens_per_second", "vision_config."),
+                    hidden_act=vis.get("hidden_act", "silu"),
+                    **common,
+                )
+        except (ValueError, TypeError) as exc:
+            raise FormatError(f"{source}: {exc}") from None
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "max_position_embeddings", "rms_norm_eps")
         kwargs: dict[str, Any] = {k: need(text, k) for k in required}
@@ -193,7 +244,10 @@ class Qwen2VLConfig:
         eos = kwargs.get("eos_token_id")
         if isinstance(eos, list):  # generation-style lists: the first is the chat end token
             kwargs["eos_token_id"] = eos[0]
-        return cls(vision_config=vision, **kwargs)
+        try:
+            return cls(vision_config=vision, **kwargs)
+        except (ValueError, TypeError) as exc:  # the consistency checks of __post_init__, named with their file
+            raise FormatError(f"{source}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Qwen2VLConfig":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -61,7 +62,7 @@ class ArrayRef:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: a crafted shape cannot wrap around as np.int64 would
 
     @property
     def nbytes(self) -> int:
@@ -201,6 +202,12 @@ class _IndexingUnpickler(pickle._Unpickler):  # the Python implementation: its o
         frame = self._unframer.current_frame
         if frame is not None and frame.tell() < len(frame.getbuffer()):
             offset = self._frame_start + frame.tell()  # small payload inside the current frame
+            # CPython's C unpickler treats frames as read-ahead hints and reads a payload across a frame's end;
+            # seeking only to the frame's end would parse the payload's tail as opcodes (a file that indexes as
+            # one thing and unpickles as another), so a payload must end inside its frame.
+            if frame.tell() + length > len(frame.getbuffer()):
+                raise FormatError(f"a {length}-byte payload at byte {offset} runs past the end of its pickle "
+                                  f"frame (crafted or corrupt)")
             frame.seek(length, io.SEEK_CUR)
         else:
             self._unframer.current_frame = None  # large payloads follow their frame, unframed
@@ -210,6 +217,12 @@ class _IndexingUnpickler(pickle._Unpickler):  # the Python implementation: its o
             raise FormatError(f"truncated: a {length}-byte tensor payload at byte {offset} ends beyond the "
                               f"file size {self._size}")
         self.append(_Payload(offset, length))
+
+    def trailing_bytes(self) -> int:
+        """Bytes after the STOP opcode: paddle.save writes none, so any are crafted (or another file appended)."""
+        frame = self._unframer.current_frame
+        unread = len(frame.getbuffer()) - frame.tell() if frame is not None else 0
+        return unread + self._size - self._f.tell()
 
     def _load_binbytes(self) -> None:
         self._skip_payload(struct.unpack("<I", self.read(4))[0])
@@ -229,9 +242,11 @@ def _array_ref(file: str, key: str, value: Any) -> ArrayRef:
         raise FormatError(f"{file}: entry '{key}' is not a numpy array ({type(value).__name__})")
     _version, shape, dtype, fortran, data = value.state
     shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise FormatError(f"{file}: tensor '{key}' has a negative dimension in its shape {list(shape)}")
     if fortran and len(shape) > 1:
         raise FormatError(f"{file}: tensor '{key}' is stored in Fortran order, which is not supported")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if isinstance(data, _Payload):
         if data.length != expected:
             raise FormatError(f"{file}: tensor '{key}' has {data.length} bytes, shape {list(shape)} {dtype} "
@@ -247,12 +262,16 @@ def index_pickle(file: str) -> dict[str, ArrayRef]:
     size = os.path.getsize(file)
     try:
         with open(file, "rb") as f:
-            obj = _IndexingUnpickler(f, size).load()
+            unpickler = _IndexingUnpickler(f, size)
+            obj = unpickler.load()
+            trailing = unpickler.trailing_bytes()
     except FormatError as exc:
         raise FormatError(f"{file}: {exc}") from None
     except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError, IndexError) as exc:
         raise FormatError(f"{file}: truncated or not a Paddle state-dict pickle ({type(exc).__name__}: {exc})") \
             from None
+    if trailing:
+        raise FormatError(f"{file}: {trailing} bytes follow the end of the pickle (crafted or corrupt)")
     if not isinstance(obj, dict):
         raise FormatError(f"{file}: expected a pickled dict of tensors, got {type(obj).__name__}")
     if "UnpackBigParamInfor@@" in obj:
@@ -260,8 +279,30 @@ def index_pickle(file: str) -> dict[str, ArrayRef]:
     return {k: _array_ref(file, k, v) for k, v in obj.items() if k != NAME_TABLE_KEY}
 
 
+def _safetensors_entry(file: str, name: str, info: Any, base: int) -> tuple[ArrayRef, int, int]:
+    """One header entry checked against the format (dtype known, shape of non-negative ints, offsets matching
+    the shape's byte count); returns the reference and its [begin, end) data offsets."""
+    if not isinstance(info, dict):
+        raise FormatError(f"tensor '{name}': header entry is a {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise FormatError(f"tensor '{name}': missing or unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise FormatError(f"tensor '{name}': data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    ref = ArrayRef(file, offset=base + begin, shape=tuple(shape), dtype=SAFETENSORS_DTYPES[dtype])
+    if end - begin != ref.nbytes:
+        raise FormatError(f"tensor '{name}' has {end - begin} bytes, its shape {shape} {dtype} needs {ref.nbytes}")
+    return ref, begin, end
+
+
 def index_safetensors(file: str) -> dict[str, ArrayRef]:
-    """Tensor name -> ArrayRef from a safetensors header (checked against the file size)."""
+    """Tensor name -> ArrayRef from a safetensors header, validated in full: every entry well-formed, every
+    tensor inside the file and no two tensors sharing bytes (so a crafted header cannot make a tensor read the
+    header or another tensor's data)."""
     size = os.path.getsize(file)
     try:
         with open(file, "rb") as f:
@@ -269,22 +310,24 @@ def index_safetensors(file: str) -> dict[str, ArrayRef]:
             if header_len > size - 8:
                 raise FormatError(f"truncated: header length {header_len} exceeds the file size {size}")
             header = json.loads(f.read(header_len))
-    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{file}: truncated or not a safetensors file ({exc})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"the header is a JSON {type(header).__name__}, not an object")
+        header.pop("__metadata__", None)
+        base, refs, spans = 8 + header_len, {}, []
+        for name, info in header.items():
+            ref, begin, end = _safetensors_entry(file, name, info, base)
+            if base + end > size:
+                raise FormatError(f"truncated: tensor '{name}' ends at byte {base + end}, the file has {size}")
+            refs[name] = ref
+            spans.append((begin, end, name))
     except FormatError as exc:
         raise FormatError(f"{file}: {exc}") from None
-    header.pop("__metadata__", None)
-    base, refs = 8 + header_len, {}
-    for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise FormatError(f"{file}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        ref = ArrayRef(file, base + begin, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
-        if end - begin != ref.nbytes:
-            raise FormatError(f"{file}: tensor '{name}' has {end - begin} bytes, its shape needs {ref.nbytes}")
-        if base + end > size:
-            raise FormatError(f"{file}: truncated: tensor '{name}' ends at byte {base + end}, file has {size}")
-        refs[name] = ref
+    except (struct.error, ValueError, TypeError, KeyError, RecursionError) as exc:  # JSON errors are ValueErrors
+        raise FormatError(f"{file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})") from None
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise FormatError(f"{file}: tensors '{prev}' and '{name}' overlap (data_offsets share bytes)")
     return refs
 
 

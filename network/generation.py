@@ -19,6 +19,12 @@ KV cache. Keys/values live in buffers allocated once at prefill for the prompt p
 place each step (no per-step reallocation of the whole cache). When rows finish (stop token, or the streamer
 stops them, e.g. a client went away) they leave the batch: the cache keeps only the running rows, so a finished
 row costs nothing in later steps. Rows never interact, so this changes no row's tokens.
+
+Continuous batching (`RunningBatch`). New rows join a running batch between decode steps: they are prefilled as
+their own left-padded batch, then their cache is merged into the running one. Whichever side's cache is shorter
+is left-padded with masked columns so both end at the same cache index, and each padded row's rope delta drops
+by its padding, so every row keeps the positions (and tokens) it has alone. When rows leave, the cache columns
+that no remaining row attends to (the longest common left padding) are dropped the same way.
 """
 from __future__ import annotations
 
@@ -137,6 +143,40 @@ class KVCache:
         self.keys = [None if k is None else paddle.index_select(k, index) for k in self.keys]
         self.values = [None if v is None else paddle.index_select(v, index) for v in self.values]
 
+    def realign(self, offset: int, capacity: int) -> None:
+        """Move every cached position `offset` columns right (zeros, i.e. masked padding, come in on the left) or,
+        for a negative offset, drop the first -offset columns; into new buffers of `capacity` positions."""
+        src = max(0, -offset)
+        dst, count = max(0, offset), self.seq_len - src
+
+        def move(x: paddle.Tensor) -> paddle.Tensor:
+            buf = paddle.zeros([x.shape[0], capacity, *x.shape[2:]], x.dtype)
+            buf[:, dst: dst + count] = x[:, src: src + count]
+            return buf
+
+        self.keys = [None if k is None else _on_local(move, k) for k in self.keys]
+        self.values = [None if v is None else _on_local(move, v) for v in self.values]
+        self.seq_len += offset
+        self.capacity = capacity
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Add `other`'s rows after this cache's rows; both hold the same positions in buffers of one capacity."""
+        if other.seq_len != self.seq_len:
+            raise ValueError(f"cannot merge caches at {self.seq_len} and {other.seq_len} positions")
+        concat = lambda a, b: paddle.concat([a, b])  # noqa: E731
+        self.keys = [_on_local(concat, a, b) for a, b in zip(self.keys, other.keys)]
+        self.values = [_on_local(concat, a, b) for a, b in zip(self.values, other.values)]
+
+
+def _on_local(fn: Callable[..., paddle.Tensor], *xs: paddle.Tensor) -> paddle.Tensor:
+    """`fn` of the tensors; for tensor-parallel ones, of each rank's local parts, sharded like the first."""
+    if not xs[0].is_dist():
+        return fn(*xs)
+    import paddle.distributed as dist
+
+    out = fn(*(x._local_value() for x in xs))
+    return dist.auto_parallel.api.dtensor_from_local(out, xs[0].process_mesh, xs[0].placements)
+
 
 def _buffer(x: paddle.Tensor, capacity: int) -> paddle.Tensor:
     """Zeros [B, capacity, heads, head_dim] like `x`; for a tensor-parallel `x`, sharded the same way."""
@@ -166,25 +206,27 @@ def _key_mask(mask: np.ndarray) -> np.ndarray | None:
     return None if mask.all() else mask
 
 
-def _next_tokens(logits: paddle.Tensor, cfg: GenerationConfig, seen: np.ndarray, step: int, stop_ids: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray:
-    """This step's token per row from the model's last-position logits [B, 1, vocab]."""
-    if not cfg.do_sample and cfg.repetition_penalty == 1.0 and step >= cfg.min_new_tokens:
+def _next_tokens(logits: paddle.Tensor, cfg: GenerationConfig, seen: np.ndarray, steps: np.ndarray,
+                 stop_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """This step's token per row from the model's last-position logits [B, 1, vocab]; `steps` (int or [B]):
+    how many tokens each row has generated before this one."""
+    if not cfg.do_sample and cfg.repetition_penalty == 1.0 and np.all(np.asarray(steps) >= cfg.min_new_tokens):
         # Plain greedy: argmax on the device, only B ids cross to the host (not B x vocab logits).
         return logits[:, -1].argmax(axis=-1).numpy().astype(np.int64)
     host = logits[:, -1].astype("float32").numpy()
-    return _select(_process_logits(host, cfg, seen, step, stop_ids), cfg, rng)
+    return _select(_process_logits(host, cfg, seen, steps, stop_ids), cfg, rng)
 
 
-def _process_logits(logits: np.ndarray, cfg: GenerationConfig, seen: np.ndarray, step: int,
+def _process_logits(logits: np.ndarray, cfg: GenerationConfig, seen: np.ndarray, steps: np.ndarray,
                     stop_ids: np.ndarray) -> np.ndarray:
     """HF's processor order: repetition penalty, min-new-tokens, then (sampling) temperature, top-k, top-p."""
     if cfg.repetition_penalty != 1.0:
         penalised = np.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
         logits = np.where(seen, penalised, logits)
-    if step < cfg.min_new_tokens:
+    early = np.flatnonzero(np.broadcast_to(np.asarray(steps) < cfg.min_new_tokens, logits.shape[:1]))
+    if len(early):
         logits = logits.copy()
-        logits[:, stop_ids] = -np.inf
+        logits[np.ix_(early, stop_ids)] = -np.inf
     if not cfg.do_sample:
         return logits
     logits = logits / cfg.temperature
@@ -217,6 +259,111 @@ def _select(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator)
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
+class RunningBatch:
+    """Rows decoding together, one token per row per `step`; rows `join` between steps and leave by `keep`.
+
+    Every row shares `cfg`'s sampling settings and RNG; `max_new_tokens` is per row (given at `join`). The
+    token selection, the cache and the masks are the same on every tensor-parallel rank when every rank makes
+    the same calls with the same arguments."""
+
+    def __init__(self, model: paddle.nn.Layer, cfg: GenerationConfig):
+        self.model, self.cfg, self.config = model, cfg, model.config
+        self.stop_ids = np.asarray(cfg.stop_token_ids or (self.config.eos_token_id,), np.int64)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.cache: KVCache | None = None
+        self.mask = np.zeros((0, 0), np.int64)  # [B, cache_len]: which cached positions each row attends to
+        self.rope_deltas = np.zeros((0, 1), np.int64)
+        self.budgets = np.zeros(0, np.int64)  # new tokens each row may generate
+        self.counts = np.zeros(0, np.int64)  # new tokens each row has generated
+        self.last = np.zeros(0, np.int64)  # each row's newest token: the next step's input
+        self.seen = np.zeros((0, self.config.vocab_size), bool)  # tokens the repetition penalty applies to
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def join(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
+             image_grid_thw: Array | None = None, pixel_values_videos: Array | None = None,
+             video_grid_thw: Array | None = None, second_per_grid_ts: Array | None = None,
+             max_new_tokens: int | np.ndarray | None = None) -> np.ndarray:
+        """Prefill left-padded prompts and add them as the last rows; returns their first new tokens [B']."""
+        ids = np.asarray(_as_numpy(input_ids), np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(_as_numpy(attention_mask), np.int64)
+        if (mask[:, -1] == 0).any():
+            raise ValueError("generation needs left padding: every row must end with a real token")
+        image_grid_thw, video_grid_thw = _as_numpy(image_grid_thw), _as_numpy(video_grid_thw)
+        position_ids, rope_deltas = get_rope_index_for_config(
+            self.config, ids, image_grid_thw, video_grid_thw, mask, _as_numpy(second_per_grid_ts))
+        budgets = np.broadcast_to(np.asarray(
+            self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int64), ids.shape[:1])
+        seen = np.zeros((ids.shape[0], self.config.vocab_size), bool)
+        rows = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+        real = mask.reshape(-1).astype(bool)  # left padding is not part of the prompt
+        seen[rows[real], ids.reshape(-1)[real]] = True
+        cache = KVCache(self.config.num_hidden_layers, capacity=ids.shape[1] + int(budgets.max()))
+        with paddle.no_grad():
+            logits = self.model(
+                ids, attention_mask=_key_mask(mask), position_ids=position_ids, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                video_grid_thw=video_grid_thw, past_key_values=cache, logits_to_keep=1,
+            ).logits
+        picked = _next_tokens(logits, self.cfg, seen, np.zeros(len(ids), np.int64), self.stop_ids, self.rng)
+        seen[np.arange(len(ids)), picked] = True
+        if len(self):
+            width = max(self.cache.seq_len, cache.seq_len)
+            capacity = width + int(max((self.budgets - self.counts).max(), budgets.max()))
+            self.mask, self.rope_deltas = _left_pad(self.mask, self.rope_deltas, width)
+            mask, rope_deltas = _left_pad(mask, rope_deltas, width)
+            self.cache.realign(width - self.cache.seq_len, capacity)
+            cache.realign(width - cache.seq_len, capacity)
+            self.cache.append_rows(cache)
+            mask, rope_deltas = np.concatenate([self.mask, mask]), np.concatenate([self.rope_deltas, rope_deltas])
+        self.cache, self.mask, self.rope_deltas = self.cache if len(self) else cache, mask, rope_deltas
+        self.budgets, self.counts = np.concatenate([self.budgets, budgets]), np.concatenate([self.counts, [1] * len(ids)])
+        self.last, self.seen = np.concatenate([self.last, picked]), np.concatenate([self.seen, seen])
+        return picked
+
+    def step(self) -> np.ndarray:
+        """Feed every row its newest token; returns each row's next token [B]."""
+        self.mask = np.concatenate([self.mask, np.ones([len(self), 1], np.int64)], axis=1)
+        with paddle.no_grad():
+            logits = self.model(
+                self.last[:, None], attention_mask=_key_mask(self.mask),
+                position_ids=decode_position_ids(self.mask, self.rope_deltas), past_key_values=self.cache,
+            ).logits
+        picked = _next_tokens(logits, self.cfg, self.seen, self.counts, self.stop_ids, self.rng)
+        self.seen[np.arange(len(self)), picked] = True
+        self.counts += 1
+        self.last = picked
+        return picked
+
+    def finished(self) -> np.ndarray:
+        """bool [B]: rows whose newest token is a stop token or that used up their budget."""
+        return np.isin(self.last, self.stop_ids) | (self.counts >= self.budgets)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only the rows marked True (the others leave), then drop the cache columns no row attends to."""
+        rows = np.asarray(rows, bool)
+        if rows.all():
+            return
+        index = np.flatnonzero(rows)
+        self.cache.keep_rows(index)
+        self.mask, self.rope_deltas, self.budgets = self.mask[index], self.rope_deltas[index], self.budgets[index]
+        self.counts, self.last, self.seen = self.counts[index], self.last[index], self.seen[index]
+        if not len(self):
+            return
+        unused = int(self.mask.argmax(axis=1).min())  # every row ends with a real token, so argmax finds one
+        if unused:
+            capacity = self.cache.seq_len - unused + int((self.budgets - self.counts).max())
+            self.cache.realign(-unused, capacity)
+            self.mask, self.rope_deltas = self.mask[:, unused:], self.rope_deltas + unused
+
+
+def _left_pad(mask: np.ndarray, rope_deltas: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows' key mask left-padded to `width` columns, and their rope deltas moved so positions stay."""
+    pad = width - mask.shape[1]
+    return np.pad(mask, ((0, 0), (pad, 0))), rope_deltas - pad
+
+
 def generate(
     model: paddle.nn.Layer,
     input_ids: Array,
@@ -238,63 +385,34 @@ def generate(
     (see launch/infer.py); with tensor parallelism every rank must return the same stop rows.
     """
     cfg = generation_config or GenerationConfig()
-    config = model.config
-    ids = np.asarray(_as_numpy(input_ids), np.int64)
-    batch = ids.shape[0]
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(_as_numpy(attention_mask), np.int64)
-    if (mask[:, -1] == 0).any():
-        raise ValueError("generation needs left padding: every row must end with a real token")
-    image_grid_thw, video_grid_thw = _as_numpy(image_grid_thw), _as_numpy(video_grid_thw)
-    position_ids, rope_deltas = get_rope_index_for_config(
-        config, ids, image_grid_thw, video_grid_thw, mask, _as_numpy(second_per_grid_ts))
-    stop_ids = np.asarray(cfg.stop_token_ids or (config.eos_token_id,), np.int64)
-    rng = np.random.default_rng(cfg.seed)
-    cache = KVCache(config.num_hidden_layers, capacity=ids.shape[1] + cfg.max_new_tokens)
-
-    tokens = np.full((batch, cfg.max_new_tokens), config.pad_token_id, np.int64)
+    pad = model.config.pad_token_id
+    running = RunningBatch(model, cfg)
+    start = time.perf_counter()
+    picked = running.join(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                          video_grid_thw, second_per_grid_ts)
+    batch = len(picked)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = np.full((batch, cfg.max_new_tokens), pad, np.int64)
     num_tokens = np.zeros(batch, np.int64)
     finished = np.zeros(batch, bool)
-    seen = np.zeros((batch, config.vocab_size), bool)  # tokens the repetition penalty applies to
-    rows = np.repeat(np.arange(batch), ids.shape[1])
-    keep = mask.reshape(-1).astype(bool)  # left padding is not part of the prompt
-    seen[rows[keep], ids.reshape(-1)[keep]] = True
-    running = np.arange(batch)  # rows still in the model's batch, in cache order
-
-    start = time.perf_counter()
-    with paddle.no_grad():
-        out = model(
-            ids, attention_mask=_key_mask(mask), position_ids=position_ids, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-            past_key_values=cache, logits_to_keep=1,
-        )
-        logits = out.logits
-        prefill_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        for step in range(cfg.max_new_tokens):
-            picked = _next_tokens(logits, cfg, seen[running], step, stop_ids, rng)
-            next_ids = np.full(batch, config.pad_token_id, np.int64)
-            next_ids[running] = picked
-            tokens[:, step] = next_ids
-            num_tokens[running] += 1
-            seen[running, picked] = True
-            finished[running] |= np.isin(picked, stop_ids)
-            if streamer is not None:
-                stopped = streamer(next_ids)
-                if stopped is not None:
-                    finished |= np.asarray(stopped, bool)
-            if finished.all() or step == cfg.max_new_tokens - 1:
-                break
-            still = ~finished[running]
-            if not still.all():  # finished rows leave the batch
-                cache.keep_rows(np.flatnonzero(still))
-                running, mask, rope_deltas = running[still], mask[still], rope_deltas[still]
-                picked = picked[still]
-            mask = np.concatenate([mask, np.ones([len(running), 1], np.int64)], axis=1)
-            out = model(
-                picked[:, None], attention_mask=_key_mask(mask), position_ids=decode_position_ids(mask, rope_deltas),
-                past_key_values=cache,
-            )
-            logits = out.logits
+    rows = np.arange(batch)  # rows still in the running batch, in its order
+    for step in range(cfg.max_new_tokens):
+        if step:
+            picked = running.step()
+        next_ids = np.full(batch, pad, np.int64)
+        next_ids[rows] = picked
+        tokens[:, step] = next_ids
+        num_tokens[rows] += 1
+        finished[rows] |= running.finished()
+        if streamer is not None:
+            stopped = streamer(next_ids)
+            if stopped is not None:
+                finished |= np.asarray(stopped, bool)
+        if finished.all() or step == cfg.max_new_tokens - 1:
+            break
+        running.keep(~finished[rows])  # finished rows leave the batch
+        rows = rows[~finished[rows]]
     return GenerationOutput(
         sequences=tokens[:, : step + 1], num_tokens=num_tokens,
         prefill_seconds=prefill_seconds, decode_seconds=time.perf_counter() - start,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import ml_dtypes
 import numpy as np
 
-from network.formats import index_pickle, read_ref
+from network.formats import FormatError, index_pickle, read_ref
 from network.log import logger
 
 if TYPE_CHECKING:
@@ -197,11 +197,16 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, tuple[np
     float32 numpy; the merged weight is `W + A @ B * scaling`."""
     config, state = read_adapter_state(directory)
     scaling = LoraArgs.from_adapter_config(config).scaling
+    file = Path(directory) / LORA_WEIGHTS_NAME
     adapters = {}
     for key, a in state.items():
         if key.endswith(".lora_A"):
-            b = state[key[: -len("lora_A")] + "lora_B"]
+            b = state.get(key[: -len("lora_A")] + "lora_B")
+            if b is None:
+                raise FormatError(f"{file}: '{key}' has no matching '{key[: -len('A')]}B'")
             adapters[key[: -len("lora_A")] + "weight"] = (a.astype(np.float32), b.astype(np.float32), scaling)
+    if not adapters:  # folding nothing would serve the base model under the adapter's name
+        raise FormatError(f"{file} holds no LoRA tensors ('*.lora_A' / '*.lora_B'); refusing an empty adapter")
     return config, adapters
 
 

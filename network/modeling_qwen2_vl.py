@@ -23,6 +23,7 @@ import paddle.nn.functional as F
 
 from network.attention import PackedRows, attention
 from network.config import Qwen2VLConfig
+from network.device import allocation_dtype
 from network.loss import IGNORE_INDEX, linear_cross_entropy
 from network.modeling_vision import Qwen2VisionTransformer, as_numpy, rotate_half
 from network.modeling_vision_window import Qwen2_5_VisionTransformer
@@ -336,7 +337,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
 @contextlib.contextmanager
 def _default_dtype(dtype: str):
     previous = paddle.get_default_dtype()
-    paddle.set_default_dtype(dtype)
+    paddle.set_default_dtype(allocation_dtype(dtype))
     try:
         yield
     finally:

@@ -4,20 +4,22 @@ Outputs are numpy. Media keys (`pixel_values`, `image_grid_thw`, `pixel_values_v
 `second_per_grid_ts`) are absent when no images / videos are given, as in HF. `second_per_grid_ts` (seconds per
 temporal patch of each video, as HF's Qwen2_5_VLProcessor computes it) drives Qwen2.5-VL's video M-RoPE time;
 Qwen2-VL ignores it. The template and everything else are the same for both families. Token counts from image sizes (`image_token_count`) let the data
-pipeline probe lengths without decoding pixels.
+pipeline probe lengths without decoding pixels. `apply_chat_template` returns a `ChatText`: tokenised by the
+processor, control tokens come only from the template, never from `<|im_end|>`-like text inside message content.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from network.image_processing import ImageLike, Qwen2VLImageProcessor
 from network.log import logger
-from network.tokenizer import has_tokenizer_files, load_tokenizer
+from network.tokenizer import has_tokenizer_files, load_tokenizer, plain_text_encoder
 from network.video import DEFAULT_VIDEO_FPS, VideoLike, load_video
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -46,6 +48,29 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+_CONTROL_TOKEN = re.compile(r"(<\|[a-z_]+\|>)")
+
+
+class ChatText(str):
+    """Chat-template text that remembers which control tokens the template wrote (`pieces`: (text, is_control)).
+
+    The processor tokenises a ChatText so that only those become control-token ids; `<|im_end|>` and the like typed
+    inside message content stay plain text, so a user cannot forge a turn (M4). Operations on it give plain str,
+    which is tokenised as before (every special-token string is a control token)."""
+
+    pieces: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, pieces: Sequence[tuple[str, bool]]) -> "ChatText":
+        text = super().__new__(cls, "".join(p for p, _ in pieces))
+        text.pieces = tuple(pieces)
+        return text
+
+
+def _template_pieces(text: str) -> list[tuple[str, bool]]:
+    """Template-written text split into plain text and control tokens."""
+    return [(p, i % 2 == 1) for i, p in enumerate(_CONTROL_TOKEN.split(text)) if p]
+
+
 # The HF processor class each model family's checkpoints name (AutoProcessor picks it from the saved files).
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -71,6 +96,7 @@ class Qwen2VLProcessor:
         self.vision_start_token_id = tokenizer.convert_tokens_to_ids(VISION_START)
         self.vision_end_token_id = tokenizer.convert_tokens_to_ids(VISION_END)
         self.pad_token_id = tokenizer.pad_token_id
+        self._plain_text = plain_text_encoder(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
 
     # ---- loading / saving -------------------------------------------------------------------------------------
@@ -124,35 +150,36 @@ class Qwen2VLProcessor:
     # ---- chat template ----------------------------------------------------------------------------------------
     def apply_chat_template(
         self, messages: Sequence[dict], add_generation_prompt: bool = False, add_vision_id: bool = False
-    ) -> str:
+    ) -> ChatText:
         """The qwen2_vl template (QWEN2_VL_CHAT_TEMPLATE) in plain Python; content is a string or a list of
-        {"type": "image"|"video"|"text", ...} items; one `<|vision_start|><|image_pad|><|vision_end|>` per image."""
-        parts: list[str] = []
+        {"type": "image"|"video"|"text", ...} items; one `<|vision_start|><|image_pad|><|vision_end|>` per image.
+        Special-token strings inside content stay text when the result is tokenised by this processor."""
+        parts: list[tuple[str, bool]] = []  # (text, is_control); content is appended unsplit
         n_images = n_videos = 0
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             if i == 0 and role != "system":
-                parts.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
-            parts.append(f"<|im_start|>{role}\n")
+                parts += _template_pieces(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+            parts += _template_pieces("<|im_start|>") + [(f"{role}\n", False)]
             if isinstance(content, str):
-                parts.append(content)
+                parts.append((content, False))
             else:
                 for item in content:
                     kind = item.get("type")
                     if kind == "image" or "image" in item or "image_url" in item:
                         n_images += 1
-                        parts.append(f"Picture {n_images}: " if add_vision_id else "")
-                        parts.append(VISION_START + IMAGE_TOKEN + VISION_END)
+                        parts.append((f"Picture {n_images}: " if add_vision_id else "", False))
+                        parts += _template_pieces(VISION_START + IMAGE_TOKEN + VISION_END)
                     elif kind == "video" or "video" in item:
                         n_videos += 1
-                        parts.append(f"Video {n_videos}: " if add_vision_id else "")
-                        parts.append(VISION_START + VIDEO_TOKEN + VISION_END)
+                        parts.append((f"Video {n_videos}: " if add_vision_id else "", False))
+                        parts += _template_pieces(VISION_START + VIDEO_TOKEN + VISION_END)
                     elif "text" in item:
-                        parts.append(item["text"])
-            parts.append("<|im_end|>\n")
+                        parts.append((item["text"], False))
+            parts += _template_pieces("<|im_end|>\n")
         if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+            parts += _template_pieces("<|im_start|>assistant\n")
+        return ChatText(parts)
 
     # ---- token counting / expansion ---------------------------------------------------------------------------
     def num_vision_tokens(self, grid_thw: Sequence[int] | np.ndarray) -> int:
@@ -220,9 +247,48 @@ class Qwen2VLProcessor:
             out.update(self.image_processor.preprocess_videos(frames))
             out["second_per_grid_ts"] = self.second_per_grid_ts(rates)
         texts = [text] if isinstance(text, str) else list(text)
-        texts = self.expand_vision_tokens(texts, out.get("image_grid_thw"), out.get("video_grid_thw"))
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if all(isinstance(t, ChatText) for t in texts):
+            runs = {IMAGE_TOKEN: [self.num_vision_tokens(g) for g in out.get("image_grid_thw", [])],
+                    VIDEO_TOKEN: [self.num_vision_tokens(g) for g in out.get("video_grid_thw", [])]}
+            ids = self._encode_chat(texts, runs)
+        else:
+            texts = self.expand_vision_tokens(texts, out.get("image_grid_thw"), out.get("video_grid_thw"))
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out.update(self._pad(ids, padding, padding_side))
+        return out
+
+    def prompt_token_count(self, text: ChatText, image_tokens: Sequence[int], video_tokens: Sequence[int]) -> int:
+        """Tokens of `text` once its placeholders are expanded to these per-image / per-video token counts
+        (from `image_token_count` / `video_token_count`, so no pixel needs decoding)."""
+        return len(self._encode_chat([text], {IMAGE_TOKEN: [1] * len(image_tokens),
+                                              VIDEO_TOKEN: [1] * len(video_tokens)})[0]) \
+            - len(image_tokens) - len(video_tokens) + sum(image_tokens) + sum(video_tokens)
+
+    def _encode_chat(self, texts: Sequence[ChatText], runs: dict[str, list[int]]) -> list[list[int]]:
+        """Ids of chat texts: control tokens only where the template wrote them, each placeholder expanded to its
+        run length (consumed in order across texts), everything between tokenised as plain text. The tokenizer
+        splits its input at special-token strings the same way, so text without such strings in its content
+        gets exactly the ids of a whole-string tokenisation."""
+        for token, counts in runs.items():
+            found = sum(piece == token for t in texts for piece, control in t.pieces if control)
+            if found != len(counts):
+                raise ValueError(f"{found} {token} placeholders in the text but {len(counts)} grids given")
+        it = {token: iter(counts) for token, counts in runs.items()}
+        out = []
+        for t in texts:
+            ids: list[int] = []
+            pending = ""
+            for piece, control in t.pieces:
+                if not control:
+                    pending += piece
+                    continue
+                if pending:
+                    ids += self._plain_text.encode(pending, add_special_tokens=False).ids
+                    pending = ""
+                ids += [self.tokenizer.convert_tokens_to_ids(piece)] * (next(it[piece]) if piece in it else 1)
+            if pending:
+                ids += self._plain_text.encode(pending, add_special_tokens=False).ids
+            out.append(ids)
         return out
 
     def second_per_grid_ts(self, fps: Sequence[float]) -> np.ndarray:

@@ -77,3 +77,13 @@ def load_tokenizer(path: str | None = None):
             raise ValueError(f"tokenizer at {path}: {token} has id {got}, Qwen2-VL expects {expected}")
     logger.debug("loaded Qwen2 tokenizer from %s", path)
     return tokenizer
+
+
+def plain_text_encoder(tokenizer) -> "tokenizers.Tokenizer":
+    """A copy of the fast tokenizer's backend that tokenises special-token strings as ordinary text (so
+    `<|im_end|>` typed in a message is text, not a control token); elsewhere its ids equal the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend

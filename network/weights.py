@@ -29,6 +29,7 @@ import numpy as np
 import paddle
 from paddle.utils.dlpack import from_dlpack
 
+from network.device import check_device_resident, note_host_tensor, weights_zero_copy
 from network.formats import ArrayRef, FormatError, index_file, index_safetensors, read_ref, read_ref_slice
 from network.log import logger
 from network.writers import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter, transpose_copy
@@ -218,6 +219,7 @@ def match_weights(model: paddle.nn.Layer, path: str, names: Iterable[str] | None
 def assign(param: paddle.Tensor, value: paddle.Tensor) -> None:
     """Give `param` the data of `value` (same shape and dtype); also materialises a parameter created under
     `paddle.LazyGuard` (no init function runs)."""
+    check_device_resident(param.name, value)
     if param._is_initialized():
         param.set_value(value)
     else:
@@ -235,9 +237,10 @@ def load_weights(model: paddle.nn.Layer, path: str) -> None:
 
 
 def to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
-    """A numpy array (bf16 as ml_dtypes) as a Paddle tensor of `dtype`, bf16 bits kept as they are. The tensor
-    takes over the array's memory through DLPack for fp32 results (no second copy of each weight at load time);
-    the caller must not reuse the array."""
+    """A numpy array (bf16 as ml_dtypes) as a Paddle tensor of `dtype` on the expected place, bf16 bits kept as they
+    are. On the CPU place the tensor takes over the array's memory through DLPack for fp32 results (no second copy
+    of each weight at load time; the caller must not reuse the array). On a GPU place it is created there: a
+    zero-copy tensor would stay in host memory and be copied to the device at every op that reads it (N4)."""
     if array.dtype == _BF16:
         bits = np.ascontiguousarray(array).view(np.uint16)
         if dtype == paddle.bfloat16:  # keep the bits, no fp32 round trip (DLPack would type them uint16)
@@ -246,14 +249,17 @@ def to_paddle(array: np.ndarray, dtype) -> paddle.Tensor:
         wide = bits.astype(np.uint32)
         wide <<= 16
         array = wide.view(np.float32)
-    tensor = _share(np.ascontiguousarray(array))
+    if weights_zero_copy():
+        tensor = _share(np.ascontiguousarray(array))
+    else:
+        tensor = paddle.to_tensor(np.ascontiguousarray(array), place=paddle.framework._current_expected_place())
     return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
 def _share(array: np.ndarray) -> paddle.Tensor:
     if not array.flags.writeable:  # DLPack export needs a writable array
         array = array.copy()
-    return from_dlpack(array)
+    return note_host_tensor(from_dlpack(array))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

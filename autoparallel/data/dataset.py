@@ -262,7 +262,11 @@ class SFTDataset:
         for placeholder, media in ((IMAGE_PLACEHOLDER, images), (VIDEO_PLACEHOLDER, videos)):
             if question.count(placeholder) != len(media):
                 raise ValueError(f"{question.count(placeholder)} {placeholder} placeholders but {len(media)} files")
-        conv = Conversation("<prompt>", 0, system, ((question, None),), tuple(images), tuple(videos))
+        return self.prompt_inputs(Conversation("<prompt>", 0, system, ((question, None),), tuple(images),
+                                               tuple(videos)))
+
+    def prompt_inputs(self, conv: Conversation) -> dict[str, Any]:
+        """`generation_inputs` of a conversation whose last answer is None: earlier turns are the history."""
         out = self._build(conv)
         del out["labels"], out["num_labels"]
         return out

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import string
 import tempfile
 from typing import Any
 
@@ -158,12 +157,6 @@ def eval_questions(out_dir: str) -> list[dict[str, Any]]:
     return [{"id": r["id"], "kind": r["kind"], "question": r["messages"][0]["content"],
              "images": [os.path.join(root, p) for p in r["images"]], "answer": r["messages"][1]["content"]}
             for r in records]
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case first word without punctuation: "Red." → "red"."""
-    words = text.strip().lower().translate(str.maketrans("", "", string.punctuation)).split()
-    return words[0] if words else ""
 
 
 def main(argv: list[str] | None = None) -> None:

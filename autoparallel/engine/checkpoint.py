@@ -28,7 +28,7 @@ import paddle.distributed as dist
 from safetensors import SafetensorError
 
 from autoparallel.engine import faults
-from network.formats import (NUMPY_ARRAY_GLOBALS, CheckpointError, FormatError, index_pickle, load_metadata,
+from network.formats import (NUMPY_ARRAY_GLOBALS, CheckpointError, FormatError, index_safetensors, load_metadata,
                              load_restricted_pickle)
 from network.log import logger
 
@@ -133,6 +133,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                        len(saved), len(current))
 
 
+BEST_LINK = "best"
+
+
 class CheckpointWriter:
     """Writes `checkpoint-N` atomically. `save` is called on every rank in the same order."""
 
@@ -141,6 +144,7 @@ class CheckpointWriter:
         self.rank = rank
         self.barrier = barrier
         self.save_total_limit = save_total_limit
+        self.best_step: Optional[int] = None  # metric_for_best_model's checkpoint: linked as `best`, never rotated
 
     def tmp_dir(self, step: int) -> Path:
         return self.output_dir / f".tmp-checkpoint-{step}"
@@ -174,15 +178,26 @@ class CheckpointWriter:
                 os.replace(tmp, final)
             except OSError as exc:
                 raise _write_failed(f"publishing checkpoint-{step} from", tmp, exc) from exc
+            self._link_best()
             self._rotate()
             logger.info("saved %s", final)
         self.barrier()
         return final
 
+    def _link_best(self) -> None:
+        """Point the `best` symlink at checkpoint-<best_step> (replaced atomically)."""
+        if self.best_step is None or not (self.output_dir / f"checkpoint-{self.best_step}").is_dir():
+            return
+        tmp = self.output_dir / f".tmp-{BEST_LINK}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"checkpoint-{self.best_step}")
+        os.replace(tmp, self.output_dir / BEST_LINK)
+
     def _rotate(self) -> None:
         if self.save_total_limit <= 0:
             return
-        for _, path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
+        rotating = [(step, path) for step, path in list_checkpoints(self.output_dir) if step != self.best_step]
+        for _, path in rotating[: -self.save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed %s (save_total_limit=%d)", path, self.save_total_limit)
 
@@ -249,7 +264,9 @@ def load_dist_state(state: dict[str, paddle.Tensor], dist_dir: Path, optimizer: 
     old_format = bool(masters) and not set(masters) & saved_keys(dist_dir)
     if old_format:
         state = {k: v for k, v in state.items() if not k.startswith(MASTER_PREFIX)}
-    dist.load_state_dict(state, str(dist_dir), safetensors=any(dist_dir.glob("*.safetensors")))
+    check_dist_files(dist_dir)  # again here, in the process that loads: the files Paddle reads are the checked ones
+    # safetensors=True always: Paddle then parses every data file with the safetensors library, never pickle.
+    dist.load_state_dict(state, str(dist_dir), safetensors=True)
     return reseed_master_weights(optimizer, params) if old_format else 0
 
 
@@ -271,13 +288,29 @@ def load_rng_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
 
 
 def check_dist_files(dist_dir: Path) -> None:
-    """Paddle's `dist.load_state_dict` unpickles `*.metadata` and `*.distcp` files with plain pickle. Read each
-    one first with the restricted unpicklers of network/formats.py (no tensor data is read), so a crafted file is
-    refused, naming it, before Paddle ever opens it."""
+    """Refuse, naming the file, a dist checkpoint that Paddle's `dist.load_state_dict` should not open.
+
+    Resume accepts safetensors rank files only (what the trainer writes). A `.distcp` rank file is a pickle that
+    Paddle would load with plain `pickle.load`; validating it with a different parser first is not enough (the
+    pure-Python indexer and the C unpickler once disagreed about a payload crossing a frame, so a file that
+    indexed as `{}` ran code in Paddle). Reading `.distcp` slices with our own reader instead would mean
+    re-implementing Paddle's resharding of model and optimizer state for every placement. Refusing them keeps
+    one parser per file: safetensors files are parsed by the safetensors library (data only, no code path) after
+    `index_safetensors` checked their headers, and `*.metadata`, which Paddle unpickles, is first read by the
+    same C unpickler with an allow-list of Paddle's metadata classes (`load_metadata`). Every file the metadata
+    names must be one of these safetensors files, so it cannot point Paddle anywhere else."""
+    pickled = sorted(dist_dir.glob("*.distcp"))
+    if pickled:
+        raise CheckpointError(f"resume_from_checkpoint: refusing {pickled[0]}: a pickled rank file; resume loads "
+                              f"only safetensors dist checkpoints (what training writes) and never unpickles tensors")
+    safetensors = {file.name for file in dist_dir.glob("*.safetensors")}
     try:
         for file in sorted(dist_dir.glob("*.metadata")):
-            load_metadata(str(file))
-        for file in sorted(dist_dir.glob("*.distcp")):
-            index_pickle(str(file))
+            for name in load_metadata(str(file)).storage_metadata.values():
+                if not isinstance(name, str) or name not in safetensors:
+                    raise CheckpointError(f"resume_from_checkpoint: refusing {file}: it names the data file "
+                                          f"{name!r}, which is not a safetensors file in {dist_dir}")
+        for name in sorted(safetensors):
+            index_safetensors(str(dist_dir / name))
     except FormatError as exc:
         raise CheckpointError(f"resume_from_checkpoint: refusing {exc}") from None

@@ -31,6 +31,7 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dis
                                             load_trainer_state, optimizer_tensors, resolve_resume_path,
                                             restore_rng_state)
 from autoparallel.engine.metrics import MetricsLogger
+from autoparallel.engine.training_eval import TrainingEvaluation
 from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
 from autoparallel.planning.memory import O2_WHITE_LIST
@@ -197,6 +198,7 @@ class Trainer:
         if cfg.parallel.sequence_parallel:
             apply_sequence_parallel(self.model)
         self.writer = CheckpointWriter(cfg.train.output_dir, self.rank, barrier, cfg.train.save_total_limit)
+        self.evaluation = TrainingEvaluation(cfg, self.eval_dataset() if cfg.train.eval_generate else None)
         self.step = 0
         self.skipped_nonfinite = 0
         if self.rank == 0:
@@ -282,6 +284,7 @@ class Trainer:
         self.skipped_nonfinite = trainer_state.get("skipped_nonfinite", 0)
         self.schedule.set_state_dict(trainer_state["lr_scheduler"])
         self.loader.load_state_dict(trainer_state["data_loader"])
+        self.evaluation.load_state_dict(trainer_state.get("early_stopping"))
         rng = load_rng_state(path, self.rank)
         if rng is not None and trainer_state.get("world_size") == self.world:
             restore_rng_state(rng)
@@ -293,7 +296,9 @@ class Trainer:
             "skipped_nonfinite": self.skipped_nonfinite,
             "degrees": self.cfg.parallel.__dict__, "lr_scheduler": self.schedule.state_dict(),
             "data_loader": self.loader.state_dict(), "command": self.command,
+            "early_stopping": self.evaluation.state_dict(),
         }
+        self.writer.best_step = self.evaluation.state.best_step
 
         def write_extra(directory: Path) -> None:
             self.model.config.save_pretrained(str(directory))
@@ -343,11 +348,14 @@ class Trainer:
         self.schedule.step()
         return {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
 
+    def eval_dataset(self) -> SFTDataset:
+        return SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path,
+                          video_tokens_per_second=self.dataset.video_tokens_per_second)
+
     def evaluate(self) -> Optional[float]:
         if not self.cfg.train.eval_meta_path:
             return None
-        dataset = SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path,
-                             video_tokens_per_second=self.dataset.video_tokens_per_second)
+        dataset = self.eval_dataset()
         loader = SFTDataLoader(dataset, self.cfg.train.per_device_eval_batch_size, self.degrees.dp, self.dp_rank,
                                shuffle=False, seed=self.cfg.data.data_seed)
         total, tokens = 0.0, 0
@@ -395,10 +403,15 @@ class Trainer:
                 metrics.log(record)
             if train.evaluation_strategy == "steps" and train.eval_steps and self.step % train.eval_steps == 0:
                 eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    metrics.log({"step": self.step, "eval_loss": eval_loss})
+                evaluated = {} if eval_loss is None else {"eval_loss": eval_loss}
+                evaluated |= self.evaluation.generation_metrics(self.model)
+                if evaluated:
+                    metrics.log({"step": self.step, **evaluated})
+                    self.evaluation.observe(self.step, evaluated)
             if train.save_steps and self.step % train.save_steps == 0:
                 self.save()
+            if self.evaluation.should_stop():
+                break
         arm_watchdog(train.step_timeout)
         if self.rank == 0:
             logger.info("%s", self.comm_summary(measured))

@@ -11,7 +11,7 @@ from hf_oracle import Sample, build_batch, hf_model, tiny_config
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import network.generation as generation
-from network.generation import GenerationConfig, _process_logits, _select, generate, left_pad_prompts
+from network.generation import GenerationConfig, RunningBatch, _process_logits, _select, generate, left_pad_prompts
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -172,6 +172,42 @@ def test_streamer_stops_rows_and_the_others_continue_unchanged(models):
     assert (np.stack(seen_steps) == out.sequences.T).all()
 
 
+def test_h4_rows_joining_a_running_batch_generate_as_alone(models):
+    """H4 (security review 2), continuous batching: an image row starts; a short text row joins after 2 steps
+    (it is left-padded to the running cache); the first row leaves after 6 tokens (the columns only it read are
+    dropped); a long image row joins later (the running cache is left-padded to its length). Every row's greedy
+    tokens equal the row generated alone; budgets and min_new_tokens follow each row's own step count."""
+    config, _, ours, _ = models
+    prompts = [_prompt(config, s, seed=20 + i) for i, s in enumerate(
+        [Sample(9, [("image", (1, 4, 6))], 0), Sample(2, [], 0), Sample(30, [("image", (1, 8, 8))], 0)])]
+    budgets, joins_at = [6, NEW_TOKENS, 12], {2: 1, 8: 2}
+    alone = [generate(ours, **p, generation_config=_greedy()).sequences[0, :n] for p, n in zip(prompts, budgets)]
+    running = RunningBatch(ours, _greedy())
+    got: list[list[int]] = [[] for _ in prompts]
+    rows = [0]  # request index of each running row
+    got[0] = running.join(**prompts[0], max_new_tokens=budgets[0]).tolist()
+    widths = {}
+    for step in range(40):
+        if step in joins_at:
+            i = joins_at[step]
+            assert (prompts[i]["input_ids"].shape[1] < running.mask.shape[1]) == (i == 1)
+            got[i].extend(running.join(**prompts[i], max_new_tokens=budgets[i]).tolist())
+            rows.append(i)
+        done = running.finished()
+        running.keep(~done)
+        rows = [r for r, d in zip(rows, done) if not d]
+        widths[step] = (running.mask.shape[1], list(rows), len(got[1]))
+        if not rows:
+            break
+        for r, t in zip(rows, running.step()):
+            got[r].append(int(t))
+    for i in range(3):
+        np.testing.assert_array_equal(np.array(got[i]), alone[i], err_msg=f"request {i}")
+    # Right after request 0 left, the cache holds only request 1's prompt and the tokens it has fed back.
+    width, rows_then, tokens_1 = widths[5]
+    assert rows_then == [1] and width == prompts[1]["input_ids"].shape[1] + tokens_1 - 1, widths
+
+
 def test_repetition_penalty_matches_hf(models):
     config, hf, ours, _ = models
     batch = _prompt(config, SINGLE["one_image"], seed=0)
@@ -232,7 +268,8 @@ def test_bad_settings_are_errors(models):
 
 
 def test_tensor_parallel_matches_single_process(models, tmp_path):
-    """mp2 (the training plan: q/k/v/gate/up column-split, o/down row-split, vocab-parallel embedding and head)."""
+    """mp2 (the training plan: q/k/v/gate/up column-split, o/down row-split, vocab-parallel embedding and head);
+    also a row joining a running batch on the sharded KV caches (H4)."""
     config, _, ours, path = models
     cases = {name: _prompt(config, s, seed=sorted(SINGLE).index(name)) for name, s in SINGLE.items()}
     cases["batch"] = _left_pad(config, _batch_prompts(config))
@@ -245,6 +282,9 @@ def test_tensor_parallel_matches_single_process(models, tmp_path):
         single = generate(ours, **batch, generation_config=_greedy()).sequences
         for rank in (0, 1):
             np.testing.assert_array_equal(np.asarray(result.results[rank][name]), single, err_msg=f"{name} rank {rank}")
+            if name in result.results[rank]["joined"]:  # H4: joined a running batch on mp2, tokens as alone
+                np.testing.assert_array_equal(np.asarray(result.results[rank]["joined"][name]), single[0],
+                                              err_msg=f"{name} joined, rank {rank}")
     speed = result.results[0]["tokens_per_second"]
     print(f"[generate] mp2 == single process for {sorted(cases)} ({NEW_TOKENS} tokens each), "
           f"mp2 decode {speed:.1f} tokens/s (batch case)")

@@ -194,3 +194,28 @@ def test_a_rank_killed_by_a_signal_is_named_with_its_last_log_line(tmp_path):
     assert last.startswith("qwen2vl-ap sft: error: rank 1 was killed by SIGKILL (out of memory?); its last log "
                            "line: "), run.stderr
     assert "fault injection: rank 1 sends itself SIGKILL after step 1" in last
+
+
+# C1: the desync checkpoint of security review 2 (section 6) on every resume entry point, as a user runs it. On
+# the old code the parent accepted it and a worker's `dist.load_state_dict` ran its payload; now the parent
+# refuses it before any worker starts (exit 2, one line naming the file).
+RESUMES = {"sft_path": ("sft", "path"), "lora_path": ("lora", "path"), "sft_auto": ("sft", "auto"),
+           "lora_auto": ("lora", "auto")}
+
+
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_C1_resume_never_runs_a_desync_checkpoint(tmp_path, case):
+    from crafted_pickles import plant_desync_checkpoint
+
+    command, resume = RESUMES[case]
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    keys = ["visual.patch_embed.proj.weight", "model.layers.0.self_attn.q_proj.lora_A"]  # sft and lora state
+    planted = plant_desync_checkpoint(out / "checkpoint-1", marker, keys)
+    run = sft(out, ["--resume_from_checkpoint", str(out / "checkpoint-1") if resume == "path" else "auto",
+                    "--synthetic_data_dir", str(tmp_path / "syn"), "--nproc_per_node", "1",
+                    "--data_parallel_degree", "1", "--max_steps", "1", *FAST], command=command)
+    assert not marker.exists(), "the payload ran"
+    assert run.returncode == 2, run.logs()
+    lines = [line for line in run.stderr.splitlines() if str(planted) in line]
+    assert len(lines) == 1 and "a pickled rank file" in lines[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr and not run.worker_logs()

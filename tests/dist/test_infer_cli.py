@@ -1,21 +1,24 @@
 """`qwen2vl-ap infer` end to end on a tiny saved model (real tokenizer, real vocabulary): single request with
 streaming, batch JSONL with left padding, model directory formats, tensor parallel, clear input errors."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from cli_runs import REPO
+from dist_utils import console_kernels
 from tiny_model import save_tiny_model
 
-import launch.evaluate_answers as evaluate_answers
-from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
 from autoparallel.engine.lora_trainer import gather_adapter
 from ckpt_tools.lora_merge import merge_lora
 from launch.infer import Answer, infer_main
+from launch.launcher import SIMULATE_GPU_ENV
 from network.lora import LORA_CONFIG_NAME, LoraArgs, apply_lora, save_adapter
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-from network.processor import Qwen2VLProcessor
 from network.weights import weights_fingerprint
 
 MAX_NEW = "8"
@@ -157,27 +160,6 @@ def test_lora_adapter_folded_at_load_answers_like_the_merged_model(setup, capsys
     print(f"[infer] --lora folded == merge-lora output: {folded.strip()!r} (base: {base.strip()!r})")
 
 
-def test_answer_accuracy(setup, tmp_path, monkeypatch):
-    """Scoring on the synthetic held-out questions: real generation runs; exact match after normalisation."""
-    make_synthetic_dataset(str(tmp_path / "data"), n_train=1, n_eval=5)
-    questions = eval_questions(str(tmp_path / "data"))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(setup / "st"))
-    processor = Qwen2VLProcessor.from_pretrained(str(setup / "st"))
-    untrained = evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2)
-    assert untrained == 0.0  # random weights, 152k-token vocabulary
-
-    truth = {q["id"]: q["answer"] for q in questions}
-    batches = []
-
-    def fake_answers(model, processor, requests, config):  # first of each batch right, as "RED." etc.
-        batches.append(len(requests))
-        return [Answer(r.id, f"{truth[r.id].upper()}." if i == 0 else "no", 1) for i, r in enumerate(requests)], None
-
-    monkeypatch.setattr(evaluate_answers, "answer_batch", fake_answers)
-    assert evaluate_answers.answer_accuracy(model, processor, questions, batch_size=2) == 3 / 5
-    assert batches == [2, 2, 1]
-
-
 @pytest.mark.parametrize("fmt, shard_size", [("safetensors", None), ("safetensors", 20 * 10**6),
                                              ("paddle", None), ("paddle", 20 * 10**6)],
                          ids=["safetensors", "safetensors-sharded", "pdparams", "pdparams-sharded"])
@@ -199,3 +181,42 @@ def test_every_written_layout_loads_in_infer_and_inspect(setup, tmp_path, capsys
     code_out, answer, err = _run(capsys, "--model", out, *args)
     assert code == code_out == 0, err
     assert answer == expected
+
+
+def test_simulated_gpu_bf16_answers_equal_fp32(setup, capsys, tmp_path):
+    """`infer --dtype bfloat16` on the simulated GPU (network/simulated_gpu.py) answers exactly as fp32 on the CPU:
+    a single prompt (unpadded decode: N1's flash branch), then a left-padded batch under tensor parallelism (SDPA
+    with an additive mask in q's dtype, heads split over two ranks) in one launched run."""
+    from network import simulated_gpu
+
+    single = ["--model", setup / "st", "--image", setup / "media/img0.png", "--prompt", "What colour is it?",
+              "--max_new_tokens", MAX_NEW, "--no-stream"]
+    code, plain, err = _run(capsys, *single)
+    assert code == 0, err
+    simulated_gpu.activate()
+    try:
+        code, simulated, err = _run(capsys, *single, "--dtype", "bfloat16")
+        calls = dict(simulated_gpu.calls)
+    finally:
+        simulated_gpu.deactivate()
+    assert code == 0 and simulated == plain, err
+    # 2 decoder layers x (prefill + every decode step), 2 ViT blocks.
+    assert calls == {"flash_attention": 2 * int(MAX_NEW), "flash_attn_unpadded": 2}
+
+    requests = [{"id": "short", "prompt": "Hi."}, {"id": "long", "prompt": "What colour is it?",
+                                                    "images": [str(setup / "media/img1.png")]}]
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    code, _, err = _run(capsys, "--model", setup / "st", "--input", tmp_path / "requests.jsonl", "--output",
+                        tmp_path / "plain.jsonl", "--max_new_tokens", MAX_NEW, "--batch_size", 2)
+    assert code == 0, err
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "infer", "--model", str(setup / "st"), "--input",
+                          str(tmp_path / "requests.jsonl"), "--output", str(tmp_path / "simulated.jsonl"),
+                          "--max_new_tokens", MAX_NEW, "--batch_size", "2", "--dtype", "bfloat16",
+                          "--tensor_parallel_degree", "2", "--log_dir", str(tmp_path / "log")],
+                         cwd=setup, env={**os.environ, SIMULATE_GPU_ENV: "1", "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=600)
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "log").glob("workerlog.*")))
+    assert run.returncode == 0, run.stderr + logs
+    assert (tmp_path / "simulated.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+    kernels = console_kernels(run.stderr)
+    assert kernels["scaled_dot_product_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, run.stderr

@@ -14,7 +14,7 @@ import paddle
 import pytest
 
 from network.lora import LoraArgs, apply_lora, load_adapter, read_adapter
-from dist_utils import run_workers
+from dist_utils import run_workers, simulated_kernels
 from lora_worker import LORA_ARGS
 from parallel_cases import LR, build_model, build_optimizer, micro_batches, tiny_config, train_reference
 
@@ -108,3 +108,15 @@ def test_adapters_follow_the_base_placements(layout, launched):
     assert placements["visual.merger.mlp.2.lora_A"] == replicated
     assert placements["visual.blocks.0.attn.qkv.lora_B"] == replicated
 
+
+
+def test_simulated_gpu_lora_mp2_trains_like_one_process(tmp_path, reference):
+    """LoRA on mp2 on the simulated GPU (network/simulated_gpu.py): flash attention on head-split q/k/v, SDPA with
+    the block-diagonal mask for the ViT (its adapters train, so it runs as padded rows), the losses of one plain
+    process."""
+    result = run_workers(WORKER, 2, tmp_path, ["--layouts", "mp2"], timeout=480, simulate_gpu=True)
+    assert result.returncode == 0 and set(result.results) == {0, 1}, result.logs()
+    for res in result.results.values():
+        np.testing.assert_allclose(res["mp2"]["losses"], reference["losses"], rtol=1e-5)
+    kernels = simulated_kernels(tmp_path)
+    assert kernels["flash_attention"] > 0 and kernels["scaled_dot_product_attention"] > 0, kernels

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers, run_workers_ok
+from dist_utils import run_workers, run_workers_ok, simulated_kernels
 from autoparallel.planning.memory import PlanSetup, Workload, state_memory
 from parallel_cases import (_IMAGES, GLOBAL_MICRO_BATCH, LAYOUTS_2, LAYOUTS_4, LR, MERGER_LR, MODES, SCHEDULED,
                             VIT_LR, micro_batches, tiny_config)
@@ -46,7 +46,23 @@ def launched(tmp_path_factory):
     return runs
 
 
+# The same layouts on the simulated GPU (network/simulated_gpu.py): every CUDA-only attention branch, through
+# reference kernels that check the real kernels' input contracts, in one 2-process launch. (ZeRO-1 runs simulated
+# through the CLI with amp_master_grad: tests/dist/test_paddlemix_scripts.py.)
+SIMULATED = ["dp2", "mp2", "sharding2", "dp2_vit"]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simulated")
+    run = run_workers_ok(WORKER, 2, out, ["--layouts", ",".join(SIMULATED)], timeout=1800, simulate_gpu=True)
+    runs = {name: {"ranks": {r: res[name] for r, res in run.results.items()},
+                   "params": dict(np.load(out / f"params.{name}.npz"))} for name in SIMULATED}
+    return runs, simulated_kernels(out)
+
+
 ALL = [name for name, _, _ in LAYOUTS_2 + LAYOUTS_4]
+LAYOUT_MODES = {name: mode for name, _, mode in LAYOUTS_2 + LAYOUTS_4}
 VIT = [name for name, _, mode in LAYOUTS_2 + LAYOUTS_4 if mode in SCHEDULED]
 
 
@@ -60,14 +76,12 @@ def test_data_has_two_image_samples_and_uneven_ranks():
     assert no_image and GLOBAL_MICRO_BATCH == 4
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_loss_and_params_match_single_process(name, launched, reference):
-    run = launched[name]
-    ref = reference[run["mode"]]
-    for rank, res in run["ranks"].items():
+def _assert_trains_like_one_process(name: str, ranks: dict, params: dict, ref: dict) -> None:
+    for rank, res in ranks.items():
         np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
-    assert set(run["params"]) == {k for k in ref["params"] if k in run["params"]}
-    for key, value in run["params"].items():
+    assert set(params) == {k for k in ref["params"] if k in params}
+    mode = LAYOUT_MODES[name]
+    for key, value in params.items():
         err = np.linalg.norm(value - ref["params"][key]) / np.linalg.norm(ref["params"][key])
         # k_proj.bias: its low-frequency M-RoPE channels barely rotate, so softmax shift invariance makes their
         # true gradient ~0 and AdamW turns rounding noise into lr-sized steps in any two summation orders.
@@ -80,16 +94,32 @@ def test_loss_and_params_match_single_process(name, launched, reference):
         # A trained ViT's biases start at zero, so all of their value is five Adam steps on small gradients:
         # summation-order noise (any layout sums patches and the decoder's backward differently) is normalised
         # up by Adam as for k_proj.bias; the weights' trajectory is checked in the test below.
-        if run["mode"] in SCHEDULED and key.startswith("visual.") and key.endswith(".bias"):
+        if mode in SCHEDULED and key.startswith("visual.") and key.endswith(".bias"):
             bound = 3e-5
         if key.endswith("k_proj.bias"):
             bound = 1e-2
         elif key.endswith("q_proj.bias"):
             bound = 1e-4
         assert err < bound, f"{name} {key}: relative error {err:.2e}"
-    trained_parts = {model_part(k) for k in run["params"]}
+    trained_parts = {model_part(k) for k in params}
     assert trained_parts == {"frozen": {"llm"}, "train_merger": {"llm", "merger"}, "vit": {"llm", "merger", "vit"},
-                             "vit_only": {"vit"}}[run["mode"]]
+                             "vit_only": {"vit"}}[mode]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_and_params_match_single_process(name, launched, reference):
+    run = launched[name]
+    _assert_trains_like_one_process(name, run["ranks"], run["params"], reference[run["mode"]])
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_simulated_gpu_layout_trains_like_one_process(name, simulated, reference):
+    """Flash attention for the decoder, varlen flash for frozen ViT frames, SDPA with a block-diagonal mask for the
+    trainable ViT's padded rows: the same losses and weights as one plain process."""
+    runs, kernels = simulated
+    assert kernels["flash_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, kernels
+    assert kernels["scaled_dot_product_attention"] > 0, kernels  # dp2_vit
+    _assert_trains_like_one_process(name, runs[name]["ranks"], runs[name]["params"], reference[LAYOUT_MODES[name]])
 
 
 @pytest.mark.parametrize("name", VIT)

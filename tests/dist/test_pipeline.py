@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers_ok
+from dist_utils import run_workers_ok, simulated_kernels
 from network.config import Qwen2VLConfig
 from test_sequence_parallel import assert_params_close
 
@@ -111,3 +111,13 @@ def test_layer_split_cost_model():
     assert [len(r) for r in pipeline_layer_split(big, 4, [21, 21, 21, 17])] == [21, 21, 21, 17]
     with pytest.raises(ValueError, match="summing to 80"):
         pipeline_layer_split(big, 4, [20, 20, 20])
+
+
+def test_simulated_gpu_pp2_trains_like_one_process(tmp_path, reference):
+    """pp2 on the simulated GPU (network/simulated_gpu.py): stages under the O2 branches and flash kernels, the
+    losses of one plain process."""
+    run = run_workers_ok(WORKER, 2, tmp_path, ["--pp", "pp2"], timeout=1200, simulate_gpu=True)
+    for rank, res in run.results.items():
+        np.testing.assert_allclose(res["pp2"]["losses"], reference["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+    kernels = simulated_kernels(tmp_path)
+    assert kernels["flash_attention"] > 0, kernels

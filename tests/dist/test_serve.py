@@ -19,11 +19,13 @@ import httpx
 import openai
 import pytest
 from cli_runs import REPO, STARTED_TAGS, TAG_ENV, kill_tagged
+from dist_utils import console_kernels
 from PIL import Image
 from tiny_model import save_tiny_model
 
 from autoparallel.data.synthetic import eval_questions, make_synthetic_dataset
 from launch.infer import infer_main
+from launch.launcher import SIMULATE_GPU_ENV
 from network.processor import Qwen2VLProcessor
 
 MAX_TOKENS = 8
@@ -40,13 +42,13 @@ def _free_port() -> int:
 class Server:
     """`qwen2vl-ap serve` in a subprocess; its output goes to `log`."""
 
-    def __init__(self, model: Path, log: Path, *extra: str):
+    def __init__(self, model: Path, log: Path, *extra: str, env: dict[str, str] | None = None):
         self.port, self.log, self.tag = _free_port(), log, uuid.uuid4().hex
         STARTED_TAGS.append(self.tag)
         argv = [sys.executable, "-m", "launch.cli", "serve", "--model", str(model), "--port", str(self.port), *extra]
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, TAG_ENV: self.tag}, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {}), TAG_ENV: self.tag},
+                                         stdout=out, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 180
         while not self.healthy():
@@ -99,7 +101,7 @@ def server(setup):
     root, _ = setup
     srv = Server(root / "tiny", root / "serve.log", "--max_tokens", str(MAX_TOKENS), "--max_images", "2",
                  "--max_image_pixels", str(MAX_IMAGE_PIXELS), "--max_body_mb", "0.25",
-                 "--max_model_len", str(MAX_MODEL_LEN), "--batch_wait_ms", "50")
+                 "--max_model_len", str(MAX_MODEL_LEN), "--batch_wait_ms", "50", "--media_dir", str(root))
     yield srv
     srv.close()
 
@@ -272,7 +274,7 @@ def test_tensor_parallel_server_answers_like_one_process(setup, server):
     q = questions[5]
     content = [_image_part(q["images"][0]), {"type": "text", "text": "What colour is it?"}]
     tp = Server(root / "tiny", root / "serve_tp.log", "--tensor_parallel_degree", "2", "--log_dir",
-                str(root / "tp_logs"), "--max_tokens", str(MAX_TOKENS))
+                str(root / "tp_logs"), "--max_tokens", str(MAX_TOKENS), "--media_dir", str(root))
     try:
         answers = [tp.client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": content}], temperature=0).choices[0].message.content
@@ -286,6 +288,34 @@ def test_tensor_parallel_server_answers_like_one_process(setup, server):
     finally:
         tp.close()
     print(f"[serve] mp2 server == single-process server: {single!r}")
+
+
+def test_simulated_gpu_tensor_parallel_server_answers_like_the_plain_server(setup, server):
+    """`serve --dtype bfloat16` over two ranks on the simulated GPU (network/simulated_gpu.py): a request alone
+    (unpadded decode, N1's flash branch) and concurrent requests of different lengths (left-padded SDPA) answer
+    as the plain single-process server; the closing console line counts the kernels."""
+    _, questions = setup
+    contents = [[_image_part(q["images"][0]), {"type": "text", "text": text}]
+                for q, text in ((questions[5], "What colour is it?"), (questions[1], "Describe the picture in detail."))]
+    contents.append([{"type": "text", "text": "Say hello."}])
+    plain = [_ask(server, c).choices[0].message.content for c in contents]
+    root = setup[0]
+    tp = Server(root / "tiny", root / "serve_sim.log", "--tensor_parallel_degree", "2", "--log_dir",
+                str(root / "tp_logs_sim"), "--max_tokens", str(MAX_TOKENS), "--dtype", "bfloat16",
+                "--batch_wait_ms", "200", env={SIMULATE_GPU_ENV: "1"})
+    try:
+        alone = _ask(tp, contents[0]).choices[0].message.content
+        batches = tp.health()["batches"]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda c: _ask(tp, c).choices[0].message.content, contents))
+        assert tp.health()["batches"] - batches < 3, "not batched"
+        assert [alone] + together == plain[:1] + plain, tp.logs()
+        tp.proc.send_signal(signal.SIGTERM)
+        assert tp.proc.wait(60) == 0, tp.logs()
+    finally:
+        tp.close()
+    kernels = console_kernels(tp.log.read_text())
+    assert min(kernels[k] for k in ("flash_attention", "scaled_dot_product_attention", "flash_attn_unpadded")) > 0
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(server):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from launch.launcher import WorkerLaunch, exit_launched, stop
+from launch.launcher import SIMULATE_GPU_ENV, WorkerLaunch, exit_launched, simulate_gpu_if_requested, stop
+from network.simulated_gpu import COUNTS_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,11 +36,17 @@ class LaunchResult:
         return "\n".join(f"--- workerlog.{r} ---\n{self.log_tail(r, lines)}" for r in ranks)
 
 
-def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 480) -> LaunchResult:
-    """Run `script --out out_dir *args` on `nproc` local workers with the project's launcher."""
+def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 480,
+                simulate_gpu: bool = False) -> LaunchResult:
+    """Run `script --out out_dir *args` on `nproc` local workers with the project's launcher; with `simulate_gpu`
+    on the simulated GPU (network/simulated_gpu.py), each rank's kernel counts written to out_dir/kernels."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = out_dir / "log"
-    job = WorkerLaunch(Path(script), ["--out", str(out_dir), *map(str, args)], nproc, log_dir)
+    env = {}
+    if simulate_gpu:
+        (out_dir / "kernels").mkdir(exist_ok=True)
+        env = {SIMULATE_GPU_ENV: "1", COUNTS_DIR_ENV: str(out_dir / "kernels")}
+    job = WorkerLaunch(Path(script), ["--out", str(out_dir), *map(str, args)], nproc, log_dir, env=env)
     proc = job.start(cwd=out_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         proc.communicate(timeout=timeout)
@@ -55,6 +63,7 @@ def run_workers(script: Path, nproc: int, out_dir: Path, args: list[str] = (), t
 def worker_entry(main: Callable[[], None]) -> NoReturn:
     """Worker side, its `__main__`: run `main`, then exit the way the project's launched ranks do
     (`exit_launched`), with Python's own codes (1 and the traceback for an uncaught exception)."""
+    simulate_gpu_if_requested()
     try:
         main()
         code = 0
@@ -74,9 +83,25 @@ def write_result(out_dir: str | Path, rank: int, result: dict) -> None:
     tmp.replace(path)
 
 
-def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600) -> LaunchResult:
+def simulated_kernels(out_dir: Path) -> Counter:
+    """Kernel calls of a `run_workers(..., simulate_gpu=True)` launch, summed over its ranks."""
+    total = Counter()
+    for path in (out_dir / "kernels").glob("kernels.*.json"):
+        total.update(json.loads(path.read_text()))
+    return total
+
+
+def console_kernels(console: str) -> Counter:
+    """The kernel counts of the simulated GPU's one closing console line (network/simulated_gpu.report_line)."""
+    line, = [ln for ln in console.splitlines() if ln.startswith("simulated GPU kernels: ")]
+    listed = line.split(": ", 1)[1]
+    return Counter({} if listed == "none" else {k: int(n) for k, n in (p.rsplit(" ", 1) for p in listed.split(", "))})
+
+
+def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600,
+                   simulate_gpu: bool = False) -> LaunchResult:
     """`run_workers` that fails the test (with the worker logs) unless every rank finished and reported."""
-    run = run_workers(script, nproc, out_dir, args, timeout=timeout)
+    run = run_workers(script, nproc, out_dir, args, timeout=timeout, simulate_gpu=simulate_gpu)
     assert run.returncode == 0 and len(run.results) == nproc, (
         f"launcher exit {run.returncode}, {len(run.results)} of {nproc} ranks reported\n{run.logs()}")
     return run

@@ -1,6 +1,9 @@
 """Launched by tests/dist/test_generation.py: greedy generation with the tensor-parallel model of `qwen2vl-ap infer`.
 
     --model DIR --inputs NPZ (keys "{case}.{input name}") --new_tokens N  ->  result.{rank}.json {case: tokens}
+
+Also "joined": the "video" case joining a `RunningBatch` 3 steps after "one_image" (continuous batching on
+tensor-parallel KV caches), {case: tokens}.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import paddle.distributed as dist
 
 from dist_utils import worker_entry, write_result
 from launch.infer import load_model
-from network.generation import GenerationConfig, generate
+from network.generation import GenerationConfig, RunningBatch, generate
 
 
 def main() -> None:
@@ -37,8 +40,25 @@ def main() -> None:
         result[case] = out.sequences.tolist()
         if case == "batch":
             result["tokens_per_second"] = (out.sequences.size - len(out.sequences)) / out.decode_seconds
+    result["joined"] = _joined(model, config, cases["one_image"], cases["video"])
     write_result(args.out, int(os.environ.get("PADDLE_TRAINER_ID", "0")), result)
     dist.barrier()
+
+
+def _joined(model, config: GenerationConfig, first: dict, second: dict) -> dict[str, list[int]]:
+    running = RunningBatch(model, config)
+    got, rows = {"one_image": running.join(**first).tolist()}, ["one_image"]
+    for step in range(3 * config.max_new_tokens):
+        if step == 3:
+            got["video"], rows = running.join(**second).tolist(), rows + ["video"]
+        done = running.finished()
+        running.keep(~done)
+        rows = [r for r, d in zip(rows, done) if not d]
+        if not rows:
+            break
+        for row, token in zip(rows, running.step()):
+            got[row].append(int(token))
+    return got
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class KernelRecorder:
         self.calls.append(("sdpa", {"dtypes": {q.dtype, k.dtype, v.dtype}, "kv_heads": k.shape[2],
                                     "mask_dtype": attn_mask.dtype, "mask_min": float(attn_mask.astype("float32").min())}))
         heads, dim = q.shape[2], q.shape[3]
+        k, v = (attention_mod._repeat_kv(x, heads) for x in (k, v))  # SDPA's native GQA (enable_gqa)
         qt, kt, vt = (x.astype("float32").transpose([0, 2, 1, 3]) for x in (q, k, v))
         scores = paddle.matmul(qt, kt, transpose_y=True) * dim**-0.5 + attn_mask.astype("float32")
         return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
@@ -124,12 +125,22 @@ def test_left_padded_generation_gets_additive_finite_mask(gpu_kernels):
     out = attention(_bf16(q), _bf16(k), _bf16(v), causal=True, attention_mask=mask)
     (kind, got), = gpu_kernels.calls
     assert kind == "sdpa" and got["dtypes"] == {paddle.bfloat16} and got["mask_dtype"] == paddle.bfloat16
-    assert got["kv_heads"] == 4  # repeated: no reliance on SDPA's GQA support
+    assert got["kv_heads"] == 2  # SDPA's native GQA: no repeated copy of the cache
     assert math.isfinite(got["mask_min"]) and got["mask_min"] == float(paddle.finfo(paddle.bfloat16).min)
     expected = _math(_bf16(q), _bf16(k), _bf16(v), True, mask).numpy()
     real = mask.numpy().astype(bool)
     np.testing.assert_allclose(out.numpy()[real], expected[real], atol=1e-5)
     assert np.isfinite(out.numpy()).all()  # fully masked rows stay finite
+
+
+def test_N1_decode_step_without_key_mask_is_non_causal_flash(gpu_kernels):
+    """An unpadded decode step (q_len 1 < kv_len, no key mask) raised in additive_mask on main."""
+    q, _, _ = _qkv(s=1)
+    _, k, v = _qkv(s=6)
+    out = attention(_bf16(q), _bf16(k), _bf16(v), causal=True, attention_mask=None)
+    (kind, got), = gpu_kernels.calls
+    assert kind == "flash" and not got["causal"] and got["kv_heads"] == 2
+    np.testing.assert_allclose(out.numpy(), _math(_bf16(q), _bf16(k), _bf16(v), True).numpy(), atol=1e-6)
 
 
 def test_additive_mask_values():

@@ -11,7 +11,7 @@ from autoparallel.data.dataset import build_processor
 from autoparallel.engine.trainer import build_model, build_processor_for
 from autoparallel.sharded_load import load_sharded
 from launch.config import load_run_config
-from launch.infer import Request, answer_batch, build_parser, infer_main, _generation_config
+from launch.infer import Request, answer_batch, build_parser, infer_main, generation_config_from_args
 from network.config import Qwen2VLConfig
 from network.generation import CheckpointGenerationDefaults, GenerationConfig
 from network.hub import resolve_model_dir
@@ -90,9 +90,9 @@ def test_generation_config_eos_ids_stop_and_sampling_defaults_apply(tmp_path, hu
     defaults = CheckpointGenerationDefaults.read(str(model_dir))
     assert defaults.eos_token_ids == (151645, 151643)
     assert defaults.sampling == {"temperature": 0.01, "top_k": 1, "top_p": 0.001, "repetition_penalty": 1.0}
-    resolved = _generation_config(build_parser().parse_args(["--model", "m"]), defaults)
+    resolved = generation_config_from_args(build_parser().parse_args(["--model", "m"]), defaults)
     assert (resolved.temperature, resolved.top_k, resolved.top_p) == (0.01, 1, 0.001)
-    resolved = _generation_config(build_parser().parse_args(["--model", "m", "--temperature", "0"]), defaults)
+    resolved = generation_config_from_args(build_parser().parse_args(["--model", "m", "--temperature", "0"]), defaults)
     assert (resolved.temperature, resolved.top_k) == (0.0, 1)  # the command line wins, key by key
 
     # The tiny model's greedy answer, then the same request with that answer's first token declared an eos id

@@ -1,0 +1,281 @@
+"""`qwen2vl-ap eval`: did the fine-tune help? Generate answers for a dataset the trainer reads and score them.
+
+    qwen2vl-ap eval --model DIR --meta_path meta_eval.json --output_dir eval_out --metrics exact_match,anls
+    qwen2vl-ap eval --model out/checkpoint-200 --meta_path meta_eval.json --output_dir eval_out --nproc_per_node 2
+    qwen2vl-ap eval --model BASE --lora ADAPTER_DIR --meta_path meta_eval.json --output_dir eval_out
+    qwen2vl-ap eval --predictions other_tool.jsonl --output_dir eval_out --metrics relaxed_accuracy
+
+`--model` is a model directory, a Hub id, or a training `checkpoint-N` read directly (no merge step). The reference
+of each record is its last assistant turn; the prompt is everything before it, rendered as in training (the data
+options are the trainer's: --max_pixels, --system_prompt, ...). `--output_dir` gets `predictions.jsonl` (id,
+source, prompt, prediction, reference, scores) and `metrics.json` (metric -> value in [0, 1], "per_source" when
+the meta file names several datasets). `--predictions FILE` scores an existing file of that format (only
+`prediction` and `reference` are required; a reference may be a list of acceptable answers).
+
+Data parallel: `--nproc_per_node N` starts N processes with `paddle.distributed.launch`; each generates its share
+of the batches (every N-th) and writes it to the output directory, and this process gathers them in record order.
+Tensor parallelism is not offered here yet (use `infer --tensor_parallel_degree` for a model one device cannot hold).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autoparallel.data.config import DataConfig
+from autoparallel.engine.eval_metrics import MetricError, parse_metric_names
+from autoparallel.engine.evaluation import (PREDICTIONS_FILE, eval_records, predict, prediction_rows, score_rows,
+                                            write_results)
+from launch.infer import (InferError, add_sampling_arguments, check_model_args, checkpoint_stop_ids,
+                          generation_config_from_args)
+from network.formats import CheckpointError, FormatError
+from network.generation import CheckpointGenerationDefaults
+from network.log import logger
+
+PARTS_DIR = ".eval-parts"  # in --output_dir: each data-parallel rank's predictions until they are gathered
+# DataConfig fields that are not options here (the meta file is --meta_path; no loader workers run).
+_NOT_DATA_OPTIONS = ("meta_path", "synthetic_data_dir", "dataloader_num_workers", "packing", "skip_bad_samples")
+
+
+class EvalError(Exception):
+    """A problem with the command's inputs (one line, exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen2vl-ap eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory, Hub id, or a training checkpoint-N directory")
+    p.add_argument("--lora", help="adapter directory folded into --model at load")
+    p.add_argument("--meta_path", help="PaddleMIX meta JSON naming the annotation files (as for training)")
+    p.add_argument("--predictions", help="score this JSONL of {prediction, reference} instead of generating")
+    p.add_argument("--output_dir", required=True, help="where predictions.jsonl and metrics.json go")
+    p.add_argument("--metrics", default="exact_match", help="comma-separated: exact_match, relaxed_accuracy, anls, "
+                                                            "mc_accuracy, bleu, rouge_l, edit_distance")
+    p.add_argument("--max_samples", type=int, help="evaluate the first N samples only")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    add_sampling_arguments(p)  # unset: the checkpoint's generation_config.json, else greedy
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--nproc_per_node", type=int, default=1, help="data-parallel processes")
+    p.add_argument("--log_dir", help="data parallel: launcher and worker logs (default: a temp directory)")
+    data = p.add_argument_group("data options (the trainer's keys)")
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in _NOT_DATA_OPTIONS:
+            kind = type(f.default) if f.default is not None else int  # the Optional ones are pixel counts
+            data.add_argument(f"--{f.name}", type=kind, default=f.default)
+    return p
+
+
+# ---- scoring an existing file ---------------------------------------------------------------------------------
+def read_prediction_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a predictions JSONL; a row without a string `prediction` or a usable `reference` is one error line."""
+    if not os.path.isfile(path):
+        raise EvalError(f"--predictions: file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path} line {n}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{path} line {n}: expected a JSON object")
+            if not isinstance(row.get("prediction"), str):
+                raise EvalError(f"{path} line {n}: field \"prediction\" must be a string")
+            ref = row.get("reference")
+            if not (isinstance(ref, str) or (isinstance(ref, list) and ref and all(isinstance(r, str) for r in ref))):
+                raise EvalError(f"{path} line {n}: field \"reference\" must be a string or a non-empty list of strings")
+            rows.append(row)
+    if not rows:
+        raise EvalError(f"{path}: no predictions")
+    return rows
+
+
+# ---- generating -----------------------------------------------------------------------------------------------
+def _model_dir(args: argparse.Namespace) -> tuple[str, bool]:
+    """(directory with config.json and tokenizer files, whether --model is a training checkpoint-N)."""
+    from ckpt_tools.distckpt import is_dist_checkpoint
+    from ckpt_tools.merge import model_dir_of
+
+    if os.path.isdir(args.model) and is_dist_checkpoint(args.model):
+        if args.lora:
+            raise EvalError("--lora goes with a base model directory, not a checkpoint-N --model")
+        model_dir = model_dir_of(args.model)
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise EvalError(f"{model_dir} has no config.json: not a training checkpoint")
+        return model_dir, True
+    try:
+        return check_model_args(args.model, 1, args.lora, args.dtype), False
+    except InferError as e:
+        raise EvalError(str(e)) from None
+
+
+def load_checkpoint_model(ckpt: str, model_dir: str, dtype: str):
+    """The model of a training `checkpoint-N`, read tensor by tensor from its rank files (no merged copy)."""
+    from ckpt_tools.distckpt import DistCheckpoint
+    from network.config import Qwen2VLConfig
+    from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+    from network.weights import assign, to_paddle
+
+    model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
+    params = model.state_dict()
+    with DistCheckpoint(ckpt) as ck:
+        ck.check()
+        keys, _ = ck.split_keys()
+        missing = sorted(set(params) - set(keys))
+        if missing:
+            raise EvalError(f"{ckpt}: {len(missing)} model weights are not in the checkpoint (e.g. {missing[0]}); a "
+                            f"LoRA checkpoint goes as --model BASE --lora {ckpt}")
+        for key in keys:
+            if key in params:
+                assign(params[key], to_paddle(ck.read(key), params[key].dtype))
+    model.eval()
+    return model
+
+
+def _load(args: argparse.Namespace):
+    from launch.infer import load_model
+
+    model_dir, is_checkpoint = _model_dir(args)
+    if is_checkpoint:
+        return load_checkpoint_model(args.model, model_dir, args.dtype), model_dir
+    return load_model(model_dir, 1, args.dtype, args.lora), model_dir
+
+
+def _dataset(args: argparse.Namespace, model_dir: str):
+    from autoparallel.data.dataset import SFTDataset
+    from autoparallel.data.records import DataError
+    from network.processor import Qwen2VLProcessor
+
+    if not args.meta_path:
+        raise EvalError("give --meta_path (the data to evaluate) or --predictions FILE")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if f.name not in _NOT_DATA_OPTIONS}
+    try:
+        config = DataConfig(meta_path=args.meta_path, dataloader_num_workers=0, **values)
+        return SFTDataset(config, processor=Qwen2VLProcessor.from_pretrained(model_dir, **config.pixel_overrides))
+    except (DataError, ValueError, OSError) as e:
+        raise EvalError(str(e)) from None
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("PADDLE_TRAINER_ID", 0)), int(os.environ.get("PADDLE_TRAINERS_NUM", 1))
+
+
+def _generate(args: argparse.Namespace) -> dict[int, str] | None:
+    """This rank's predictions; on a launched rank they are written to PARTS_DIR instead (None returned)."""
+    from autoparallel.data.records import DataError
+
+    rank, world = _rank_world()
+    model, model_dir = _load(args)
+    dataset = _dataset(args, model_dir)
+    try:
+        defaults = CheckpointGenerationDefaults.read(model_dir)
+        config = generation_config_from_args(args, defaults)
+        config = dataclasses.replace(config, stop_token_ids=checkpoint_stop_ids(dataset.processor, model, model_dir))
+        records = eval_records(dataset, args.max_samples)
+        predictions = predict(model, dataset, records, config, args.batch_size, rank, world, progress=rank == 0)
+    except (InferError, DataError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    if world == 1:
+        return predictions
+    parts = Path(args.output_dir) / PARTS_DIR
+    (parts / f"rank{rank}.json").write_text(json.dumps({str(k): v for k, v in predictions.items()}))
+    return None
+
+
+def _gather(output_dir: str, world: int) -> dict[int, str]:
+    parts = Path(output_dir) / PARTS_DIR
+    out: dict[int, str] = {}
+    for rank in range(world):
+        out.update({int(k): v for k, v in json.loads((parts / f"rank{rank}.json").read_text()).items()})
+    shutil.rmtree(parts)
+    return out
+
+
+def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
+    from launch.launcher import WorkerLaunch, last_line
+
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-eval-")).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    parts = Path(args.output_dir) / PARTS_DIR
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    logger.info("evaluating on %d data-parallel processes, logs in %s", args.nproc_per_node, log_dir)
+    job = WorkerLaunch(Path(__file__).resolve(), argv, args.nproc_per_node, log_dir)
+    shown = [""]
+
+    def progress() -> None:  # rank 0's progress bar, relayed
+        line = last_line(log_dir / "workerlog.0")
+        if line.startswith("eval") and line != shown[0]:
+            sys.stderr.write("\r" + line)
+            shown[0] = line
+
+    with open(log_dir / "launcher.log", "w") as launcher_log:
+        code = job.run(stdout=launcher_log, poll=progress)
+    sys.stderr.write("\n" if shown[0] else "")
+    if code != 0:
+        print(f"qwen2vl-ap eval: workers failed (exit code {code}); see {log_dir}/workerlog.*", file=sys.stderr)
+    return code
+
+
+def _finish(args: argparse.Namespace, names: list[str], rows: list[dict[str, Any]]) -> None:
+    metrics = score_rows(rows, names)
+    write_results(args.output_dir, rows, metrics)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "per_source")
+    logger.info("%d samples: %s (%s)", len(rows), summary, os.path.join(args.output_dir, PREDICTIONS_FILE))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_source"}))
+
+
+def eval_main(argv: list[str]) -> int:
+    """Entry point of `qwen2vl-ap eval`; returns the exit code (2 for bad inputs)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        names = parse_metric_names(args.metrics)
+        if args.predictions:
+            if args.model or args.meta_path:
+                raise EvalError("--predictions scores a file: it cannot be combined with --model/--meta_path")
+            _finish(args, names, read_prediction_rows(args.predictions))
+            return 0
+        if not args.model:
+            raise EvalError("give --model (and --meta_path), or --predictions FILE")
+        if args.batch_size < 1 or args.nproc_per_node < 1 or (args.max_samples is not None and args.max_samples < 1):
+            raise EvalError("--batch_size, --nproc_per_node and --max_samples must be >= 1")
+        _rank, world = _rank_world()
+        if "PADDLE_TRAINERS_NUM" not in os.environ and args.nproc_per_node > 1:
+            _model_dir(args)  # bad model options fail here, before any process starts
+            code = _relaunch(argv, args)
+            if code != 0:
+                return code
+            predictions = _gather(args.output_dir, args.nproc_per_node)
+        else:
+            if world != args.nproc_per_node:
+                raise EvalError(f"launched with {world} processes but --nproc_per_node {args.nproc_per_node}")
+            predictions = _generate(args)
+            if predictions is None:  # a launched rank: the parent gathers
+                return 0
+        # The parent re-reads the records (cheap: no pixels) to pair predictions with prompts and references.
+        dataset = _dataset(args, _model_dir(args)[0])
+        records = eval_records(dataset, args.max_samples)
+        _finish(args, names, prediction_rows(records, predictions))
+        return 0
+    except (EvalError, MetricError, FormatError, CheckpointError, InferError) as e:
+        print(f"qwen2vl-ap eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # a rank of a data-parallel job (`_relaunch`)
+    from launch.launcher import run_launched
+
+    run_launched(eval_main)
+
