@@ -145,11 +145,9 @@ def test_summary_puts_cpu_workarounds_on_their_own_line():
 def test_n6_padded_vit_builds_one_mask_per_forward(monkeypatch):
     """N6: on the GPU path the trainable ViT's block-diagonal additive mask is built once per `forward_padded` and
     shared by every block (old main: one [B, 1, N, N] mask per block, each kept for backward); same output.
-    The GPU branch is entered by patching the kernel gate (fp32 here: no bf16 matmul on CPU); under the
-    simulated-GPU mode (QWEN2VL_AP_SIMULATE_GPU=1) the gate patch is not needed."""
-    import paddle.nn.functional as F
-
+    Run on the simulated GPU (network/simulated_gpu.py, as QWEN2VL_AP_SIMULATE_GPU=1 does)."""
     import network.attention as attention_mod
+    from network import simulated_gpu
     from network.config import Qwen2VLConfig
     from network.modeling_vision import Qwen2VisionTransformer, vision_segment_ids
 
@@ -165,18 +163,16 @@ def test_n6_padded_vit_builds_one_mask_per_forward(monkeypatch):
               pad(paddle.to_tensor(vision_segment_ids(grid)), -1))
     expected = tower.forward_padded(*inputs).numpy()
 
-    def sdpa(q, k, v, attn_mask=None):
-        qt, kt, vt = (x.transpose([0, 2, 1, 3]) for x in (q, k, v))
-        scores = paddle.matmul(qt, kt, transpose_y=True) * q.shape[-1] ** -0.5 + attn_mask
-        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
-
     built = []
     original = attention_mod.additive_mask
-    monkeypatch.setattr(attention_mod, "_use_gpu_kernels", lambda q: True)
-    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(attention_mod, "additive_mask", lambda *a, **k: built.append(1) or original(*a, **k))
-    out = tower.forward_padded(*inputs).numpy()
-    assert len(tower.blocks) > 1 and len(built) == 1
+    simulated_gpu.activate()  # the simulated device: SDPA's real input contract, fp32 arithmetic
+    try:
+        out = tower.forward_padded(*inputs).numpy()
+        calls = dict(simulated_gpu.calls)
+    finally:
+        simulated_gpu.deactivate()
+    assert len(tower.blocks) > 1 and len(built) == 1 and calls.get("scaled_dot_product_attention") == len(tower.blocks)
     np.testing.assert_allclose(out[0, :n], expected[0, :n], rtol=1e-4, atol=1e-5)
 
 
