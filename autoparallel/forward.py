@@ -29,6 +29,7 @@ import paddle.distributed as dist
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
 from network.loss import exact_fp32_matmuls, linear_cross_entropy
+from network.loss_chunks import rows_per_chunk
 from network.modeling_vision import vision_segment_ids
 
 # Training batches are right-padded (collator, shard_batch): causal attention alone keeps every real token away
@@ -163,4 +164,17 @@ def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: Sharde
     picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
     weight, transpose = model.lm_head_weight()
     return linear_cross_entropy(picked, weight, batch.loss_targets, transpose_weight=transpose,
-                                normalizer=normalizer, rule=vocab_parallel_chunk)
+                                normalizer=normalizer, chunk_rows=loss_chunk_rows(picked, weight, transpose),
+                                rule=vocab_parallel_chunk)
+
+
+def local_shape(tensor: paddle.Tensor) -> list[int]:
+    """The shape this rank computes on: a dist tensor's local piece, else the tensor's own."""
+    return list(tensor._local_shape if tensor.is_dist() else tensor.shape)
+
+
+def loss_chunk_rows(hidden: paddle.Tensor, weight: paddle.Tensor, transpose_weight: bool) -> int:
+    """Loss chunk rows from the local shapes (N8): each rank computes the logits of its dp rows and V/mp
+    columns, so sizing from the global [dp, K, H] and V would make dp*mp times more, smaller chunks, each
+    writing a full [V/mp, H] weight gradient."""
+    return rows_per_chunk(local_shape(hidden), local_shape(weight), transpose_weight)

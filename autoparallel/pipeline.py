@@ -44,7 +44,7 @@ import paddle.distributed as dist
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, replicated_value, supervised_tokens
 from autoparallel.forward import TRAINING_KEY_MASK, embed_inputs, supervised_loss
-from autoparallel.gradients import gradient
+from autoparallel.gradients import gradient, reduce_partial_gradients_, sum_of_squares
 from autoparallel.mesh import PP_DIM, mesh_coordinate, stage_mesh
 from autoparallel.parallelize import parallelize
 from network.attention import PackedRows
@@ -239,16 +239,18 @@ def _world_sum(value: float) -> float:
     return float(t)
 
 
-def finish_gradients(model: paddle.nn.Layer, stage: Stage) -> float:
+def finish_gradients(model: paddle.nn.Layer, stage: Stage, sharding_axis: int | None = None) -> float:
     """After `run_schedule`: sum the tied-head copies' gradients and return the global gradient norm over all
     stages (the tied copy counted once; same on every rank)."""
+    reduce_partial_gradients_(model.parameters(), sharding_axis)
     params = [p for p in model.parameters() if not p.stop_gradient and gradient(p) is not None]
     tied = _tied_weight(model, stage)
     if tied is not None:
         _sum_tied_grad(gradient(tied), stage)
     skip = tied if stage.last and not stage.first else None
-    local = sum(float(replicated_value(paddle.square(gradient(p).astype("float32")).sum()))
-                for p in params if p is not skip)
+    # N10: Partial gradients reduced once above, then one scalar reduction for the stage's sum of squares.
+    total = sum_of_squares([p for p in params if p is not skip])
+    local = float(replicated_value(total)) if total is not None else 0.0
     # Every rank of a stage holds its stage's sum: the world sum counts each stage ranks_per_stage times.
     return math.sqrt(_world_sum(local) / stage.ranks_per_stage)
 

@@ -19,7 +19,7 @@ import paddle.distributed as dist
 
 from autoparallel.batch import ShardedBatch, supervised_tokens
 from autoparallel.forward import forward_loss
-from autoparallel.gradients import gradient
+from autoparallel.gradients import gradient, reduce_partial_gradients_, sum_of_squares, zero1_sharding_axis
 from autoparallel.pipeline import PipelineStepStats, Stage, finish_gradients, run_schedule
 
 
@@ -44,25 +44,9 @@ def clip_gradients_(params: Sequence[paddle.Tensor], norm: float, clip_norm: flo
             (grad._local_value() if grad.is_dist() else grad).scale_(scale)
 
 
-def reduce_partial_gradients_(params: Sequence[paddle.Tensor]) -> None:
-    """Reshard every gradient still Partial (e.g. over "dp" for a replicated parameter) to its parameter's
-    placements, once, in place of the old gradient. Otherwise squaring it for the norm and the optimizer's
-    update would each all-reduce it again."""
-    for p in params:
-        grad = p.grad
-        if grad is not None and grad.is_dist() and any(pl.is_partial() for pl in grad.placements):
-            p._copy_gradient_from(dist.reshard(grad, p.process_mesh, p.placements))
-
-
 def global_grad_norm(model: paddle.nn.Layer) -> float:
-    """sqrt of the sum of squared gradients over the global model: local squares, one scalar reduction.
-    Gradients must not be Partial any more (`reduce_partial_gradients_`), else each square all-reduces."""
-    total = None
-    for param in model.parameters():
-        grad = gradient(param)
-        if grad is not None:
-            square = paddle.square(grad.astype("float32")).sum()  # `** 2` is ~10x slower on CPU
-            total = square if total is None else total + square
+    """sqrt of the sum of squared gradients over the global model: local squares, one scalar reduction."""
+    total = sum_of_squares(model.parameters())
     return math.sqrt(scalar(total)) if total is not None else 0.0
 
 
@@ -99,10 +83,10 @@ def train_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, mi
     schedule = None
     if stage is not None:
         schedule = run_schedule(model, stage, micro_batches, autocast)
-        loss, grad_norm = schedule.loss, finish_gradients(model, stage)
+        loss, grad_norm = schedule.loss, finish_gradients(model, stage, zero1_sharding_axis(optimizer))
     else:
         loss = forward_backward(model, micro_batches, autocast, transform_loss)
-        reduce_partial_gradients_(model.parameters())
+        reduce_partial_gradients_(model.parameters(), zero1_sharding_axis(optimizer))
         grad_norm = global_grad_norm(model)
     applied = math.isfinite(loss) and math.isfinite(grad_norm)
     if applied:

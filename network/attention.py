@@ -20,7 +20,7 @@ block for all images at once would be the sum of all images' patches squared).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -64,9 +64,39 @@ class PackedRows:
         return self._bounds
 
     @cached_property
-    def cu_seqlens(self) -> paddle.Tensor:
-        """`bounds`' cu_seqlens as the int32 device tensor varlen kernels take, uploaded once per forward."""
-        return paddle.to_tensor(self.bounds[0])
+    def sample_ends(self) -> paddle.Tensor:
+        """int32 [batch, 1, seq, 1]: for each key, the end (exclusive) of its sample in its row: FlashMask's
+        causal `startend_row_indices` (queries from that row on are masked), computed on the device from `ids`
+        once per forward, with `ids`' batch split (no host read)."""
+        seq = self.ids.shape[1]
+        ids = self.ids.astype("int64")
+        position = paddle.cumsum(paddle.ones_like(ids), axis=1) - 1
+        starts = paddle.concat([paddle.zeros_like(ids[:, :1]).astype("bool"), ids[:, 1:] != ids[:, :-1]], axis=1)
+        # A run starting at k ends every run before it: the end of key j is the first start after j, else seq.
+        start_at = paddle.where(starts, position, paddle.full_like(position, seq))
+        later = paddle.concat([start_at[:, 1:], paddle.full_like(start_at[:, :1], seq)], axis=1)
+        # A suffix minimum as a prefix minimum of the reversed row; reversed by take_along_axis, which keeps the
+        # batch split (flip has no sharding rule and would replicate the rows).
+        reverse = (seq - 1) - position
+        backwards = paddle.cummin(paddle.take_along_axis(later, reverse, axis=1), axis=1)[0]
+        ends = paddle.take_along_axis(backwards, reverse, axis=1)
+        return ends.astype("int32")[:, None, :, None]
+
+
+@dataclass
+class SegmentRows:
+    """Padded ViT rows' `ids` int [batch, seq] (one id per image/frame, the padding a segment of its own), with
+    the GPU path's additive block-diagonal mask built once per forward and shared by every block (N6: one mask
+    per block, each kept for backward, was 32 [N, N] masks)."""
+
+    ids: paddle.Tensor
+    _masks: dict = field(default_factory=dict)
+
+    def additive(self, dtype) -> paddle.Tensor:
+        if dtype not in self._masks:
+            seq = self.ids.shape[1]
+            self._masks[dtype] = additive_mask(seq, seq, False, None, dtype, self.ids)
+        return self._masks[dtype]
 
 
 def _use_gpu_kernels(q: paddle.Tensor) -> bool:
@@ -91,7 +121,7 @@ def attention(
     causal: bool,
     attention_mask: paddle.Tensor | None = None,
     segments: Segments | None = None,
-    segment_ids: paddle.Tensor | None = None,
+    segment_ids: paddle.Tensor | SegmentRows | None = None,
     packed: PackedRows | None = None,
 ) -> paddle.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)); returns [batch, q_len, heads, head_dim].
@@ -100,14 +130,17 @@ def attention(
     for right-padded batches whose padded positions are never read.
     segments: block-diagonal attention within each segment of a single packed sequence (batch 1).
     segment_ids: int [batch, seq] (q_len == kv_len, no cache): tokens attend only within their own id (the
-    image/frame of a padded ViT row).
+    image/frame of a padded ViT row); a `SegmentRows` shares its GPU mask across calls.
     packed: the samples of packed text rows (q_len == kv_len, no cache, causal): each sample sees only itself.
     """
     if packed is not None and _use_gpu_kernels(q):
         return _gpu_packed_attention(q, k, v, packed)
+    rows = segment_ids if isinstance(segment_ids, SegmentRows) else None
+    if rows is not None:
+        segment_ids = rows.ids
     if segment_ids is not None and _use_gpu_kernels(q):
         # Padded ViT rows: short, padding runs included; SDPA with the block-diagonal map (additive_mask).
-        mask = additive_mask(q.shape[1], k.shape[1], False, None, q.dtype, segment_ids)
+        mask = (rows or SegmentRows(segment_ids)).additive(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if _use_gpu_kernels(q):
         return _gpu_attention(q, k, v, causal, attention_mask, segments)
@@ -315,14 +348,12 @@ def packed_cu_seqlens(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _gpu_packed_attention(q, k, v, packed: PackedRows) -> paddle.Tensor:
-    """Varlen flash attention over the samples of packed rows (not exercised on CPU: written against Paddle
-    3.x `flash_attn_unpadded(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-    dropout, causal)` on [total_tokens, heads, head_dim])."""
-    from paddle.nn.functional.flash_attention import flash_attn_unpadded
+    """Causal FlashMask attention over packed rows: each key's sample end masks the later samples' queries (not
+    exercised on CPU: written against Paddle 3.3.1 `flashmask_attention(query, key, value,
+    startend_row_indices, causal=True)`). N5: FlashMask has a sharding rule (FlashMaskInferSpmd), so dp-split
+    rows and mp-split heads stay local; the varlen kernel has none, and every rank received the replicated
+    global batch in every layer."""
+    from paddle.nn.functional.flash_attention import flashmask_attention
 
     k, v = kv_for_kernel(q, k, v)
-    b, s = q.shape[0], q.shape[1]
-    cu, longest = packed.cu_seqlens, packed.bounds[1]
-    flat = [x.reshape([b * s, x.shape[2], x.shape[3]]) for x in (q, k, v)]
-    out, _ = flash_attn_unpadded(*flat, cu, cu, longest, longest, scale=q.shape[-1] ** -0.5, causal=True)
-    return out.reshape([b, s, q.shape[2], q.shape[3]])
+    return flashmask_attention(q, k, v, packed.sample_ends, causal=True)

@@ -28,8 +28,9 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from network.loss_chunks import rows_per_chunk
+
 IGNORE_INDEX = -100
-CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk
 # Below it a softmax probability is not exact: Paddle's CPU softmax clamps exponents at -64 (e^-64 ~ 1.6e-28).
 TINY_PROB = 1e-25
 
@@ -135,11 +136,7 @@ def linear_cross_entropy(hidden: paddle.Tensor, weight: paddle.Tensor, targets: 
     matrix) else [H, V] (a Paddle Linear). Chunks of `chunk_rows` rows along N (default: ~CHUNK_BYTES of
     fp32 logits per chunk). Gradients flow to `hidden` and `weight` unless they are stop_gradient.
     """
-    vocab = weight.shape[0] if transpose_weight else weight.shape[-1]
-    lead = 1
-    for d in hidden.shape[:-2]:
-        lead *= d
-    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * vocab * lead))
+    chunk = chunk_rows or rows_per_chunk(hidden.shape, weight.shape, transpose_weight)
     need_grads = paddle.is_grad_enabled()
     return _LinearCrossEntropy.apply(hidden, weight, targets.astype("int64"), float(normalizer), int(chunk),
                                      transpose_weight, rule, need_grads)

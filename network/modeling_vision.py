@@ -12,7 +12,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from network.attention import Segments, attention
+from network.attention import SegmentRows, Segments, attention
 from network.config import VisionConfig
 
 _LN_EPS = 1e-6
@@ -90,7 +90,7 @@ class VisionAttention(nn.Layer):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
     def forward(self, x: paddle.Tensor, segments: Segments | None, cos: paddle.Tensor, sin: paddle.Tensor,
-                segment_ids: paddle.Tensor | None = None) -> paddle.Tensor:
+                segment_ids: SegmentRows | None = None) -> paddle.Tensor:
         """x [N, E] packed patches split by `segments`, or [B, N, E] padded rows split by `segment_ids`."""
         lead = list(x.shape[:-1])
         q, k, v = self.qkv(x).reshape(lead + [3, self.num_heads, -1]).unbind(axis=-3)
@@ -186,8 +186,9 @@ class Qwen2VisionTransformer(nn.Layer):
         image/frame, padding in a segment of its own) -> [B, N, embed_dim]. Exact per row: a patch attends only
         to its own image/frame, so padding changes nothing in the real rows."""
         x = self.patch_embed(pixel_values)
+        rows = SegmentRows(segment_ids)  # one block-diagonal GPU mask for all blocks (N6)
         for block in self.blocks:
-            x = block(x, None, cos, sin, segment_ids)
+            x = block(x, None, cos, sin, rows)
         return x
 
     def forward(self, pixel_values: paddle.Tensor, grid_thw) -> paddle.Tensor:

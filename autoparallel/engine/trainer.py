@@ -23,6 +23,7 @@ from paddle.amp.auto_cast import amp_global_state
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, shard_batch, supervised_tokens
+from autoparallel.comm_ledger import Ledger, StepComm, render_comm_summary
 from autoparallel.config import RUN_CONFIG_FILE, RunConfig, model_config
 from autoparallel.data import SFTDataLoader, SFTDataset
 from autoparallel.engine import faults
@@ -38,13 +39,14 @@ from autoparallel.planning.memory_report import memory_report, render_memory_rep
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.parallelize import parallelize
 from autoparallel.pipeline import Stage, build_stage_model, make_stage, parallelize_stage
-from autoparallel.planning.communication import communication
+from autoparallel.planning.communication import communication, planned_sent_by_kind
 from autoparallel.planning.render import render_plan_table, render_report
 from autoparallel.planning.setup import PlanOptions, plan_run
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
+from network.device import on_gpu
 from network.hub import resolve_model_dir
 from network.log import logger
 from network.process_memory import peak_rss_bytes
@@ -150,6 +152,7 @@ class Trainer:
             os.environ.setdefault("PADDLE_PG_TIMEOUT", str(cfg.train.step_timeout * 1000))
         dist.init_parallel_env()
         cpu_compat.apply()
+        self.ledger = Ledger(gloo=cpu_compat.runs_on_cpu()).install()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
@@ -209,6 +212,16 @@ class Trainer:
         collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
         return (f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{render_plan_table(planned.setup)}\n\n"
                 f"{render_report(planned, collectives, options)}\n")
+
+    def comm_summary(self, measured: list[StepComm]) -> str:
+        """This rank's measured bytes per step against the planner's ideal for its pipeline stage, on the CPU
+        (reduce-scatters as all-reduces) and the GPU plan. The first step (lazy optimizer state, group set-up)
+        is left out when there are more."""
+        planned = plan_run(self.cfg, PlanOptions(device="cpu", nproc_per_node=self.world))
+        stage = self.stage.index if self.stage is not None else None
+        by_device = {cpu: planned_sent_by_kind(communication(planned.setup, cpu=cpu, stage=stage), planned.setup)
+                     for cpu in (True, False)}
+        return render_comm_summary(measured[1:] or measured, by_device[True], by_device[False])
 
     def autocast(self):
         """bf16 O2 around every forward (pipeline stages included); the embedding lookup white-listed (N9, see
@@ -364,12 +377,16 @@ class Trainer:
         metrics = MetricsLogger(train.output_dir, self.total_steps, self.step, enabled=self.rank == 0)
         batches = self.micro_batches()
         self.model.train()
+        measured: list[StepComm] = []
         while self.step < self.total_steps:
             arm_watchdog(train.step_timeout)  # covers this step with its evaluation and checkpoint save
             started = time.time()
             raw = [next(batches) for _ in range(train.gradient_accumulation_steps)]
+            self.ledger.start_step()
             sharded = [self.shard(b) for b in raw]
             record = self.train_step(sharded)
+            measured.append(self.ledger.end_step())
+            record |= {"comm_bytes": measured[-1].sent, "comm": measured[-1].record()}
             self.step += 1
             faults.maybe_fail(self.rank, self.step, "train")
             elapsed = time.time() - started
@@ -396,6 +413,8 @@ class Trainer:
             if self.evaluation.should_stop():
                 break
         arm_watchdog(train.step_timeout)
+        if self.rank == 0:
+            logger.info("%s", self.comm_summary(measured))
         peak_gib = self.report_peak_rss()  # before the final save: what the planner's start-up/step peaks model
         if not (train.save_steps and self.step % train.save_steps == 0):
             self.save()
@@ -423,10 +442,14 @@ class Trainer:
         return dict(Counter(kind for _, _, kind in unique))
 
     def report_peak_rss(self) -> float:
-        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt."""
+        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt; on a GPU
+        also the device's peak allocated memory, which is what the planner's per-rank figure models there."""
         peak_gib = peak_rss_bytes() / 2**30
         with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
             f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
+            if on_gpu():
+                device_gib = paddle.device.cuda.max_memory_allocated() / 2**30
+                f.write(f"peak device memory allocated after {self.step} steps: {device_gib:.3f} GiB\n")
         logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
         return round(peak_gib, 3)
 

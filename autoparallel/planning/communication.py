@@ -157,3 +157,30 @@ def communication(setup: PlanSetup, cpu: bool = False, stage: int | None = None)
                                   numel(tied) * e, "send + recv, summed on both sides"))
         out.append(Collective("pp", "all_reduce", "loss + global gradient norm (all ranks)", 2, 8))
     return out
+
+
+def group_size(collective: Collective, setup: PlanSetup) -> int:
+    """Ranks taking part in `collective`: its mesh axis, or every rank for the pipeline's scalar reductions."""
+    d = setup.degrees
+    if collective.group == "pp":
+        return d.dp * d.mp * setup.pp if collective.op == "all_reduce" else 2
+    return d.mp if collective.group == "mp" else d.dp
+
+
+def wire_bytes_sent(collective: Collective, setup: PlanSetup) -> int:
+    """Bytes one rank sends for `collective` under the ideal algorithm: a ring all-reduce 2(n-1)/n of the
+    payload, a ring all-gather / reduce-scatter (n-1)/n of the full tensor; a send/recv entry counts both
+    directions, so half of it is sent."""
+    n = group_size(collective, setup)
+    if collective.op == "send/recv":
+        return collective.total_bytes // 2
+    factor = 2 * (n - 1) / n if collective.op == "all_reduce" else (n - 1) / n
+    return round(collective.total_bytes * factor)
+
+
+def planned_sent_by_kind(collectives: list[Collective], setup: PlanSetup) -> dict[str, int]:
+    """Ideal bytes one rank sends per optimizer step, by collective kind (the ledger's kinds)."""
+    out: dict[str, int] = {}
+    for c in collectives:
+        out[c.op] = out.get(c.op, 0) + wire_bytes_sent(c, setup)
+    return out

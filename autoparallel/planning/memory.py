@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from network.config import Qwen2VLConfig
+from network.loss_chunks import rows_per_chunk
 from placements.degrees import ParallelDegrees
 from placements.lora import adapter_layout, adapter_shapes
 from placements.qwen2_vl import (FROZEN_VISION, ParamLayout, Trainable, layout, parameter_shapes, parameter_stages,
@@ -300,16 +301,19 @@ def _decoder_layer_saved(setup: PlanSetup, w: LocalWidths) -> tuple[int, int, in
     sp = d.sequence_parallel and d.mp > 1
     norms = 2 * t * w.h * (4 + 2 * e) // (d.mp if sp else 1)
     gathered = 2 * t * w.h * e if sp else 0
-    repeated = w.q != w.kv  # GQA: repeat_kv materialises k and v at the query head count
+    # GQA: the math path repeats k and v to the query head count; the flash kernels take fewer KV heads natively
+    # and only KV heads replicated over mp (mp > KV heads) are repeated to the local query heads.
+    kv_replicated = setup.config.num_key_value_heads % d.mp != 0
+    repeated = w.q != w.kv and (not setup.flash_attention or kv_replicated)
     # q, k: projection, rotate_half, rotated sum; v: projection (its repeat replaces it when GQA).
     qkv = t * e * (3 * w.q + 2 * w.kv + (2 * w.q if repeated else w.kv) + (w.q if repeated else w.kv))
     out = t * w.q * e  # attention output made contiguous for o_proj
     mlp = 4 * t * w.ffn * e  # gate, silu(gate), up, silu*up
     if setup.flash_attention:
-        # flash_attn keeps q, k, v (counted), out, the log-sum-exp, and SDPA's additive [b, 1, S, S] mask:
-        # step.py always passes a padding mask, which Paddle turns into a dense mask in the model dtype.
-        attn = b * w.heads * s * 4 + b * s * s * e
-        attn_workspace = b * s * s * e
+        # Causal flash (training passes no mask, forward.py) or FlashMask over packed rows: q, k, v (counted),
+        # out and the fp32 log-sum-exp; no [S, S] tensor.
+        attn = b * w.heads * s * 4
+        attn_workspace = 0
     else:
         # Exact math path: fp32 probabilities [b, heads, S, S] (+ a model-dtype copy under bf16) and the
         # boolean causal+padding map, built per layer.
@@ -347,13 +351,20 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
     head_saved = 3 * k * w.vocab * 4 + k * w.h * e if last else 0
     head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
-    head_backward = 3 * k * w.vocab * 4 + w.vocab * w.h * e  # CE gradients; the head's weight-gradient temp
+    # CE gradients; the chunk's weight gradient, its fp32 copy (half precision) and, over several chunks, the
+    # fp32 accumulator of the chunked loss (network/loss.py sums the chunks' [V/mp, H] weight gradients in fp32;
+    # chunks sized from this rank's shapes, as autoparallel/forward.py does).
+    chunks = math.ceil(k / rows_per_chunk([1, k, w.h], [w.vocab, w.h], transpose_weight=True)) if k else 0
+    head_grad = w.vocab * w.h * (e + (4 if e < 4 else 0) + (4 if chunks > 1 else 0))
+    head_backward = 3 * k * w.vocab * 4 + head_grad
     # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
     boundary = t * w.h * residual if setup.pp > 1 and not last else 0
 
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     if setup.flash_attention:
         vit_attn = 6 * p * v.embed_dim * e  # varlen flash: q, k, v, out and fp32 rotary copies
+        if trained.vit:  # padded rows through SDPA: the block-diagonal [P, P] additive mask (N6), one per forward
+            vit_attn += p * p * e
     else:
         # The math path runs all of this rank's patches as one block-diagonal [heads, P, P] problem.
         vit_attn = 3 * v.num_heads * p * p * 4 + 2 * p * p
@@ -370,7 +381,7 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
         mlp_saved = (mlp_tensors + 1) * p * v.mlp_hidden_size * e
         block_saved = p * v.embed_dim * (6 * e + 4 * 4) + mlp_saved + vit_attn_saved
         kept_blocks = v.depth * p * v.embed_dim * e if wl.vit_recompute else v.depth * block_saved
-        vit_saved = p * patch_dim * 4 + kept_blocks
+        vit_saved = p * patch_dim * 4 + kept_blocks + (p * p * e if setup.flash_attention else 0)
         vit_recomputed = block_saved if wl.vit_recompute else 0
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
@@ -433,7 +444,7 @@ def startup_memory(setup: PlanSetup, state: StateMemory) -> StartupMemory:
     one is one more copy. Random-init presets hold the same weights, without the buffers."""
     config, d = setup.config, setup.degrees
     split = setup.stage_split()
-    dense_first = d.sharding_stage == 3 and setup.lora is None
+    dense_first = d.sharding_stage == 3  # LoRA too: the trainer loads densely under ZeRO-3 (needs_dense_load)
     extra = CHECKPOINT_DTYPE_BYTES if setup.dtype != "float32" else 0
     weights, largest, largest_name = state.param, 0, ""
     if dense_first:

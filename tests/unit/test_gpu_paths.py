@@ -54,6 +54,24 @@ class KernelRecorder:
                              for a, b in zip(bounds[:-1], bounds[1:])])
         return out, None
 
+    def flashmask_attention(self, q, k, v, startend_row_indices, causal=False):
+        self.calls.append(("flashmask", {"dtypes": {q.dtype, k.dtype, v.dtype}, "kv_heads": k.shape[2],
+                                         "causal": causal, "bounds": startend_row_indices,
+                                         "placements": [x.placements if x.is_dist() else None
+                                                        for x in (q, k, v, startend_row_indices)]}))
+        if q.is_dist():
+            return q
+        # Key j is masked for query rows >= its bound; causal on top.
+        rows = paddle.arange(q.shape[1])[None, :, None]
+        allowed = rows < startend_row_indices[:, 0, :, 0].astype("int64")[:, None, :]
+        allowed = paddle.logical_and(allowed, paddle.tril(paddle.ones([q.shape[1]] * 2, "bool"))[None])
+        groups = q.shape[2] // k.shape[2]
+        qt, kt, vt = (x.astype("float32").transpose([0, 2, 1, 3]) for x in (q, k, v))
+        kt, vt = (paddle.repeat_interleave(x, groups, axis=1) for x in (kt, vt))
+        scores = paddle.matmul(qt, kt, transpose_y=True) * q.shape[3] ** -0.5
+        scores = paddle.where(allowed[:, None], scores, paddle.full([], -1e30, "float32"))
+        return paddle.matmul(F.softmax(scores, -1), vt).transpose([0, 2, 1, 3])
+
     def sdpa(self, q, k, v, attn_mask=None):
         self.calls.append(("sdpa", {"dtypes": {q.dtype, k.dtype, v.dtype}, "kv_heads": k.shape[2],
                                     "mask_dtype": attn_mask.dtype, "mask_min": float(attn_mask.astype("float32").min())}))
@@ -73,6 +91,7 @@ def gpu_kernels(monkeypatch):
     monkeypatch.setattr(attention_mod, "flash_attention_supported", lambda: True)
     monkeypatch.setattr(fa, "flash_attention", recorder.flash_attention)
     monkeypatch.setattr(fa, "flash_attn_unpadded", recorder.flash_attn_unpadded)
+    monkeypatch.setattr(fa, "flashmask_attention", recorder.flashmask_attention)
     monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", recorder.sdpa)
     return recorder
 
@@ -145,25 +164,41 @@ def test_vision_varlen_gets_host_max_len_and_int32_bounds(gpu_kernels):
     np.testing.assert_allclose(out.numpy(), exact.numpy(), atol=1e-6)
 
 
-def test_packed_rows_get_causal_varlen_with_host_bounds_read_once(gpu_kernels, monkeypatch):
-    """Packed text rows on the GPU branch: one causal varlen call over the flattened rows with int32 bounds and
-    the longest sample from the host; the bounds are read once and reused by every layer; the result equals the
-    CPU per-sample path."""
+def test_packed_rows_get_causal_flashmask_with_device_bounds_built_once(gpu_kernels, monkeypatch):
+    """N5: packed text rows on the GPU branch: causal FlashMask with each key's sample end as its bound, built on
+    the device once per forward (no host read of the ids) and reused by every layer; native GQA; the result
+    equals the CPU per-sample path."""
     ids = paddle.to_tensor(np.array([[0, 0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 0, 0, 1, 1, 1]]))
     q, k, v = _qkv(s=8, kv_heads=2)
     packed = attention_mod.PackedRows(ids)
-    reads = []
-    original = attention_mod.packed_cu_seqlens
-    monkeypatch.setattr(attention_mod, "packed_cu_seqlens", lambda x: reads.append(1) or original(x))
+    monkeypatch.setattr(attention_mod, "packed_cu_seqlens", lambda x: pytest.fail("host read of packed ids"))
     outs = [attention(_bf16(q), _bf16(k), _bf16(v), causal=True, packed=packed) for _layer in range(3)]
-    assert len(reads) == 1 and [kind for kind, _ in gpu_kernels.calls] == ["varlen"] * 3
+    assert [kind for kind, _ in gpu_kernels.calls] == ["flashmask"] * 3
+    bounds = [got["bounds"] for _, got in gpu_kernels.calls]
+    assert bounds[0] is bounds[1] is bounds[2] and bounds[0].dtype == paddle.int32
+    assert bounds[0].numpy()[:, 0, :, 0].tolist() == [[3, 3, 3, 5, 5, 8, 8, 8], [5, 5, 5, 5, 5, 8, 8, 8]]
     got = gpu_kernels.calls[0][1]
-    assert got["cu"] == [0, 3, 5, 8, 13, 16] and got["max"] == (5, 5) and got["cu_dtype"] == paddle.int32
     assert got["causal"] and got["dtypes"] == {paddle.bfloat16} and got["kv_heads"] == 2
-    monkeypatch.setattr(attention_mod, "flash_attention_supported", lambda: False)
+    monkeypatch.undo()
     exact = attention(*(_bf16(x).astype("float32") for x in (q, k, v)), causal=True,
                       packed=attention_mod.PackedRows(ids))
     np.testing.assert_allclose(outs[0].astype("float32").numpy(), exact.numpy(), atol=1e-6)
+
+
+def test_packed_rows_kernel_gets_rank_local_split_tensors(gpu_kernels):
+    """N5: with dist q/k/v (rows split over "dp", heads over "mp") the packed GPU branch hands the kernel q/k/v
+    with their own placements and bounds split over "dp" like the rows: FlashMask's sharding rule keeps them
+    local (old main: `flash_attn_unpadded`, which has no rule, replicated the global batch on every rank)."""
+    mesh = dist.ProcessMesh([[0]], dim_names=["dp", "mp"])
+    split = [dist.Shard(0), dist.Shard(2)]
+    q, k, v = (dist.auto_parallel.api.dtensor_from_local(_bf16(x), mesh, split) for x in _qkv(s=8, kv_heads=4))
+    ids = dist.shard_tensor(paddle.to_tensor(np.array([[0, 0, 1, 1, 1, 2, 2, 2]] * 2)), mesh,
+                            [dist.Shard(0), dist.Replicate()])
+    attention(q, k, v, causal=True, packed=attention_mod.PackedRows(ids))
+    (kind, got), = gpu_kernels.calls
+    assert kind == "flashmask" and got["placements"][:3] == [split] * 3
+    assert got["placements"][3][0] == dist.Shard(0)
+    assert got["bounds"]._local_value().numpy()[:, 0, :, 0].tolist() == [[2, 2, 5, 5, 5, 8, 8, 8]] * 2
 
 
 def test_vision_math_path_loops_over_segments_and_matches_block_diagonal():
@@ -536,7 +571,7 @@ def _count_int32_uploads(monkeypatch) -> list[int]:
 
 def test_cu_seqlens_are_uploaded_once_per_forward(gpu_kernels, monkeypatch):
     """Smaller finding (a): the int32 cu_seqlens reach the device once per forward, not once per ViT block
-    (`Segments`) or decoder layer (`PackedRows`); every layer gets the same bounds."""
+    (`Segments`); packed rows' bounds (`PackedRows`) are built once per forward, on the device."""
     uploads = _count_int32_uploads(monkeypatch)
     segments = Segments(np.array([0, 8, 12, 16]))
     q, k, v = (_bf16(x[:1]) for x in _qkv(s=16, kv_heads=4))
@@ -547,8 +582,9 @@ def test_cu_seqlens_are_uploaded_once_per_forward(gpu_kernels, monkeypatch):
     q, k, v = (_bf16(x[:1]) for x in _qkv(s=8))
     for _layer in range(3):
         attention(q, k, v, causal=True, packed=packed)
-    assert uploads == [4, 4]
-    assert [got["cu"] for kind, got in gpu_kernels.calls] == [[0, 8, 12, 16]] * 3 + [[0, 3, 5, 8]] * 3
+    assert uploads == [4]  # packed rows' FlashMask bounds are computed on the device (N5)
+    assert [got["cu"] for kind, got in gpu_kernels.calls[:3]] == [[0, 8, 12, 16]] * 3
+    assert len({id(got["bounds"]) for kind, got in gpu_kernels.calls[3:]}) == 1
 
 
 class _Fp32Sdpa:

@@ -80,7 +80,7 @@ def test_prefill_and_padded_prefill_equal_the_math_path(simulated, mask):
     np.testing.assert_allclose(out[real], expected[real], atol=1e-6)
 
 
-def test_vision_segments_and_packed_rows_take_varlen_flash(simulated):
+def test_vision_segments_take_varlen_flash_and_packed_rows_flashmask(simulated):
     q, k, v = _qkv(b=1, q_len=10, kv_len=10, kv_heads=4)
     out = attention(q, k, v, causal=False, segments=Segments(np.array([0, 4, 10])))
     parts = [_math(q[:, a:b], k[:, a:b], v[:, a:b], False) for a, b in ((0, 4), (4, 10))]
@@ -89,7 +89,7 @@ def test_vision_segments_and_packed_rows_take_varlen_flash(simulated):
     ids = paddle.to_tensor([[0, 0, 1, 1, 1], [2, 2, 2, -1, -1]])
     out = attention(q, k, v, causal=True, packed=PackedRows(ids))
     np.testing.assert_allclose(out.numpy()[0, 2:], _math(q[:1, 2:], k[:1, 2:], v[:1, 2:], True)[0], atol=1e-6)
-    assert simulated == {"flash_attn_unpadded": 2}
+    assert simulated == {"flash_attn_unpadded": 1, "flashmask_attention": 1}  # packed rows: FlashMask (N5)
 
 
 def test_flashmask_reference_matches_a_document_mask(simulated):
@@ -107,13 +107,24 @@ def test_flashmask_reference_matches_a_document_mask(simulated):
 
 # ---- deliberately broken branches ---------------------------------------------------------------------------
 def test_broken_distributed_tensor_into_op_without_spmd_rule(simulated):
-    """Packed rows of a dp-sharded batch reach flash_attn_unpadded (no SPMD rule in Paddle 3.3.1): review N5."""
+    """A dp-sharded batch reaching flash_attn_unpadded (no SPMD rule in Paddle 3.3.1; the packed-rows route
+    before review N5's fix) fails naming the op; packed rows now take FlashMask (FlashMaskInferSpmd) and stay
+    split, each row's samples attending only to themselves."""
+    from paddle.nn.functional.flash_attention import flash_attn_unpadded
+
     mesh = dist.ProcessMesh([0], dim_names=["dp"])
     q, k, v = (dist.shard_tensor(x, mesh, [dist.Shard(0)]) for x in _qkv(b=2, q_len=5, kv_len=5))
     ids = dist.shard_tensor(paddle.to_tensor([[0, 0, 1, 1, 1], [2, 2, 2, -1, -1]]), mesh, [dist.Shard(0)])
+    cu = paddle.to_tensor([0, 5, 10], dtype="int32")
+    flat = [x.reshape([10, x.shape[2], x.shape[3]]) for x in (q, k, v)]
     with pytest.raises(KernelContractError, match="flash_attn_unpadded: distributed tensor 'query' passed, but "
                                                   "flash_attn_unpadded has no SPMD rule"):
-        attention(q, k, v, causal=True, packed=PackedRows(ids))
+        flash_attn_unpadded(*flat, cu, cu, 5, 5, scale=8**-0.5, causal=True)
+    packed = attention(q, k, v, causal=True, packed=PackedRows(ids))
+    assert packed.placements == [dist.Shard(0)]
+    local = [x._local_value() for x in (q, k, v)]
+    np.testing.assert_allclose(packed._local_value().numpy()[0, 2:], _math(*(x[:1, 2:] for x in local), True)[0],
+                               atol=1e-6)
     with pytest.raises(KernelContractError, match="repeat_interleave: distributed tensor 'x'"):
         paddle.repeat_interleave(k, 2, axis=2)
     out = attention(q, k, v, causal=True)  # flash_attention has FlashAttInferSpmd: dist tensors are fine

@@ -1,0 +1,55 @@
+"""Launched by tests/dist/test_comm_ledger.py: two training steps of the tiny model (untied head, so every
+gradient is reduced once) under the communication ledger, for dp2 and ZeRO-1 over 2 ranks (same data, same
+initial weights); rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
+losses, the bytes of its trainable gradients (counted from the parameters) and a checksum of the weights."""
+from __future__ import annotations
+
+import argparse
+
+import paddle.distributed as dist
+
+from autoparallel import cpu_compat
+from autoparallel.batch import shard_batch
+from autoparallel.comm_ledger import Ledger
+from autoparallel.mesh import build_mesh, mesh_coordinate
+from autoparallel.parallelize import parallelize
+from autoparallel.step import train_step
+from dist_utils import worker_entry, write_result
+from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, tiny_config
+from placements.degrees import ParallelDegrees
+
+LAYOUTS = {"dp2": dict(data_parallel_degree=2), "zero1": dict(sharding_parallel_degree=2, sharding_stage=1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_parallel_env()
+    cpu_compat.apply()
+    ledger = Ledger(gloo=cpu_compat.runs_on_cpu()).install()
+    result = {}
+    for name, kw in LAYOUTS.items():
+        config = tiny_config()
+        config.tie_word_embeddings = False
+        degrees = ParallelDegrees(**kw)
+        mesh = build_mesh(degrees, config)
+        model = build_model(config)
+        model, optimizer = parallelize(model, build_optimizer(model), mesh, degrees)
+        grads = [p for p in model.parameters() if not p.stop_gradient]
+        grad_bytes = sum(int(p._local_value().numel()) * p._local_value().element_size() for p in grads)
+        records, losses = [], []
+        for step in micro_batches(config, dp=2, dp_rank=mesh_coordinate(mesh, "dp"))[:2]:
+            ledger.start_step()
+            out = train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP)
+            records.append(ledger.end_step().record())
+            losses.append(out.loss)
+        checksum = sum(float(p._local_value().astype("float64").abs().sum()) for p in grads)
+        result[name] = {"records": records, "losses": losses, "grad_bytes": grad_bytes, "tensors": len(grads),
+                        "checksum": checksum}
+    write_result(args.out, dist.get_rank(), result)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    worker_entry(main)
