@@ -210,6 +210,8 @@ class ParallelArgs:
 UNREAD_KEYS: dict[str, str] = {
     "fp16": "PaddleMIX's key; only false is accepted (fp16 needs loss scaling; bf16 is the supported half type)",
     "sep_parallel_degree": "PaddleNLP's context parallel; only 1 is accepted (sequence_parallel shards within mp)",
+    "image_max_token_num": "ms-swift's token budget; DataConfig.__post_init__ turns it into max_pixels",
+    "video_max_token_num": "ms-swift's token budget; DataConfig.__post_init__ turns it into video_max_pixels",
 }
 
 # Other frameworks' spellings of our keys: alias -> (key, the alias means the negation). ms-swift: freeze_aligner,

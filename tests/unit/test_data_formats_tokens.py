@@ -26,7 +26,7 @@ def test_content_list_tokens_equal_in_training_and_serve(tmp_path):
     conv = parse_record(record, "f", 0, None)
     training = dataset.generation_inputs(conv.turns[0][0], conv.images)["input_ids"]
     request = ChatRequest.model_validate({"messages": [{"role": "user", "content": content}]})
-    served = build_prompt(request, processor, MediaLimits()).inputs["input_ids"][0]
+    served = build_prompt(request, processor, MediaLimits(media_dir=str(tmp_path))).inputs["input_ids"][0]
     assert len(training) > 20 and np.array_equal(np.asarray(training), np.asarray(served))
     # and the training sample itself starts with exactly those prompt tokens
     sample = dataset.sample(0)["input_ids"]
