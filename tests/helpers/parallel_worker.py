@@ -3,7 +3,7 @@
     --layouts dp2,mp2,...   train each (same data as the single-process reference), write result.{rank}.json
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
     --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
-    --reference             single-process reference (launched with nproc 1 for the launcher's thread pinning):
+    --reference [--modes M] single-process reference (all MODES, or the comma-separated M) (launched with nproc 1 for the launcher's thread pinning):
                             result.0.json {mode: losses} + reference.{mode}.npz and initial.npz (initial weights)
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from autoparallel.engine.optim import apply_module_learning_rates
-from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, LAYOUTS_CP_2, LAYOUTS_CP_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
                             mode_training_args, reference_run, step_schedule, tiny_config)
 from placements.qwen2_vl import model_part
 
-LAYOUTS = {name: (kw, mode) for name, kw, mode in LAYOUTS_2 + LAYOUTS_4}
+LAYOUTS = {name: (kw, mode) for name, kw, mode in LAYOUTS_2 + LAYOUTS_4 + LAYOUTS_CP_2 + LAYOUTS_CP_4}
 
 
 def _full(p: paddle.Tensor) -> np.ndarray:
@@ -104,13 +104,14 @@ def main() -> None:
     parser.add_argument("--layouts", default="")
     parser.add_argument("--bad-degrees", default="")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     if args.reference:
         losses = {}
         np.savez(os.path.join(args.out, "initial.npz"),
                  **{n: p.numpy() for n, p in build_model(tiny_config()).named_parameters()})
-        for mode in MODES:
+        for mode in args.modes.split(","):
             ref = reference_run(mode)
             np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
             losses[mode] = ref["losses"]
