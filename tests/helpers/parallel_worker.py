@@ -63,6 +63,15 @@ def run_layout(name: str, out: str) -> dict:
         if id(p) in names:
             probes.setdefault(model_part(names[id(p)]), p)
     dp_rank = mesh_coordinate(mesh, "dp")
+    # Local shapes of the first decoder layer's input and of its q_proj output (after any Ulysses exchange).
+    local_shapes = {}
+
+    def record(key, x) -> None:  # returns None: the hook leaves the activation as it is
+        local_shapes.setdefault(key, list(x._local_value().shape))
+
+    layer0 = model.model.layers[0]
+    hooks = [layer0.register_forward_pre_hook(lambda layer, inputs: record("decoder_input", inputs[0])),
+             layer0.self_attn.q_proj.register_forward_post_hook(lambda layer, inputs, out: record("q", out))]
     start = time.time()
     losses, lrs = [], []
     for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED):
@@ -71,6 +80,8 @@ def run_layout(name: str, out: str) -> dict:
         lrs.append({part: float(inner._create_param_lr((p, None))) for part, p in probes.items()})
         step_schedule(optimizer)
     seconds = time.time() - start
+    for hook in hooks:
+        hook.remove()
 
     params = dict(model.named_parameters())
     report = memory_report(model, optimizer, degrees, trainable=trainable)
@@ -86,6 +97,7 @@ def run_layout(name: str, out: str) -> dict:
     dist.barrier()
     return {
         "losses": losses,
+        "activation_local_shapes": local_shapes,
         "lrs": lrs,
         "seconds": seconds,
         "frozen_identical": all(np.array_equal(_full(params[n]), v) for n, v in frozen_before.items()),
