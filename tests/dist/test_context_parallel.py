@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers_ok
+from dist_utils import launch_layouts, run_workers_ok
 from parallel_cases import LAYOUTS_CP_2, LAYOUTS_CP_4, PACKED, PACKED_ROW, SEQ, GLOBAL_MICRO_BATCH, tiny_config
 from test_engine import FAST, assert_ok, losses, merged_weights, meta, sft  # noqa: F401 (meta: fixture)
 
@@ -29,14 +29,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    runs = {}
-    for nproc, layouts in ((2, LAYOUTS_CP_2), (4, LAYOUTS_CP_4)):
-        out = tmp_path_factory.mktemp(f"cp_np{nproc}")
-        run = run_workers_ok(WORKER, nproc, out, ["--layouts", ",".join(name for name, _, _ in layouts)], timeout=1800)
-        for name, kw, _ in layouts:
-            runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()}, "degrees": kw,
-                          "params": dict(np.load(out / f"params.{name}.npz"))}
-    return runs
+    return launch_layouts(WORKER, tmp_path_factory, ((2, LAYOUTS_CP_2), (4, LAYOUTS_CP_4)))
 
 
 CP_LAYOUTS = [name for name, _, _ in LAYOUTS_CP_2 + LAYOUTS_CP_4]
@@ -51,7 +44,10 @@ def test_context_parallel_matches_single_process(name, launched, reference):
     assert run["params"]
     for key, value in run["params"].items():
         err = np.linalg.norm(value - reference["params"][key]) / np.linalg.norm(reference["params"][key])
-        assert err < 1e-5, f"{name} {key}: relative error {err:.2e}"
+        # The q/k_proj biases' M-RoPE channels with a near-zero true gradient: AdamW turns summation-order noise
+        # into lr-sized steps (the bounds and the reason of tests/dist/test_parallel_layouts.py).
+        bound = {"k_proj.bias": 1e-2, "q_proj.bias": 1e-4}.get(".".join(key.split(".")[-2:]), 1e-5)
+        assert err < bound, f"{name} {key}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("name", CP_LAYOUTS)
