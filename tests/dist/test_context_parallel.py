@@ -46,7 +46,10 @@ def test_context_parallel_matches_single_process(name, launched, reference):
         err = np.linalg.norm(value - reference["params"][key]) / np.linalg.norm(reference["params"][key])
         # The q/k_proj biases' M-RoPE channels with a near-zero true gradient: AdamW turns summation-order noise
         # into lr-sized steps (the bounds and the reason of tests/dist/test_parallel_layouts.py).
-        bound = {"k_proj.bias": 1e-2, "q_proj.bias": 1e-4}.get(".".join(key.split(".")[-2:]), 1e-5)
+        # Four ranks sum each weight gradient four ways (cp x dp): another summation order, measured 1.19e-5 on
+        # gate_proj for cp2 x dp2 while the losses agree to 1e-7 (as mp4 there).
+        default = 2e-5 if len(run["ranks"]) == 4 else 1e-5
+        bound = {"k_proj.bias": 1e-2, "q_proj.bias": 1e-4}.get(".".join(key.split(".")[-2:]), default)
         assert err < bound, f"{name} {key}: relative error {err:.2e}"
 
 
