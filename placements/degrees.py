@@ -98,7 +98,8 @@ def degree_problems(
     if world_size is not None and world_size != d.world_size:
         problems.append(f"world size {world_size} != data_parallel_degree {d.data_parallel_degree} x "
                         f"sharding_parallel_degree {d.sharding_parallel_degree} x context_parallel_degree {d.cp} x "
-                        f"tensor_parallel_degree {d.mp} x pipeline_parallel_degree {d.pipeline_parallel_degree} = {d.world_size}")
+                        f"tensor_parallel_degree {d.mp} x pipeline_parallel_degree {d.pipeline_parallel_degree} = "
+                        f"{d.world_size}")
     if d.sharding_stage == 3 and d.dp > 1 and d.mp > 1 and cpu_build:
         problems.append(f"sharding_stage=3 on a dp x mp mesh ({d.dp} x {d.mp}) fails in Paddle 3.3.1's CPU build; "
                         "use stage 1/2 with tensor parallel, or stage 3 without it")
