@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from autoparallel.context_parallel import cp_degree
 from network.config import Qwen2VLConfig
 
 IGNORE_INDEX = -100
@@ -93,8 +94,10 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     `ShardedBatch`.
 
     Every rank must call it (it reduces the sequence and patch lengths over dp); local batch sizes must match.
-    `seq_multiple`: pad the sequence to a multiple of it (sequence parallel splits it over "mp").
+    `seq_multiple`: pad the sequence to a multiple of it (sequence parallel splits it over "mp"); the
+    context-parallel degree of `mesh` multiplies it (context parallel splits it over "cp").
     """
+    seq_multiple *= cp_degree(mesh)
     merge = config.vision_config.spatial_merge_size ** 2
     pixels, grids = [], []
     for pk, gk in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):

@@ -171,12 +171,11 @@ class ParallelArgs:
     sequence_parallel: bool = False  # decoder activations sequence-sharded inside the mp group
     # Decoder layers per pipeline stage (empty: balanced by the cost model in placements/).
     layers_per_stage: list[int] = field(default_factory=list)
-    sep_parallel_degree: int = 1  # PaddleNLP's context parallel: only 1 (sequence_parallel shards within mp)
+    # Context parallel: every sequence split over this many ranks, Ulysses attention (autoparallel/context_parallel.py).
+    # Aliases: PaddleNLP/PaddleMIX sep_parallel_degree, ms-swift sequence_parallel_size (KEY_ALIASES).
+    context_parallel_degree: int = 1
 
     def __post_init__(self) -> None:
-        if self.sep_parallel_degree != 1:
-            raise ValueError(f"sep_parallel_degree={self.sep_parallel_degree} is not supported (only 1): "
-                             "sequence_parallel: true shards activations along the sequence within the mp group")
         if self.sharding not in ("", "stage1", "stage2", "stage3"):
             raise ValueError(f"sharding={self.sharding!r} must be one of stage1, stage2, stage3 (or empty)")
         if self.sequence_parallel and self.tensor_parallel_degree < 2:
@@ -188,10 +187,11 @@ class ParallelArgs:
         """Set an unset data_parallel_degree from the world size; an explicit one is checked by validate_degrees."""
         if self.data_parallel_degree is not None:
             return
-        others = self.tensor_parallel_degree * self.pipeline_parallel_degree * self.sharding_parallel_degree
+        others = (self.tensor_parallel_degree * self.pipeline_parallel_degree * self.sharding_parallel_degree
+                  * self.context_parallel_degree)
         if world_size % others:
-            raise ValueError(f"{world_size} processes are not a multiple of tensor x pipeline x sharding degrees "
-                             f"= {others}, so no data_parallel_degree fits")
+            raise ValueError(f"{world_size} processes are not a multiple of tensor x pipeline x sharding x context "
+                             f"degrees = {others}, so no data_parallel_degree fits")
         self.data_parallel_degree = world_size // others
 
     def degrees(self) -> ParallelDegrees:
@@ -202,6 +202,7 @@ class ParallelArgs:
             sharding_stage=int(self.sharding[-1]) if self.sharding else 0,
             pipeline_parallel_degree=self.pipeline_parallel_degree,
             sequence_parallel=self.sequence_parallel,
+            context_parallel_degree=self.context_parallel_degree,
         )
 
 
@@ -209,7 +210,6 @@ class ParallelArgs:
 # on any other key that nothing reads).
 UNREAD_KEYS: dict[str, str] = {
     "fp16": "PaddleMIX's key; only false is accepted (fp16 needs loss scaling; bf16 is the supported half type)",
-    "sep_parallel_degree": "PaddleNLP's context parallel; only 1 is accepted (sequence_parallel shards within mp)",
     "image_max_token_num": "ms-swift's token budget; DataConfig.__post_init__ turns it into max_pixels",
     "video_max_token_num": "ms-swift's token budget; DataConfig.__post_init__ turns it into video_max_pixels",
 }
@@ -232,6 +232,8 @@ KEY_ALIASES: dict[str, tuple[str, bool]] = {
     "max_length": ("max_seq_length", False),  # ms-swift
     "video_max_frames": ("video_maxlen", False),  # LLaMA-Factory
     "fps_max_frames": ("video_maxlen", False),  # ms-swift FPS_MAX_FRAMES
+    "sep_parallel_degree": ("context_parallel_degree", False),  # PaddleNLP / PaddleMIX
+    "sequence_parallel_size": ("context_parallel_degree", False),  # ms-swift
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,

@@ -18,6 +18,9 @@ place (CUDA, ROCm, XPU, custom devices have the kernels); a CUDA build running o
 - Sequence parallel: the autograd backward of `reshard` Shard -> Replicate is a C++ reshard of the gradient
   (Partial -> Shard: CReduceScatterOp again). `reshard_python_backward` is a reshard whose backward calls the
   Python (patched) `reshard` instead, so the gradient goes Partial -> Replicate -> Shard.
+- Context parallel (Ulysses): `reshard` Shard(i) -> Shard(j) on one mesh dim is an all-to-all, which gloo
+  lacks. `all_to_all_via_gather` goes through Replicate (all-gather, then local slice); the autograd backward
+  of each half is again an all-gather or a slice, so no missing kernel is reached.
 - `ProcessMesh.get_rank_by_dim_and_process_id`: does `int(np.where(...)[i])` on a 1-element array, which
   NumPy >= 2 may refuse (used by `shard_dataloader`). Only patched when that conversion fails here
   (the pinned NumPy 1.26 accepts it, so this is normally not installed).
@@ -177,3 +180,10 @@ def apply() -> list[str]:
     for line in _applied:
         logger.info("cpu_compat: %s", line)
     return list(_applied)
+
+
+def all_to_all_via_gather(x: paddle.Tensor, placements: list) -> paddle.Tensor:
+    """`dist.reshard(x, x.process_mesh, placements)` for a Shard(i) -> Shard(j) change on a mesh dim, as
+    all-gather + local slice (CPU: gloo has no all_to_all). Holds the gathered tensor transiently."""
+    via = [dist.Replicate() if src != dst else src for src, dst in zip(x.placements, placements)]
+    return dist.reshard(dist.reshard(x, x.process_mesh, via), x.process_mesh, placements)

@@ -28,6 +28,7 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
+from autoparallel.context_parallel import gather_context, scatter_context
 from network.loss import exact_fp32_matmuls, linear_cross_entropy
 from network.loss_chunks import rows_per_chunk
 from network.modeling_vision import vision_segment_ids
@@ -152,9 +153,10 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
     The head runs only on the hidden states whose next token is supervised (`loss_index`): in SFT most
     tokens are prompt and image tokens, and the [tokens, vocab] logits dominate the step otherwise."""
     with cpu_compat.zero3_gathered(model):
-        embeds = embed_inputs(model, batch)
+        # Context parallel: the decoder runs on this rank's slice of every sequence (no-ops without "cp").
+        embeds = scatter_context(embed_inputs(model, batch))
         hidden = model.model(embeds, batch.position_ids, TRAINING_KEY_MASK, segment_ids=batch.segment_ids)
-        return supervised_loss(model, hidden, batch, normalizer)
+        return supervised_loss(model, gather_context(hidden), batch, normalizer)
 
 
 def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: ShardedBatch,

@@ -4,8 +4,10 @@ with pipeline stages).
 - "pp" (only when pipeline_parallel_degree > 1: a size-1 dim would only lengthen every placement list) indexes
   pipeline stages; each stage trains on its own ["dp", "mp"] sub-mesh (`stage_mesh`), and activations cross
   stages by send/recv (autoparallel/pipeline.py).
-Ranks are laid out mp-fastest, pp-slowest: rank = (pp_index * dp + dp_index) * mp + mp_index, so
-tensor-parallel peers are neighbours and a stage's ranks are contiguous.
+- "cp" (only when context_parallel_degree > 1, between "dp" and "mp": ["dp", "cp", "mp"]) splits every
+  sequence (autoparallel/context_parallel.py); context peers read the same samples, like tensor-parallel peers.
+Ranks are laid out mp-fastest, pp-slowest: rank = ((pp_index * dp + dp_index) * cp + cp_index) * mp + mp_index,
+so tensor-parallel peers are neighbours and a stage's ranks are contiguous.
 
 Everything is checked before any process does work; every problem found is reported at once, each message
 naming the offending numbers.
@@ -21,18 +23,22 @@ from placements.degrees import ParallelDegrees, validate_degrees
 
 MESH_DIMS = ("dp", "mp")
 PP_DIM = "pp"
+CP_DIM = "cp"
 
 
 def build_mesh(degrees: ParallelDegrees, config: Qwen2VLConfig | None = None,
                world_size: int | None = None, *, allow_pipeline: bool = False) -> dist.ProcessMesh:
     """Validated ["dp", "mp"] mesh over ranks 0..world-1 (world size read from the launcher when not given);
-    ["pp", "dp", "mp"] when pipeline_parallel_degree > 1."""
+    ["pp", "dp", "mp"] when pipeline_parallel_degree > 1, ["dp", "cp", "mp"] when context_parallel_degree > 1."""
     world_size = dist.get_world_size() if world_size is None else world_size
     validate_degrees(degrees, config, world_size, allow_pipeline=allow_pipeline,
                      cpu_build=cpu_compat.runs_on_cpu())
     if degrees.pipeline_parallel_degree > 1:
         ids = np.arange(degrees.world_size).reshape(degrees.pipeline_parallel_degree, degrees.dp, degrees.mp)
         return dist.ProcessMesh(ids.tolist(), dim_names=[PP_DIM, *MESH_DIMS])
+    if degrees.cp > 1:
+        ids = np.arange(degrees.world_size).reshape(degrees.dp, degrees.cp, degrees.mp)
+        return dist.ProcessMesh(ids.tolist(), dim_names=["dp", CP_DIM, "mp"])
     ids = np.arange(degrees.world_size).reshape(degrees.dp, degrees.mp)
     return dist.ProcessMesh(ids.tolist(), dim_names=list(MESH_DIMS))
 

@@ -17,6 +17,7 @@ import paddle.distributed as dist
 from paddle.distributed.auto_parallel.intermediate.parallel_base import ParallelOptimizer
 
 from autoparallel import cpu_compat
+from autoparallel.context_parallel import apply_context_parallel
 from network.config import Qwen2VLConfig
 from network.log import logger
 from placements.degrees import ParallelDegrees
@@ -98,6 +99,8 @@ def parallelize(
     config = parallelize_config(model.config, degrees.mp, degrees.sharding_stage)
     with _frozen_vision_detached(model, trainable), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
+    if degrees.cp > 1:
+        apply_context_parallel(model)
     if degrees.sharding_stage == 3 and cpu_compat.runs_on_cpu():
         cpu_compat.enable_zero3_gather(model, mesh.dim_names.index("dp"))
     logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, training %s",

@@ -5,6 +5,8 @@ into a `ProcessMesh`.
 - "dp" has size data_parallel_degree x sharding_parallel_degree: plain data parallel, or ZeRO sharding
   (stage 1/2/3) over the same dim — one of the two, not both (a 1-D dim cannot hold dp x sharding groups).
 - "mp" is tensor parallel (Megatron column/row split, vocab-parallel embedding and head).
+- "cp" is context parallel (autoparallel/context_parallel.py): each rank holds a contiguous slice of every
+  sequence; attention trades sequence for heads (Ulysses), so heads and KV heads are split over cp x mp.
 - "pp" indexes pipeline stages (autoparallel/pipeline.py).
 Every problem found is reported at once, each message naming the offending numbers.
 """
@@ -27,6 +29,7 @@ class ParallelDegrees:
     sharding_stage: int = 0  # 0: none; 1/2/3: ZeRO stage over the "dp" dim
     pipeline_parallel_degree: int = 1
     sequence_parallel: bool = False  # decoder activations sequence-sharded over "mp" (autoparallel/sequence_parallel.py)
+    context_parallel_degree: int = 1  # the "cp" dim: every sequence split over it (autoparallel/context_parallel.py)
 
     @property
     def dp(self) -> int:
@@ -37,8 +40,12 @@ class ParallelDegrees:
         return self.tensor_parallel_degree
 
     @property
+    def cp(self) -> int:
+        return self.context_parallel_degree
+
+    @property
     def world_size(self) -> int:
-        return self.dp * self.mp * self.pipeline_parallel_degree
+        return self.dp * self.cp * self.mp * self.pipeline_parallel_degree
 
     def kv_heads_sharded(self, config: Qwen2VLConfig) -> bool:
         """k/v projections are column-split when mp divides the KV heads; replicated when KV heads divide mp."""
@@ -63,6 +70,7 @@ def degree_problems(
     named = {
         "data_parallel_degree": d.data_parallel_degree, "tensor_parallel_degree": d.tensor_parallel_degree,
         "sharding_parallel_degree": d.sharding_parallel_degree, "pipeline_parallel_degree": d.pipeline_parallel_degree,
+        "context_parallel_degree": d.context_parallel_degree,
     }
     problems += [f"{k}={v} must be >= 1" for k, v in named.items() if v < 1]
     if problems:
@@ -89,11 +97,13 @@ def degree_problems(
                         f"sharding_parallel_degree={d.dp} alone")
     if world_size is not None and world_size != d.world_size:
         problems.append(f"world size {world_size} != data_parallel_degree {d.data_parallel_degree} x "
-                        f"sharding_parallel_degree {d.sharding_parallel_degree} x tensor_parallel_degree {d.mp} x "
-                        f"pipeline_parallel_degree {d.pipeline_parallel_degree} = {d.world_size}")
+                        f"sharding_parallel_degree {d.sharding_parallel_degree} x context_parallel_degree {d.cp} x "
+                        f"tensor_parallel_degree {d.mp} x pipeline_parallel_degree {d.pipeline_parallel_degree} = "
+                        f"{d.world_size}")
     if d.sharding_stage == 3 and d.dp > 1 and d.mp > 1 and cpu_build:
         problems.append(f"sharding_stage=3 on a dp x mp mesh ({d.dp} x {d.mp}) fails in Paddle 3.3.1's CPU build; "
                         "use stage 1/2 with tensor parallel, or stage 3 without it")
+    problems += context_parallel_problems(d, config)
     if config is not None:
         mp = d.mp
         if config.num_attention_heads % mp:
@@ -113,6 +123,32 @@ def degree_problems(
         if expected != global_batch_size:
             problems.append(f"global batch {global_batch_size} != per_device_batch_size {per_device_batch_size} x "
                             f"dp {d.dp} x gradient_accumulation_steps {gradient_accumulation_steps} = {expected}")
+    return problems
+
+
+def context_parallel_problems(d: ParallelDegrees, config: Qwen2VLConfig | None) -> list[str]:
+    """Ulysses splits the heads over cp x mp (each rank attends over the whole sequence for its heads)."""
+    if d.cp == 1:
+        return []
+    problems = []
+    if d.pipeline_parallel_degree > 1:
+        problems.append(f"context_parallel_degree={d.cp} with pipeline_parallel_degree={d.pipeline_parallel_degree} "
+                        "is not supported")
+    if d.sequence_parallel:
+        problems.append(f"context_parallel_degree={d.cp} with sequence_parallel=true is not supported: use one of them")
+    if d.mp > 1:
+        # Heads split over both "cp" and "mp" is one tensor dim sharded on two mesh dims: not expressible here.
+        problems.append(f"context_parallel_degree={d.cp} with tensor_parallel_degree={d.mp} is not supported yet: "
+                        "use data parallel or sharding with context parallel")
+    if d.sharding_stage == 3:
+        problems.append(f"context_parallel_degree={d.cp} with sharding_stage=3 is not supported; use stage 1/2")
+    if config is not None:
+        for name, heads in (("num_attention_heads", config.num_attention_heads),
+                            ("num_key_value_heads", config.num_key_value_heads)):
+            if heads % (d.cp * d.mp):
+                problems.append(f"{name}={heads} is not divisible by context_parallel_degree {d.cp} x "
+                                f"tensor_parallel_degree {d.mp} = {d.cp * d.mp} (Ulysses attention splits the heads "
+                                "over both)")
     return problems
 
 

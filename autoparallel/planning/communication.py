@@ -25,6 +25,11 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
   reduce-scattered into the sequence shard (all-gathered back in backward) and the final norm's output
   all-gathered for the head (its gradient reduce-scattered, replacing the head's [K, H] all-reduce). On CPU
   every reduce-scatter is an all-reduce + local slice (cpu_compat), full-size payload.
+- "cp" (context parallel, Ulysses): per decoder layer, q, k and v go from S/cp tokens of all (mp-local) heads
+  to all S tokens of 1/cp of them, and the attention output back before o_proj: four all-to-alls forward
+  (replayed by recompute) and four backward, each moving this rank's [b, S/cp, heads x head_dim] piece. On CPU
+  (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). The final hidden states are
+  all-gathered for the head; trainable gradients (each rank's tokens) are all-reduced over "cp".
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
   middle stage does both sides. A tied head exchanges the embedding copies' gradients between the first and
@@ -44,7 +49,7 @@ from placements.qwen2_vl import (PP_TIED_HEAD, style_for, layout, parameter_shap
 
 @dataclass(frozen=True)
 class Collective:
-    group: str  # "mp" | "dp" | "pp"
+    group: str  # "mp" | "dp" | "pp" | "cp"
     op: str  # all_reduce | all_gather | reduce_scatter | send/recv
     phase: str
     calls: int  # per optimizer step
@@ -144,6 +149,8 @@ def communication(setup: PlanSetup, cpu: bool = False, stage: int | None = None)
                 out.append(Collective("dp", "all_gather", "updated parameter shards", n, _mean(full)))
         out += [Collective("dp", "all_reduce", "batch shapes (seq, patches, targets)", micro, 3 * 8),
                 Collective("dp", "all_reduce", "supervised-token count + loss", 1 + micro, 8)]
+    if d.cp > 1:
+        out += _context_parallel(setup, cpu, stage, layers, replays)
     if setup.pp > 1:
         sides = (not first) + (not last)  # receive from the previous stage / send to the next
         boundary = f"[{wl.batch}, {wl.seq_len}, {w.h}] per micro-batch" + (", to and from both neighbours"
@@ -164,7 +171,7 @@ def group_size(collective: Collective, setup: PlanSetup) -> int:
     d = setup.degrees
     if collective.group == "pp":
         return d.dp * d.mp * setup.pp if collective.op == "all_reduce" else 2
-    return d.mp if collective.group == "mp" else d.dp
+    return {"mp": d.mp, "cp": d.cp}.get(collective.group, d.dp)
 
 
 def wire_bytes_sent(collective: Collective, setup: PlanSetup) -> int:
@@ -184,3 +191,20 @@ def planned_sent_by_kind(collectives: list[Collective], setup: PlanSetup) -> dic
     for c in collectives:
         out[c.op] = out.get(c.op, 0) + wire_bytes_sent(c, setup)
     return out
+
+
+def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, replays: int) -> list[Collective]:
+    """The "cp" collectives of one step (see the module docstring)."""
+    d, wl, e = setup.degrees, setup.workload, DTYPE_BYTES[setup.dtype]
+    w, micro, tokens = local_widths(setup.config, d.mp), wl.gradient_accumulation_steps, wl.tokens // d.cp
+    op, note = ("all_gather", "all-to-all done as all-gather + slice (gloo)") if cpu else ("all_to_all", "")
+    exchanged = tokens * (2 * w.q + 2 * w.kv) * e // 4  # q, k, v, attention output: the mean per call
+    full = _trainable_local(setup, stage)
+    return [
+        Collective("cp", op, "forward: Ulysses q/k/v -> heads, attention output -> sequence",
+                   micro * 4 * layers * replays, exchanged, note),
+        Collective("cp", op, "backward: the same four exchanges reversed", micro * 4 * layers, exchanged, note),
+        Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
+        Collective("cp", "all_reduce", "gradients (each rank's tokens)", len(full), _mean(full),
+                   f"{len(full)} trainable tensors"),
+    ]

@@ -1,5 +1,5 @@
-"""What would make it fit: re-plan a run with candidate changes (ZeRO stage, recompute, smaller batches, image
-size, more tensor parallel), alone and then stacked, and report each attempt."""
+"""What would make it fit: re-plan a run with candidate changes (ZeRO stage, recompute, smaller batches, context
+parallel, image size, more tensor parallel), alone and then stacked, and report each attempt."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +15,9 @@ Change = tuple[str, dict[str, Any]]
 
 def _candidates(cfg: RunConfig, setup: PlanSetup) -> list[list[Change]]:
     """Groups of alternative changes, in the order to try them: cheapest in speed first (ZeRO stage,
-    recompute), then less work per step (batch, image size: {} = searched in `advise`), then more tensor
-    parallel. Within a group, milder options come first."""
+    recompute), then less work per step (batch), then context parallel (one sample's tokens over more ranks,
+    the data unchanged), then smaller images ({} = searched in `advise`), then more tensor parallel. Within a
+    group, milder options come first."""
     d, groups = setup.degrees, []
     if d.dp > 1:
         stages = []
@@ -34,7 +35,7 @@ def _candidates(cfg: RunConfig, setup: PlanSetup) -> list[list[Change]]:
         factor = cfg.train.per_device_train_batch_size // b
         batches.append((f"per_device_train_batch_size {cfg.train.per_device_train_batch_size} -> {b} (accumulation "
                          f"x{factor})", {"per_device_train_batch_size": b, "gradient_accumulation_steps": acc * factor}))
-    groups += [batches, [("max_pixels", {})]]
+    groups += [batches, _context_parallel_options(setup), [("max_pixels", {})]]
     world, mp, tps = d.dp * d.mp, d.mp * 2, []
     key = "sharding_parallel_degree" if d.sharding_stage else "data_parallel_degree"
     while mp <= world and world % mp == 0:
@@ -44,6 +45,25 @@ def _candidates(cfg: RunConfig, setup: PlanSetup) -> list[list[Change]]:
         mp *= 2
     groups.append(tps)
     return [g for g in groups if g]
+
+
+def _context_parallel_options(setup: PlanSetup) -> list[Change]:
+    """Raise the context degree on the same ranks (taken from data parallel / sharding) while the heads and
+    KV heads still split over it (Ulysses); not with tensor parallel or pipeline stages (not supported)."""
+    d, config, options = setup.degrees, setup.config, []
+    if d.mp > 1 or d.pipeline_parallel_degree > 1:
+        return options
+    key = "sharding_parallel_degree" if d.sharding_stage else "data_parallel_degree"
+    cp, ranks = d.cp * 2, d.dp * d.cp
+    while ranks % cp == 0 and config.num_attention_heads % cp == 0 and config.num_key_value_heads % cp == 0:
+        dp = ranks // cp
+        if d.sharding_stage and dp == 1:
+            break  # ZeRO over one rank is refused; stage changes come from the sharding group
+        options.append((f"context_parallel_degree {d.cp} -> {cp} ({key} {dp})",
+                        {"context_parallel_degree": cp, key: dp,
+                         "gradient_accumulation_steps": setup.workload.gradient_accumulation_steps * d.dp // dp}))
+        cp *= 2
+    return options
 
 
 @dataclasses.dataclass

@@ -337,7 +337,8 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     alive = wl.gradient_accumulation_steps if setup.pp > 1 else 1
     sp = d.sequence_parallel and d.mp > 1
     residual = DTYPE_BYTES[residual_dtype(setup.dtype)]
-    norms, rest, layer_workspace = _decoder_layer_saved(setup, w)
+    # Context parallel: decoder tensors hold S/cp tokens (attention: the whole sequence for heads/cp).
+    norms, rest, layer_workspace = (x // d.cp for x in _decoder_layer_saved(setup, w))
     layer = norms + rest
 
     batch = t * 8 * 6 + 2 * t * config.head_dim * e  # ids, labels, mask, [3, B, S] positions (int64); M-RoPE cos/sin
@@ -385,9 +386,10 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
         vit_recomputed = block_saved if wl.vit_recompute else 0
 
     sharded = f", sequence-sharded over mp ({d.mp})" if sp else ""
+    sharded += f", sequence-split over cp ({d.cp})" if d.cp > 1 else ""
     if wl.recompute:
         decoder = [Term(f"decoder x{layers} (recompute: layer inputs)",
-                        layers * t * w.h * residual // (d.mp if sp else 1),
+                        layers * t * w.h * residual // (d.mp if sp else 1) // d.cp,
                         f"{layer / 2**20:.1f} MiB per layer recomputed{sharded}")]
     else:
         decoder = [Term(f"decoder RMSNorm activations x{layers}", layers * norms, f"2 norms per layer{sharded}"),

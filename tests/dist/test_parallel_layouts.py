@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_utils import run_workers, run_workers_ok, simulated_kernels
+from dist_utils import launch_layouts, run_workers, run_workers_ok, simulated_kernels
 from autoparallel.planning.memory import PlanSetup, Workload, state_memory
 from parallel_cases import (_IMAGES, GLOBAL_MICRO_BATCH, LAYOUTS_2, LAYOUTS_4, LR, MERGER_LR, MODES, SCHEDULED,
                             VIT_LR, micro_batches, tiny_config)
@@ -35,15 +35,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    runs = {}
-    for nproc, layouts in ((2, LAYOUTS_2), (4, LAYOUTS_4)):
-        out = tmp_path_factory.mktemp(f"np{nproc}")
-        # Up to nine layouts back to back: minutes on a shared 2-core machine.
-        run = run_workers_ok(WORKER, nproc, out, ["--layouts", ",".join(name for name, _, _ in layouts)], timeout=1800)
-        for name, kw, mode in layouts:
-            runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()}, "degrees": kw,
-                          "params": dict(np.load(out / f"params.{name}.npz")), "mode": mode}
-    return runs
+    return launch_layouts(WORKER, tmp_path_factory, ((2, LAYOUTS_2), (4, LAYOUTS_4)))
 
 
 # The same layouts on the simulated GPU (network/simulated_gpu.py): every CUDA-only attention branch, through

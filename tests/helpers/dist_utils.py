@@ -105,3 +105,19 @@ def run_workers_ok(script: Path, nproc: int, out_dir: Path, args: list[str] = ()
     assert run.returncode == 0 and len(run.results) == nproc, (
         f"launcher exit {run.returncode}, {len(run.results)} of {nproc} ranks reported\n{run.logs()}")
     return run
+
+
+def launch_layouts(worker: Path, tmp_path_factory, groups) -> dict[str, dict]:
+    """One launch of tests/helpers/parallel_worker.py-style `worker` per (nproc, [(name, degrees kwargs, mode)])
+    group, training its layouts back to back: name -> ranks' results, degrees, mode, rank 0's parameters."""
+    import numpy as np
+
+    runs = {}
+    for nproc, layouts in groups:
+        out = tmp_path_factory.mktemp(f"np{nproc}")
+        # Several layouts back to back: minutes on a shared 2-core machine.
+        run = run_workers_ok(worker, nproc, out, ["--layouts", ",".join(name for name, _, _ in layouts)], timeout=1800)
+        for name, kw, mode in layouts:
+            runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()}, "degrees": kw,
+                          "params": dict(np.load(out / f"params.{name}.npz")), "mode": mode}
+    return runs

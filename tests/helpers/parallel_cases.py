@@ -45,12 +45,21 @@ LAYOUTS_2 = [
 ]
 # Layouts trained on packed rows (autoparallel.data.packing) of the same samples: they must match the
 # single-process reference trained on the samples one per row.
-PACKED = {"dp2_packed", "mp2_packed"}
+PACKED = {"dp2_packed", "mp2_packed", "cp2_packed", "cp2sharding2_packed"}
 PACKED_ROW = 2 * SEQ
 LAYOUTS_4 = [
     ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), "frozen"),
     ("mp4_kv_replicated", dict(tensor_parallel_degree=4), "frozen"),
     ("dp2mp2_vit", dict(data_parallel_degree=2, tensor_parallel_degree=2), "vit"),
+]
+# Context parallel (autoparallel/context_parallel.py), launched by tests/dist/test_context_parallel.py.
+LAYOUTS_CP_2 = [
+    ("cp2", dict(context_parallel_degree=2), "frozen"),
+    ("cp2_packed", dict(context_parallel_degree=2), "frozen"),
+]
+LAYOUTS_CP_4 = [
+    ("cp2dp2", dict(data_parallel_degree=2, context_parallel_degree=2), "frozen"),
+    ("cp2sharding2_packed", dict(sharding_parallel_degree=2, sharding_stage=1, context_parallel_degree=2), "frozen"),
 ]
 # image grids (t, h, w) in patches, per sample of the 4 * ACCUMULATION * STEPS samples (cycled)
 _IMAGES = [[(1, 4, 4)], [], [(1, 4, 4), (1, 4, 8)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [], []]

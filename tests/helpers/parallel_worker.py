@@ -3,7 +3,7 @@
     --layouts dp2,mp2,...   train each (same data as the single-process reference), write result.{rank}.json
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
     --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
-    --reference             single-process reference (launched with nproc 1 for the launcher's thread pinning):
+    --reference [--modes M] single-process reference (all MODES, or the comma-separated M) (launched with nproc 1 for the launcher's thread pinning):
                             result.0.json {mode: losses} + reference.{mode}.npz and initial.npz (initial weights)
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from autoparallel.engine.optim import apply_module_learning_rates
-from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, LAYOUTS_CP_2, LAYOUTS_CP_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
                             mode_training_args, reference_run, step_schedule, tiny_config)
 from placements.qwen2_vl import model_part
 
-LAYOUTS = {name: (kw, mode) for name, kw, mode in LAYOUTS_2 + LAYOUTS_4}
+LAYOUTS = {name: (kw, mode) for name, kw, mode in LAYOUTS_2 + LAYOUTS_4 + LAYOUTS_CP_2 + LAYOUTS_CP_4}
 
 
 def _full(p: paddle.Tensor) -> np.ndarray:
@@ -63,6 +63,15 @@ def run_layout(name: str, out: str) -> dict:
         if id(p) in names:
             probes.setdefault(model_part(names[id(p)]), p)
     dp_rank = mesh_coordinate(mesh, "dp")
+    # Local shapes of the first decoder layer's input and of its q_proj output (after any Ulysses exchange).
+    local_shapes = {}
+
+    def record(key, x) -> None:  # returns None: the hook leaves the activation as it is
+        local_shapes.setdefault(key, list(x._local_value().shape))
+
+    layer0 = model.model.layers[0]
+    hooks = [layer0.register_forward_pre_hook(lambda layer, inputs: record("decoder_input", inputs[0])),
+             layer0.self_attn.q_proj.register_forward_post_hook(lambda layer, inputs, out: record("q", out))]
     start = time.time()
     losses, lrs = [], []
     for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED):
@@ -71,6 +80,8 @@ def run_layout(name: str, out: str) -> dict:
         lrs.append({part: float(inner._create_param_lr((p, None))) for part, p in probes.items()})
         step_schedule(optimizer)
     seconds = time.time() - start
+    for hook in hooks:
+        hook.remove()
 
     params = dict(model.named_parameters())
     report = memory_report(model, optimizer, degrees, trainable=trainable)
@@ -86,6 +97,7 @@ def run_layout(name: str, out: str) -> dict:
     dist.barrier()
     return {
         "losses": losses,
+        "activation_local_shapes": local_shapes,
         "lrs": lrs,
         "seconds": seconds,
         "frozen_identical": all(np.array_equal(_full(params[n]), v) for n, v in frozen_before.items()),
@@ -104,13 +116,14 @@ def main() -> None:
     parser.add_argument("--layouts", default="")
     parser.add_argument("--bad-degrees", default="")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     if args.reference:
         losses = {}
         np.savez(os.path.join(args.out, "initial.npz"),
                  **{n: p.numpy() for n, p in build_model(tiny_config()).named_parameters()})
-        for mode in MODES:
+        for mode in args.modes.split(","):
             ref = reference_run(mode)
             np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
             losses[mode] = ref["losses"]

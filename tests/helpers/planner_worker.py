@@ -43,6 +43,7 @@ DEGREES = {
     "sharding2": dict(sharding_parallel_degree=2, sharding_stage=2),
     "sharding3": dict(sharding_parallel_degree=2, sharding_stage=3),
     "dp2mp2": dict(data_parallel_degree=2, tensor_parallel_degree=2),
+    "cp2": dict(context_parallel_degree=2),
 }
 SUPERVISED_FRACTION = 0.25
 

@@ -42,7 +42,6 @@ def test_compatibility_keys_are_data_and_not_schema_keys():
     ("fp16_opt_level", "O1", "only O2"),
     ("save_strategy", "epoch", "only steps"),
     ("fp16", "true", "fp16: true is not supported"),
-    ("sep_parallel_degree", "2", "sep_parallel_degree=2 is not supported"),
 ])
 def test_keys_with_unsupported_values_are_clear_errors(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -50,9 +49,11 @@ def test_keys_with_unsupported_values_are_clear_errors(key, value, message):
 
 
 def test_keys_that_mean_something_are_honoured():
-    cfg = build(bf16="True", fp16="False", amp_master_grad="1", sep_parallel_degree="1")
+    cfg = build(bf16="True", fp16="False", amp_master_grad="1", sep_parallel_degree="2")
     assert cfg.model.bf16 and not cfg.model.fp16 and cfg.model.amp_master_grad
-    assert cfg.parallel.sep_parallel_degree == 1
+    # #32: PaddleMIX's sep_parallel_degree (and ms-swift's sequence_parallel_size) is context parallel.
+    assert cfg.parallel.context_parallel_degree == 2 and cfg.parallel.degrees().cp == 2
+    assert build(sequence_parallel_size="2").parallel.degrees().world_size == 2
 
 
 def test_sft_with_lora_true_trains_lora_and_lora_keys_are_typed():
