@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -39,18 +41,23 @@ def launched(tmp_path_factory):
 
 
 # The same layouts on the simulated GPU (network/simulated_gpu.py): every CUDA-only attention branch, through
-# reference kernels that check the real kernels' input contracts, in one 2-process launch. (ZeRO-1 runs simulated
-# through the CLI with amp_master_grad: tests/dist/test_paddlemix_scripts.py.)
-SIMULATED = ["dp2", "mp2", "sharding2", "dp2_vit"]
+# reference kernels that check the real kernels' input contracts (packed rows: flashmask on dp-sharded rows; mp4 on
+# 2 KV heads: k/v repeated with ops that keep their placements). ZeRO-1 runs simulated through the CLI with
+# amp_master_grad: tests/dist/test_paddlemix_scripts.py.
+SIMULATED_LAUNCHES = ((2, ["dp2", "mp2", "sharding2", "dp2_vit", "dp2_packed"]), (4, ["mp4_kv_replicated"]))
+SIMULATED = [name for _, names in SIMULATED_LAUNCHES for name in names]
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("simulated")
-    run = run_workers_ok(WORKER, 2, out, ["--layouts", ",".join(SIMULATED)], timeout=1800, simulate_gpu=True)
-    runs = {name: {"ranks": {r: res[name] for r, res in run.results.items()},
-                   "params": dict(np.load(out / f"params.{name}.npz"))} for name in SIMULATED}
-    return runs, simulated_kernels(out)
+    runs, kernels = {}, Counter()
+    for nproc, names in SIMULATED_LAUNCHES:
+        out = tmp_path_factory.mktemp(f"simulated{nproc}")
+        run = run_workers_ok(WORKER, nproc, out, ["--layouts", ",".join(names)], timeout=1800, simulate_gpu=True)
+        runs.update({name: {"ranks": {r: res[name] for r, res in run.results.items()},
+                            "params": dict(np.load(out / f"params.{name}.npz"))} for name in names})
+        kernels += simulated_kernels(out)
+    return runs, kernels
 
 
 ALL = [name for name, _, _ in LAYOUTS_2 + LAYOUTS_4]
@@ -107,10 +114,11 @@ def test_loss_and_params_match_single_process(name, launched, reference):
 @pytest.mark.parametrize("name", SIMULATED)
 def test_simulated_gpu_layout_trains_like_one_process(name, simulated, reference):
     """Flash attention for the decoder, varlen flash for frozen ViT frames, SDPA with a block-diagonal mask for the
-    trainable ViT's padded rows: the same losses and weights as one plain process."""
+    trainable ViT's padded rows, flashmask for packed rows: the same losses and weights as one plain process."""
     runs, kernels = simulated
     assert kernels["flash_attention"] > 0 and kernels["flash_attn_unpadded"] > 0, kernels
     assert kernels["scaled_dot_product_attention"] > 0, kernels  # dp2_vit
+    assert kernels["flashmask_attention"] > 0, kernels  # dp2_packed
     _assert_trains_like_one_process(name, runs[name]["ranks"], runs[name]["params"], reference[LAYOUT_MODES[name]])
 
 
