@@ -7,9 +7,8 @@ on a warmup + cosine schedule, trainable ViT alone. 5 AdamW steps, ClipGradByGlo
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
