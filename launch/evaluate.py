@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc_per_node", type=int, default=1, help="data-parallel processes")
     p.add_argument("--tensor_parallel_degree", type=int, default=1,
                    help="split the model over this many processes (a model one device cannot hold)")
-    p.add_argument("--log_dir", help="data parallel: launcher and worker logs (default: a temp directory)")
+    p.add_argument("--log_dir", help="several processes: launcher and worker logs (default: a temp directory)")
     data = p.add_argument_group("data options (the trainer's keys)")
     for f in dataclasses.fields(DataConfig):
         if f.name not in _NOT_DATA_OPTIONS:
@@ -278,7 +278,7 @@ def _gather(output_dir: str, world: int) -> dict[int, str]:
     return out
 
 
-def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
+def _relaunch(argv: list[str], args: argparse.Namespace, processes: int) -> int:
     from launch.launcher import WorkerLaunch, last_line
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-eval-")).resolve()
@@ -286,7 +286,6 @@ def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
     parts = Path(args.output_dir) / PARTS_DIR
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    processes = _processes(args)
     logger.info("evaluating on %d processes (%s parallel), logs in %s", processes,
                 "tensor" if args.tensor_parallel_degree > 1 else "data", log_dir)
     job = WorkerLaunch(Path(__file__).resolve(), argv, processes, log_dir)
@@ -329,13 +328,14 @@ def eval_main(argv: list[str]) -> int:
             return 0
         if not args.model:
             raise EvalError("give --model (and --meta_path), or --predictions FILE")
-        if min(args.batch_size, args.nproc_per_node, args.tensor_parallel_degree, 1 if args.max_samples is None else args.max_samples) < 1:
+        counts = (args.batch_size, args.nproc_per_node, args.tensor_parallel_degree, args.max_samples)
+        if any(n is not None and n < 1 for n in counts):
             raise EvalError("--batch_size, --nproc_per_node, --tensor_parallel_degree and --max_samples must be >= 1")
         _rank, world = _rank_world()
         processes = _processes(args)
         if "PADDLE_TRAINERS_NUM" not in os.environ and processes > 1:
             _check_parallel_model(args)  # bad model options fail here, before any process starts
-            code = _relaunch(argv, args)
+            code = _relaunch(argv, args, processes)
             if code != 0:
                 return code
             predictions = _gather(args.output_dir, processes // args.tensor_parallel_degree)
