@@ -16,8 +16,8 @@ Data parallel: `--nproc_per_node N` starts N processes with `paddle.distributed.
 of the batches (every N-th) and writes it to the output directory, and this process gathers them in record order.
 Tensor parallel: `--tensor_parallel_degree M` splits the model over M processes as `infer --tensor_parallel_degree`
 does (each rank reads only its own slices: of the weight files, or of a checkpoint-N's rank files through
-`dist.load_state_dict`); the M ranks answer the same batches in lockstep and rank 0 writes them.
-"""
+`dist.load_state_dict`); the M ranks of a group answer the same batches in lockstep and its first rank writes them.
+With `--nproc_per_node N` (a multiple of M) the N / M groups are the data-parallel ranks."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,7 @@ from launch.infer import (InferError, add_sampling_arguments, check_model_args, 
 from network.formats import CheckpointError, FormatError
 from network.generation import CheckpointGenerationDefaults
 from network.log import logger
+from placements.degrees import ParallelDegrees
 
 PARTS_DIR = ".eval-parts"  # in --output_dir: each data-parallel rank's predictions until they are gathered
 # DataConfig fields that are not options here (the meta file is --meta_path; no loader workers run).
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128)
     add_sampling_arguments(p)  # unset: the checkpoint's generation_config.json, else greedy
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--nproc_per_node", type=int, default=1, help="data-parallel processes")
+    p.add_argument("--nproc_per_node", type=int, default=1,
+                   help="processes: data parallel over groups of --tensor_parallel_degree")
     p.add_argument("--tensor_parallel_degree", type=int, default=1,
                    help="split the model over this many processes (a model one device cannot hold)")
     p.add_argument("--log_dir", help="several processes: launcher and worker logs (default: a temp directory)")
@@ -152,9 +154,9 @@ def load_checkpoint_model(ckpt: str, model_dir: str, dtype: str):
     return model
 
 
-def load_checkpoint_model_sharded(ckpt: str, model_dir: str, dtype: str, tensor_parallel_degree: int):
-    """The model of a training `checkpoint-N` split over this launched job's `tensor_parallel_degree` ranks: the
-    lazy model is parallelized first, then `dist.load_state_dict` reads, from the rank files, only the pieces
+def load_checkpoint_model_sharded(ckpt: str, model_dir: str, dtype: str, degrees: ParallelDegrees):
+    """The model of a training `checkpoint-N` split over this launched job's ranks as `degrees` say: the lazy
+    model is parallelized first, then `dist.load_state_dict` reads, from the rank files, only the pieces
     that overlap this rank's slices (resharding from whatever layout training saved)."""
     import paddle.distributed as dist
 
@@ -166,7 +168,6 @@ def load_checkpoint_model_sharded(ckpt: str, model_dir: str, dtype: str, tensor_
     from ckpt_tools.distckpt import DistCheckpoint, resolve_dist_dir
     from network.config import Qwen2VLConfig
     from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
-    from placements.degrees import ParallelDegrees
 
     dist_dir = Path(resolve_dist_dir(ckpt))
     model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
@@ -174,7 +175,6 @@ def load_checkpoint_model_sharded(ckpt: str, model_dir: str, dtype: str, tensor_
         ck.check()
         keys, _ = ck.split_keys()
     _check_model_keys(ckpt, model.state_dict(), keys)
-    degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
     model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
     allocate_for_resume(model)
     check_dist_files(dist_dir)  # safetensors rank files only: Paddle never unpickles tensors here
@@ -194,16 +194,15 @@ def _check_model_keys(ckpt: str, params: dict[str, Any], keys: list[str]) -> Non
                         f"LoRA checkpoint goes as --model BASE --lora {ckpt}")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, degrees: ParallelDegrees):
     from launch.infer import load_model
 
     model_dir, is_checkpoint = _model_dir(args)
-    tp = args.tensor_parallel_degree
     if is_checkpoint:
-        if tp > 1:
-            return load_checkpoint_model_sharded(args.model, model_dir, args.dtype, tp), model_dir
+        if degrees.mp > 1:
+            return load_checkpoint_model_sharded(args.model, model_dir, args.dtype, degrees), model_dir
         return load_checkpoint_model(args.model, model_dir, args.dtype), model_dir
-    return load_model(model_dir, tp, args.dtype, args.lora), model_dir
+    return load_model(model_dir, degrees.mp, args.dtype, args.lora, degrees.dp), model_dir
 
 
 def _dataset(args: argparse.Namespace, model_dir: str):
@@ -226,12 +225,12 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _processes(args: argparse.Namespace) -> int:
-    """Processes of the job: the data-parallel ones, or the tensor-parallel group (dp x mp is not offered)."""
-    tp = args.tensor_parallel_degree
-    if tp > 1 and args.nproc_per_node not in (1, tp):
-        raise EvalError(f"--nproc_per_node {args.nproc_per_node} with --tensor_parallel_degree {tp}: data x tensor "
-                        "parallel eval is not supported yet; use one of them")
-    return max(args.nproc_per_node, tp)
+    """Processes of the job: --nproc_per_node (at least one tensor-parallel group), in groups of
+    --tensor_parallel_degree; each group is one data-parallel rank."""
+    tp, nproc = args.tensor_parallel_degree, args.nproc_per_node
+    if nproc > 1 and nproc % tp:
+        raise EvalError(f"--nproc_per_node {nproc} is not a multiple of --tensor_parallel_degree {tp}")
+    return max(nproc, tp)
 
 
 def _generate(args: argparse.Namespace) -> dict[int, str] | None:
@@ -244,7 +243,7 @@ def _generate(args: argparse.Namespace) -> dict[int, str] | None:
         import paddle.distributed as dist
 
         dist.init_parallel_env()
-    model, model_dir = _load(args)
+    model, model_dir = _load(args, ParallelDegrees(world // tp, tp))
     dataset = _dataset(args, model_dir)
     try:
         defaults = CheckpointGenerationDefaults.read(model_dir)

@@ -87,21 +87,24 @@ def test_data_parallel_two_processes_equals_one(trained, tmp_path):
     assert (tmp_path / "logs" / "workerlog.1").is_file()
 
 
-def test_tensor_parallel_checkpoint_n_equals_one_process_and_each_rank_holds_its_slices(trained, tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4], ids=["mp2", "dp2xmp2"])
+def test_tensor_parallel_checkpoint_n_equals_one_process_and_each_rank_holds_its_slices(trained, tmp_path, nproc):
     """Issue #31 points 2-3: `eval --tensor_parallel_degree 2` of a checkpoint-N (saved by a 1-process run, so
-    loading reshards it) gives one process's predictions and metrics; each rank holds less than the whole model
-    (the lazy model is split before `dist.load_state_dict` fills only this rank's pieces)."""
+    loading reshards it) gives one process's predictions and metrics, alone (mp2) and as 2 data-parallel groups
+    (dp2 x mp2); each rank holds less than the whole model (the lazy model is split before `dist.load_state_dict`
+    fills only this rank's pieces)."""
     root, ckpt = trained
-    args = ["--model", str(ckpt), "--meta_path", eval_meta_path(str(root / "data")), *EVAL]
+    args = ["--model", str(ckpt), "--meta_path", eval_meta_path(str(root / "data")), *EVAL, "--batch_size", "2"]
     assert eval_main([*args, "--output_dir", str(tmp_path / "one")]) == 0
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "eval", *args, "--output_dir", str(tmp_path / "mp2"),
-                           "--tensor_parallel_degree", "2", "--log_dir", str(tmp_path / "logs")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--tensor_parallel_degree", "2", "--nproc_per_node", str(nproc),
+                           "--log_dir", str(tmp_path / "logs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _rows(tmp_path / "mp2") == _rows(tmp_path / "one")
     assert json.loads((tmp_path / "mp2" / "metrics.json").read_text()) == \
         json.loads((tmp_path / "one" / "metrics.json").read_text())
-    for rank in (0, 1):
+    for rank in range(nproc):
         log = (tmp_path / "logs" / f"workerlog.{rank}").read_text()
         held, total = map(int, re.search(rf"rank {rank} holds (\d+) of the model's (\d+) bytes", log).groups())
         assert held < total, (rank, held, total)

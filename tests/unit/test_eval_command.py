@@ -32,15 +32,15 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(tmp_path):
 
 
 def test_tensor_parallel_options_fail_in_the_parent_with_one_line(tmp_path, capsys):
-    """dp x mp is refused by name; a degree that does not divide the model's heads is refused before launching."""
+    """Processes that do not split into tensor-parallel groups, and a degree that does not divide the model's
+    heads, are refused before launching."""
     save_tiny_model(tmp_path / "model")
     capsys.readouterr()  # the tokenizer's save messages
     args = ["--model", str(tmp_path / "model"), "--meta_path", str(tmp_path / "meta.json"),
             "--output_dir", str(tmp_path / "out")]
-    assert eval_main([*args, "--nproc_per_node", "4", "--tensor_parallel_degree", "2"]) == 2
+    assert eval_main([*args, "--nproc_per_node", "3", "--tensor_parallel_degree", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("qwen2vl-ap eval: error: --nproc_per_node 4 with --tensor_parallel_degree 2: data x tensor "
-                   "parallel eval is not supported yet; use one of them")
+    assert err == "qwen2vl-ap eval: error: --nproc_per_node 3 is not a multiple of --tensor_parallel_degree 2"
     assert eval_main([*args, "--tensor_parallel_degree", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qwen2vl-ap eval: error: ") and "3" in err[0], err
