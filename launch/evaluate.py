@@ -285,8 +285,9 @@ def _relaunch(argv: list[str], args: argparse.Namespace, processes: int) -> int:
     parts = Path(args.output_dir) / PARTS_DIR
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    logger.info("evaluating on %d processes (%s parallel), logs in %s", processes,
-                "tensor" if args.tensor_parallel_degree > 1 else "data", log_dir)
+    tp = args.tensor_parallel_degree
+    logger.info("evaluating on %d processes (data parallel %d x tensor parallel %d), logs in %s", processes,
+                processes // tp, tp, log_dir)
     job = WorkerLaunch(Path(__file__).resolve(), argv, processes, log_dir)
     shown = [""]
 
