@@ -1,7 +1,8 @@
 """`qwen2vl-ap demo`: the whole user journey on the embedded tiny default, on CPU.
 
-train (2 processes, auto-parallel) → merge the distributed checkpoint → answer held-out questions with the
-merged model, and compare accuracy with the untrained model (same seed, same initial weights).
+train (2 processes, auto-parallel; preset `tiny_demo`: held-out exact match evaluated at every eval step, `best`
+kept on the best checkpoint) → merge the best checkpoint → answer held-out questions with the merged model, and
+compare accuracy with the untrained model (same seed, same initial weights).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from network.log import logger
 
 EVAL_QUESTIONS = 96
+PRESET = "tiny_demo"  # a --config on the command line replaces it
 
 
 def _accuracy(model_dir: str | None, config_name: str, synthetic_dir: str, seed: int) -> float:
@@ -45,15 +47,27 @@ def _accuracy(model_dir: str | None, config_name: str, synthetic_dir: str, seed:
     return accuracy
 
 
+def _in_training_evaluation(records: list[dict], cfg: dict, merged_name: str) -> str | None:
+    """The console line for the in-training generation metric: first evaluation -> best (the merged checkpoint)."""
+    key = "eval_" + str(cfg.get("metric_for_best_model", "")).removeprefix("eval_")
+    evals = [(r["step"], r[key]) for r in records if key in r]
+    if not evals or key == "eval_loss":
+        return None
+    best_step, best = max(evals, key=lambda e: e[1])  # the first of equal values, as the trainer's `best`
+    first_step, first = evals[0]
+    return (f"held-out {key.removeprefix('eval_')} during training ({cfg.get('eval_max_samples')} questions): "
+            f"{first:.1%} at step {first_step} -> best {best:.1%} at step {best_step} ({merged_name})")
+
+
 def demo_main(argv: list[str]) -> int:
     from autoparallel.config import RUN_CONFIG_FILE
-    from autoparallel.engine.checkpoint import list_checkpoints
+    from autoparallel.engine.checkpoint import BEST_LINK, list_checkpoints
     from autoparallel.engine.metrics import read_metrics
     from ckpt_tools.merge import merge_dist_checkpoint
     from launch.config import read_yaml
     from launch.train import launch_training
 
-    code, output_dir = launch_training("sft", argv)
+    code, output_dir = launch_training("sft", ["--config", PRESET, *argv])
     if code != 0:
         return code
     out = Path(output_dir)
@@ -63,6 +77,8 @@ def demo_main(argv: list[str]) -> int:
         logger.error("no checkpoint was written to %s", out)
         return 1
     step, checkpoint = checkpoints[-1]
+    if (out / BEST_LINK).is_dir():  # metric_for_best_model's pick (the preset evaluates held-out exact match)
+        checkpoint = (out / BEST_LINK).resolve()
     merged = out / "merged"
     if merged.exists():
         import shutil
@@ -75,6 +91,9 @@ def demo_main(argv: list[str]) -> int:
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     lines = [f"trained {step} steps on {cfg.get('data_parallel_degree', 1)} processes: "
              f"loss {train[0]:.3f} -> {train[-1]:.3f}" + (f", eval loss {evals[-1]:.3f}" if evals else "")]
+    generation = _in_training_evaluation(records, cfg, checkpoint.name)
+    if generation:
+        lines.append(generation)
     lines.append(f"merged {checkpoint.name} -> {merged} ({summary['tensors']} tensors, "
                  f"{summary['bytes'] / 2**20:.0f} MiB, {summary['seconds']:.1f} s)")
     if cfg.get("synthetic_data_dir") and cfg.get("model_name_or_path") == "tiny":

@@ -14,8 +14,10 @@ the meta file names several datasets). `--predictions FILE` scores an existing f
 
 Data parallel: `--nproc_per_node N` starts N processes with `paddle.distributed.launch`; each generates its share
 of the batches (every N-th) and writes it to the output directory, and this process gathers them in record order.
-Tensor parallelism is not offered here yet (use `infer --tensor_parallel_degree` for a model one device cannot hold).
-"""
+Tensor parallel: `--tensor_parallel_degree M` splits the model over M processes as `infer --tensor_parallel_degree`
+does (each rank reads only its own slices: of the weight files, or of a checkpoint-N's rank files through
+`dist.load_state_dict`); the M ranks of a group answer the same batches in lockstep and its first rank writes them.
+With `--nproc_per_node N` (a multiple of M) the N / M groups are the data-parallel ranks."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +39,7 @@ from launch.infer import (InferError, add_sampling_arguments, check_model_args, 
 from network.formats import CheckpointError, FormatError
 from network.generation import CheckpointGenerationDefaults
 from network.log import logger
+from placements.degrees import ParallelDegrees
 
 PARTS_DIR = ".eval-parts"  # in --output_dir: each data-parallel rank's predictions until they are gathered
 # DataConfig fields that are not options here (the meta file is --meta_path; no loader workers run).
@@ -62,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128)
     add_sampling_arguments(p)  # unset: the checkpoint's generation_config.json, else greedy
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--nproc_per_node", type=int, default=1, help="data-parallel processes")
-    p.add_argument("--log_dir", help="data parallel: launcher and worker logs (default: a temp directory)")
+    p.add_argument("--nproc_per_node", type=int, default=1,
+                   help="processes: data parallel over groups of --tensor_parallel_degree")
+    p.add_argument("--tensor_parallel_degree", type=int, default=1,
+                   help="split the model over this many processes (a model one device cannot hold)")
+    p.add_argument("--log_dir", help="several processes: launcher and worker logs (default: a temp directory)")
     data = p.add_argument_group("data options (the trainer's keys)")
     for f in dataclasses.fields(DataConfig):
         if f.name not in _NOT_DATA_OPTIONS:
@@ -118,6 +124,16 @@ def _model_dir(args: argparse.Namespace) -> tuple[str, bool]:
         raise EvalError(str(e)) from None
 
 
+def _check_parallel_model(args: argparse.Namespace) -> None:
+    """Model options, and whether the model splits over --tensor_parallel_degree, checked in the parent."""
+    model_dir, _ = _model_dir(args)
+    if args.tensor_parallel_degree > 1:
+        try:
+            check_model_args(model_dir, args.tensor_parallel_degree, None, args.dtype)
+        except InferError as e:
+            raise EvalError(str(e)) from None
+
+
 def load_checkpoint_model(ckpt: str, model_dir: str, dtype: str):
     """The model of a training `checkpoint-N`, read tensor by tensor from its rank files (no merged copy)."""
     from ckpt_tools.distckpt import DistCheckpoint
@@ -130,10 +146,7 @@ def load_checkpoint_model(ckpt: str, model_dir: str, dtype: str):
     with DistCheckpoint(ckpt) as ck:
         ck.check()
         keys, _ = ck.split_keys()
-        missing = sorted(set(params) - set(keys))
-        if missing:
-            raise EvalError(f"{ckpt}: {len(missing)} model weights are not in the checkpoint (e.g. {missing[0]}); a "
-                            f"LoRA checkpoint goes as --model BASE --lora {ckpt}")
+        _check_model_keys(ckpt, params, keys)
         for key in keys:
             if key in params:
                 assign(params[key], to_paddle(ck.read(key), params[key].dtype))
@@ -141,13 +154,55 @@ def load_checkpoint_model(ckpt: str, model_dir: str, dtype: str):
     return model
 
 
-def _load(args: argparse.Namespace):
+def load_checkpoint_model_sharded(ckpt: str, model_dir: str, dtype: str, degrees: ParallelDegrees):
+    """The model of a training `checkpoint-N` split over this launched job's ranks as `degrees` say: the lazy
+    model is parallelized first, then `dist.load_state_dict` reads, from the rank files, only the pieces
+    that overlap this rank's slices (resharding from whatever layout training saved)."""
+    import paddle.distributed as dist
+
+    from autoparallel.engine.checkpoint import check_dist_files
+    from autoparallel.engine.evaluation import TensorParallelModel
+    from autoparallel.mesh import build_mesh
+    from autoparallel.parallelize import parallelize
+    from autoparallel.sharded_load import allocate_for_resume
+    from ckpt_tools.distckpt import DistCheckpoint, resolve_dist_dir
+    from network.config import Qwen2VLConfig
+    from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+
+    dist_dir = Path(resolve_dist_dir(ckpt))
+    model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
+    with DistCheckpoint(str(dist_dir)) as ck:
+        ck.check()
+        keys, _ = ck.split_keys()
+    _check_model_keys(ckpt, model.state_dict(), keys)
+    model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
+    allocate_for_resume(model)
+    check_dist_files(dist_dir)  # safetensors rank files only: Paddle never unpickles tensors here
+    state = model.state_dict()
+    dist.load_state_dict(state, str(dist_dir), safetensors=True)
+    held = sum(int(t._local_value().numel() if t.is_dist() else t.numel()) * t.element_size() for t in state.values())
+    total = sum(int(t.numel()) * t.element_size() for t in state.values())
+    logger.info("rank %d holds %d of the model's %d bytes (%s)", dist.get_rank(), held, total, dist_dir)
+    model.eval()
+    return TensorParallelModel(model)
+
+
+def _check_model_keys(ckpt: str, params: dict[str, Any], keys: list[str]) -> None:
+    missing = sorted(set(params) - set(keys))
+    if missing:
+        raise EvalError(f"{ckpt}: {len(missing)} model weights are not in the checkpoint (e.g. {missing[0]}); a "
+                        f"LoRA checkpoint goes as --model BASE --lora {ckpt}")
+
+
+def _load(args: argparse.Namespace, degrees: ParallelDegrees):
     from launch.infer import load_model
 
     model_dir, is_checkpoint = _model_dir(args)
     if is_checkpoint:
+        if degrees.mp > 1:
+            return load_checkpoint_model_sharded(args.model, model_dir, args.dtype, degrees), model_dir
         return load_checkpoint_model(args.model, model_dir, args.dtype), model_dir
-    return load_model(model_dir, 1, args.dtype, args.lora), model_dir
+    return load_model(model_dir, degrees.mp, args.dtype, args.lora, degrees.dp), model_dir
 
 
 def _dataset(args: argparse.Namespace, model_dir: str):
@@ -169,25 +224,47 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("PADDLE_TRAINER_ID", 0)), int(os.environ.get("PADDLE_TRAINERS_NUM", 1))
 
 
+def _processes(args: argparse.Namespace) -> int:
+    """Processes of the job: --nproc_per_node (at least one tensor-parallel group), in groups of
+    --tensor_parallel_degree; each group is one data-parallel rank."""
+    tp, nproc = args.tensor_parallel_degree, args.nproc_per_node
+    if nproc > 1 and nproc % tp:
+        raise EvalError(f"--nproc_per_node {nproc} is not a multiple of --tensor_parallel_degree {tp}")
+    return max(nproc, tp)
+
+
 def _generate(args: argparse.Namespace) -> dict[int, str] | None:
     """This rank's predictions; on a launched rank they are written to PARTS_DIR instead (None returned)."""
     from autoparallel.data.records import DataError
 
     rank, world = _rank_world()
-    model, model_dir = _load(args)
+    tp = args.tensor_parallel_degree
+    if tp > 1:
+        import paddle.distributed as dist
+
+        dist.init_parallel_env()
+    model, model_dir = _load(args, ParallelDegrees(world // tp, tp))
     dataset = _dataset(args, model_dir)
     try:
         defaults = CheckpointGenerationDefaults.read(model_dir)
         config = generation_config_from_args(args, defaults)
         config = dataclasses.replace(config, stop_token_ids=checkpoint_stop_ids(dataset.processor, model, model_dir))
         records = eval_records(dataset, args.max_samples)
-        predictions = predict(model, dataset, records, config, args.batch_size, rank, world, progress=rank == 0)
+        # the tensor-parallel ranks form one data-parallel rank: they answer the same batches in lockstep
+        predictions = predict(model, dataset, records, config, args.batch_size, rank // tp, world // tp,
+                              progress=rank == 0)
     except (InferError, DataError, ValueError) as e:
         raise EvalError(str(e)) from None
+    finally:
+        if tp > 1:
+            import paddle.distributed as dist
+
+            dist.barrier()  # ranks that exit early can kill peers still in gloo
     if world == 1:
         return predictions
-    parts = Path(args.output_dir) / PARTS_DIR
-    (parts / f"rank{rank}.json").write_text(json.dumps({str(k): v for k, v in predictions.items()}))
+    if rank % tp == 0:
+        parts = Path(args.output_dir) / PARTS_DIR
+        (parts / f"rank{rank // tp}.json").write_text(json.dumps({str(k): v for k, v in predictions.items()}))
     return None
 
 
@@ -200,7 +277,7 @@ def _gather(output_dir: str, world: int) -> dict[int, str]:
     return out
 
 
-def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
+def _relaunch(argv: list[str], args: argparse.Namespace, processes: int) -> int:
     from launch.launcher import WorkerLaunch, last_line
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="qwen2vl-ap-eval-")).resolve()
@@ -208,8 +285,10 @@ def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
     parts = Path(args.output_dir) / PARTS_DIR
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    logger.info("evaluating on %d data-parallel processes, logs in %s", args.nproc_per_node, log_dir)
-    job = WorkerLaunch(Path(__file__).resolve(), argv, args.nproc_per_node, log_dir)
+    tp = args.tensor_parallel_degree
+    logger.info("evaluating on %d processes (data parallel %d x tensor parallel %d), logs in %s", processes,
+                processes // tp, tp, log_dir)
+    job = WorkerLaunch(Path(__file__).resolve(), argv, processes, log_dir)
     shown = [""]
 
     def progress() -> None:  # rank 0's progress bar, relayed
@@ -249,18 +328,20 @@ def eval_main(argv: list[str]) -> int:
             return 0
         if not args.model:
             raise EvalError("give --model (and --meta_path), or --predictions FILE")
-        if args.batch_size < 1 or args.nproc_per_node < 1 or (args.max_samples is not None and args.max_samples < 1):
-            raise EvalError("--batch_size, --nproc_per_node and --max_samples must be >= 1")
+        counts = (args.batch_size, args.nproc_per_node, args.tensor_parallel_degree, args.max_samples)
+        if any(n is not None and n < 1 for n in counts):
+            raise EvalError("--batch_size, --nproc_per_node, --tensor_parallel_degree and --max_samples must be >= 1")
         _rank, world = _rank_world()
-        if "PADDLE_TRAINERS_NUM" not in os.environ and args.nproc_per_node > 1:
-            _model_dir(args)  # bad model options fail here, before any process starts
-            code = _relaunch(argv, args)
+        processes = _processes(args)
+        if "PADDLE_TRAINERS_NUM" not in os.environ and processes > 1:
+            _check_parallel_model(args)  # bad model options fail here, before any process starts
+            code = _relaunch(argv, args, processes)
             if code != 0:
                 return code
-            predictions = _gather(args.output_dir, args.nproc_per_node)
+            predictions = _gather(args.output_dir, processes // args.tensor_parallel_degree)
         else:
-            if world != args.nproc_per_node:
-                raise EvalError(f"launched with {world} processes but --nproc_per_node {args.nproc_per_node}")
+            if world != processes:
+                raise EvalError(f"launched with {world} processes but the options need {processes}")
             predictions = _generate(args)
             if predictions is None:  # a launched rank: the parent gathers
                 return 0

@@ -125,9 +125,11 @@ class TextStreamer:
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
-def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32", lora_dir: str | None = None):
+def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "float32", lora_dir: str | None = None,
+               data_parallel_degree: int = 1):
     """The model for `generate` in `dtype`: plain, or (inside a launched job) split over `tensor_parallel_degree`
-    ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first).
+    ranks, each reading only its own slices of the weight files (the plan is applied to the lazy model first);
+    `data_parallel_degree` such groups (`eval`: each group answers its own batches).
     `lora_dir`: an unmerged adapter (paddlenlp format), folded into the full weights before any split, so with an
     adapter every rank reads the whole model once."""
     model = None
@@ -153,7 +155,7 @@ def load_model(model_dir: str, tensor_parallel_degree: int = 1, dtype: str = "fl
     lazy = model is None
     if lazy:
         model = Qwen2VLForConditionalGeneration.lazy(Qwen2VLConfig.from_pretrained(model_dir), dtype)
-    degrees = ParallelDegrees(tensor_parallel_degree=tensor_parallel_degree)
+    degrees = ParallelDegrees(data_parallel_degree, tensor_parallel_degree)
     model, _ = parallelize(model, None, build_mesh(degrees, model.config), degrees)
     if lazy:
         load_sharded(model, model_dir)

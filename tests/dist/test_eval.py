@@ -1,9 +1,11 @@
-"""Issue #31 `qwen2vl-ap eval` end to end on a trained tiny checkpoint (one 1-process training launch, one
-2-process eval launch): checkpoint-N read directly equals its merge-ckpt output, greedy predictions equal
-`infer`'s for the same prompts, data parallel over 2 processes equals one process."""
+"""Issue #31 `qwen2vl-ap eval` end to end on a trained tiny checkpoint (one 1-process training launch, two
+2-process eval launches): checkpoint-N read directly equals its merge-ckpt output, greedy predictions equal
+`infer`'s for the same prompts, data parallel over 2 processes equals one process, and so does tensor parallel
+over 2 processes reading only its slices of the checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +85,29 @@ def test_data_parallel_two_processes_equals_one(trained, tmp_path):
     assert not (tmp_path / "dp2" / ".eval-parts").exists()
     # each rank generated its share: rank 1's log shows its progress, not all 6 samples
     assert (tmp_path / "logs" / "workerlog.1").is_file()
+
+
+@pytest.mark.parametrize("nproc", [2, 4], ids=["mp2", "dp2xmp2"])
+def test_tensor_parallel_checkpoint_n_equals_one_process_and_each_rank_holds_its_slices(trained, tmp_path, nproc):
+    """Issue #31 points 2-3: `eval --tensor_parallel_degree 2` of a checkpoint-N (saved by a 1-process run, so
+    loading reshards it) gives one process's predictions and metrics, alone (mp2) and as 2 data-parallel groups
+    (dp2 x mp2); each rank holds less than the whole model (the lazy model is split before `dist.load_state_dict`
+    fills only this rank's pieces)."""
+    root, ckpt = trained
+    args = ["--model", str(ckpt), "--meta_path", eval_meta_path(str(root / "data")), *EVAL, "--batch_size", "2"]
+    assert eval_main([*args, "--output_dir", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "eval", *args, "--output_dir", str(tmp_path / "mp2"),
+                           "--tensor_parallel_degree", "2", "--nproc_per_node", str(nproc),
+                           "--log_dir", str(tmp_path / "logs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _rows(tmp_path / "mp2") == _rows(tmp_path / "one")
+    assert json.loads((tmp_path / "mp2" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "one" / "metrics.json").read_text())
+    for rank in range(nproc):
+        log = (tmp_path / "logs" / f"workerlog.{rank}").read_text()
+        held, total = map(int, re.search(rf"rank {rank} holds (\d+) of the model's (\d+) bytes", log).groups())
+        assert held < total, (rank, held, total)
 
 
 def test_training_eval_keeps_best_and_stops_early_and_resumes_its_state(tmp_path):
