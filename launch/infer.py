@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import numpy as np
-import paddle
 
 from autoparallel.engine.evaluation import TensorParallelModel, stop_token_ids
 from launch.launcher import WorkerLaunch

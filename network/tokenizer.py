@@ -79,7 +79,7 @@ def load_tokenizer(path: str | None = None):
     return tokenizer
 
 
-def plain_text_encoder(tokenizer) -> "tokenizers.Tokenizer":
+def plain_text_encoder(tokenizer):
     """A copy of the fast tokenizer's backend that tokenises special-token strings as ordinary text (so
     `<|im_end|>` typed in a message is text, not a control token); elsewhere its ids equal the tokenizer's."""
     from tokenizers import Tokenizer
