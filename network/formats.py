@@ -200,8 +200,13 @@ class _IndexingUnpickler(pickle._Unpickler):  # the Python implementation: its o
 
     def _skip_payload(self, length: int) -> None:
         frame = self._unframer.current_frame
-        if frame is not None and frame.tell() < len(frame.getbuffer()):
-            offset = self._frame_start + frame.tell()  # small payload inside the current frame
+        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
+        # a small payload sits inside the current frame; large payloads follow their frame, unframed
+        offset = self._frame_start + frame.tell() if in_frame else self._f.tell()
+        if offset + length > self._size:
+            raise FormatError(f"truncated: a {length}-byte tensor payload at byte {offset} ends beyond the "
+                              f"file size {self._size}")
+        if in_frame:
             # CPython's C unpickler treats frames as read-ahead hints and reads a payload across a frame's end;
             # seeking only to the frame's end would parse the payload's tail as opcodes (a file that indexes as
             # one thing and unpickles as another), so a payload must end inside its frame.
@@ -210,12 +215,8 @@ class _IndexingUnpickler(pickle._Unpickler):  # the Python implementation: its o
                                   f"frame (crafted or corrupt)")
             frame.seek(length, io.SEEK_CUR)
         else:
-            self._unframer.current_frame = None  # large payloads follow their frame, unframed
-            offset = self._f.tell()
+            self._unframer.current_frame = None
             self._f.seek(length, io.SEEK_CUR)
-        if offset + length > self._size:
-            raise FormatError(f"truncated: a {length}-byte tensor payload at byte {offset} ends beyond the "
-                              f"file size {self._size}")
         self.append(_Payload(offset, length))
 
     def trailing_bytes(self) -> int:
