@@ -447,7 +447,7 @@ class Trainer:
         peak_gib = peak_rss_bytes() / 2**30
         with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
             f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
-            if on_gpu():
+            if on_gpu() and paddle.is_compiled_with_cuda():  # a simulated GPU has no device allocator
                 device_gib = paddle.device.cuda.max_memory_allocated() / 2**30
                 f.write(f"peak device memory allocated after {self.step} steps: {device_gib:.3f} GiB\n")
         logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
