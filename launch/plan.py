@@ -64,8 +64,10 @@ def plan_main(argv: list[str]) -> int:
     if options.device not in ("gpu", "cpu") or not 0 < options.supervised_fraction <= 1:
         raise ConfigError("plan options: --device gpu|cpu, --supervised_fraction in (0, 1]")
     cfg = load(config, overrides)
+    # A path given on the command line must exist (the plan would describe data that is not there); a preset's
+    # own paths (PaddleMIX's meta files) are planned from their shapes alone, as the plan reads no data.
     for key, path in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
-        if path is not None and not os.path.isfile(path):  # the plan would describe data that is not there
+        if key in overrides and path is not None and not os.path.isfile(path):
             raise ConfigError(f"{key}={path!r}: file not found")
     planned = plan_run(cfg, options)
     collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
