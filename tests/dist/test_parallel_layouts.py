@@ -96,7 +96,7 @@ def _assert_trains_like_one_process(name: str, ranks: dict, params: dict, ref: d
             bound = 3e-5
         if key.endswith("k_proj.bias"):
             bound = 1e-2
-        elif key.endswith("q_proj.bias"):
+        elif key.endswith(("q_proj.bias", "v_proj.bias")):  # v_proj.bias: 1.3e-5 once loss chunks follow local shapes
             bound = 1e-4
         assert err < bound, f"{name} {key}: relative error {err:.2e}"
     trained_parts = {model_part(k) for k in params}
