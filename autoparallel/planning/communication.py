@@ -171,7 +171,9 @@ def group_size(collective: Collective, setup: PlanSetup) -> int:
     d = setup.degrees
     if collective.group == "pp":
         return d.dp * d.mp * setup.pp if collective.op == "all_reduce" else 2
-    return {"mp": d.mp, "cp": d.cp}.get(collective.group, d.dp)
+    if collective.group == "cp":
+        return d.cp
+    return d.mp if collective.group == "mp" else d.dp
 
 
 def wire_bytes_sent(collective: Collective, setup: PlanSetup) -> int:

@@ -245,6 +245,7 @@ def test_n12_gpu_memory_report_has_device_peak(tmp_path, monkeypatch):
     from autoparallel.engine import trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "on_gpu", lambda: True)
+    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
     monkeypatch.setattr(paddle.device.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
     t = object.__new__(trainer_mod.Trainer)
     t.rank, t.step, t.output_dir = 0, 5, tmp_path
