@@ -52,6 +52,11 @@ def _optimizer_states(optimizer) -> dict[str, list["paddle.Tensor"]]:
     return by_name
 
 
+def _ideal_grad_shape(lay, degrees: ParallelDegrees) -> tuple[int, ...]:
+    """ZeRO-1 holds gradients on the optimizer's shard: the train step reduce-scatters them there (N11)."""
+    return lay.state_local_shape if degrees.sharding_stage == 1 else lay.grad_local_shape
+
+
 def memory_report(model: "paddle.nn.Layer", optimizer, degrees: ParallelDegrees, *,
                   trainable: Trainable = FROZEN_VISION) -> dict:
     """{"params": {name: {"param"|"grad"|"optimizer": bytes, "ideal_param"|...: bytes}}, "total": {...}}."""
@@ -69,7 +74,7 @@ def memory_report(model: "paddle.nn.Layer", optimizer, degrees: ParallelDegrees,
             "grad": _local_bytes(p.grad),
             "optimizer": sum(_local_bytes(t) for t in states.get(p.name, [])),
             "ideal_param": _numel(lay.local_shape) * size,
-            "ideal_grad": 0 if lay.grad_local_shape is None else _numel(lay.grad_local_shape) * size,
+            "ideal_grad": 0 if lay.grad_local_shape is None else _numel(_ideal_grad_shape(lay, degrees)) * size,
             "ideal_optimizer": ideal_opt,
         }
         params[name] = row

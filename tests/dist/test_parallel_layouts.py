@@ -170,8 +170,10 @@ def test_frozen_parameters_untouched_and_stateless(name, launched):
 
 
 # Measured Paddle 3.3.1 behaviour: the embedding's weight gradient arrives already all-reduced (Replicate), and
-# ShardingStage2's grad hook only shards Partial gradients, so stage 2 keeps that one gradient whole.
-KNOWN_FULL_GRADS = {("sharding2", "model.embed_tokens.weight"), ("sharding2_vit", "model.embed_tokens.weight")}
+# ShardingStage2's grad hook (stage 1: the train step's reduce-scatter, N11) only shards Partial gradients, so
+# stages 1 and 2 keep that one gradient whole.
+KNOWN_FULL_GRADS = {("sharding1", "model.embed_tokens.weight"), ("sharding2", "model.embed_tokens.weight"),
+                    ("sharding2_vit", "model.embed_tokens.weight")}
 
 
 @pytest.mark.parametrize("name", ALL)

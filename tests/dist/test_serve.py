@@ -302,7 +302,7 @@ def test_simulated_gpu_tensor_parallel_server_answers_like_the_plain_server(setu
     root = setup[0]
     tp = Server(root / "tiny", root / "serve_sim.log", "--tensor_parallel_degree", "2", "--log_dir",
                 str(root / "tp_logs_sim"), "--max_tokens", str(MAX_TOKENS), "--dtype", "bfloat16",
-                "--batch_wait_ms", "200", env={SIMULATE_GPU_ENV: "1"})
+                "--batch_wait_ms", "200", "--media_dir", str(root), env={SIMULATE_GPU_ENV: "1"})
     try:
         alone = _ask(tp, contents[0]).choices[0].message.content
         batches = tp.health()["batches"]
