@@ -119,7 +119,7 @@ def _model_dir(args: argparse.Namespace) -> tuple[str, bool]:
             raise EvalError(f"{model_dir} has no config.json: not a training checkpoint")
         return model_dir, True
     try:
-        return check_model_args(args.model, 1, args.lora, args.dtype), False
+        return check_model_args(args.model, 1, args.lora, args.dtype, processes=_processes(args)), False
     except InferError as e:
         raise EvalError(str(e)) from None
 
@@ -129,7 +129,7 @@ def _check_parallel_model(args: argparse.Namespace) -> None:
     model_dir, _ = _model_dir(args)
     if args.tensor_parallel_degree > 1:
         try:
-            check_model_args(model_dir, args.tensor_parallel_degree, None, args.dtype)
+            check_model_args(model_dir, args.tensor_parallel_degree, None, args.dtype, processes=_processes(args))
         except InferError as e:
             raise EvalError(str(e)) from None
 

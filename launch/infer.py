@@ -239,9 +239,10 @@ def _requests(args: argparse.Namespace) -> list[Request]:
 
 
 def check_model_args(model: str, tensor_parallel_degree: int, lora_dir: str | None = None,
-                     dtype: str = "float32") -> str:
+                     dtype: str = "float32", processes: int | None = None) -> str:
     """The model directory `model` names (a directory, or a Hub id through the Hub cache); problems with the
-    model options as one `InferError`, before any process starts or weight loads."""
+    model options as one `InferError`, before any process starts or weight loads. `processes`: how many the
+    command runs on (default `tensor_parallel_degree`; `eval` adds data-parallel ones)."""
     try:
         model_dir = resolve_model_dir(model)
     except ModelNotFoundError as exc:
@@ -258,7 +259,7 @@ def check_model_args(model: str, tensor_parallel_degree: int, lora_dir: str | No
         raise InferError("--tensor_parallel_degree must be >= 1")
     # The parent of a tensor-parallel run only starts the ranks, which run this check themselves: reading the
     # device here would create a CUDA context on GPU 0 beside rank 0's.
-    if dtype == "bfloat16" and not relaunch_needed(tensor_parallel_degree) and not bf16_supported():
+    if dtype == "bfloat16" and not is_launcher_parent(processes or tensor_parallel_degree) and not bf16_supported():
         raise InferError("--dtype bfloat16 needs a GPU with bf16 kernels (compute capability >= 8.0); "
                          "this device has none: use --dtype float32")
     if tensor_parallel_degree > 1:
@@ -306,6 +307,11 @@ def _relaunch(argv: list[str], args: argparse.Namespace) -> int:
         print(f"qwen2vl-ap infer: tensor-parallel workers failed (exit code {code}); "
               f"see {log_dir}/workerlog.*", file=sys.stderr)
     return code
+
+
+def is_launcher_parent(processes: int) -> bool:
+    """True in the process that starts the ranks of a `processes`-process command (it runs no model)."""
+    return processes > 1 and "PADDLE_TRAINERS_NUM" not in os.environ
 
 
 def relaunch_needed(tensor_parallel_degree: int) -> bool:

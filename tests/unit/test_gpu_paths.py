@@ -637,10 +637,12 @@ def test_fp32_prefill_on_gpu_goes_to_sdpa_not_the_math_path(monkeypatch):
 
 
 @pytest.mark.parametrize("launched", [False, True])
-def test_tensor_parallel_parent_does_not_read_the_device(monkeypatch, tmp_path, launched):
-    """Smaller finding (c): the parent of a tensor-parallel `infer`/`serve` (both use `check_model_args`) does not
-    read the device (on a GPU build that creates a CUDA context on GPU 0 beside rank 0's); the ranks check
-    `--dtype bfloat16` themselves, and refuse it on a device without bf16."""
+@pytest.mark.parametrize("tp, processes", [(2, None), (1, 2)], ids=["tp2", "eval-dp2"])
+def test_tensor_parallel_parent_does_not_read_the_device(monkeypatch, tmp_path, launched, tp, processes):
+    """Smaller finding (c): the parent of a multi-process `infer`/`serve`/`eval` (all use `check_model_args`)
+    does not read the device (on a GPU build that creates a CUDA context on GPU 0 beside rank 0's); the ranks check
+    `--dtype bfloat16` themselves, and refuse it on a device without bf16 — a data-parallel `eval` rank
+    (tensor_parallel_degree 1 in a 2-process job) included."""
     from launch import infer as infer_mod
     from network.config import Qwen2VLConfig
 
@@ -650,11 +652,11 @@ def test_tensor_parallel_parent_does_not_read_the_device(monkeypatch, tmp_path, 
     if launched:
         monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
         with pytest.raises(infer_mod.InferError, match="--dtype bfloat16 needs a GPU"):
-            infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16")
+            infer_mod.check_model_args(str(tmp_path), tp, None, "bfloat16", processes=processes)
         assert reads == [1]
     else:
         monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
-        assert infer_mod.check_model_args(str(tmp_path), 2, None, "bfloat16") == str(tmp_path)
+        assert infer_mod.check_model_args(str(tmp_path), tp, None, "bfloat16", processes=processes) == str(tmp_path)
         assert reads == []
 
 
