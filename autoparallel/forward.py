@@ -29,6 +29,7 @@ import paddle.distributed as dist
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
 from autoparallel.context_parallel import gather_context, scatter_context
+from autoparallel.embedding import embedding_uses, lookup
 from network.loss import exact_fp32_matmuls, linear_cross_entropy
 from network.loss_chunks import rows_per_chunk
 from network.modeling_vision import vision_segment_ids
@@ -67,9 +68,10 @@ def distributed_vision_features(visual: paddle.nn.Layer, batch: ShardedBatch) ->
     return visual.forward_padded(*lifted)
 
 
-def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch) -> paddle.Tensor:
-    """Token embeddings [B, S, H] (dist) with this rank's vision tokens placed at its pad tokens."""
-    embeds = model.model.embed_tokens(batch.input_ids)
+def embed_inputs(model: paddle.nn.Layer, batch: ShardedBatch, weight: paddle.Tensor | None = None) -> paddle.Tensor:
+    """Token embeddings [B, S, H] (dist) with this rank's vision tokens placed at its pad tokens; looked up in
+    `weight` (default: the embedding's own, see `autoparallel.embedding.embedding_uses`)."""
+    embeds = lookup(model.model.embed_tokens.weight if weight is None else weight, batch.input_ids)
     if not batch.max_patches:
         return embeds
     visual, mesh = model.visual, batch.mesh
@@ -154,17 +156,19 @@ def forward_loss(model: paddle.nn.Layer, batch: ShardedBatch, normalizer: float)
     tokens are prompt and image tokens, and the [tokens, vocab] logits dominate the step otherwise."""
     with cpu_compat.zero3_gathered(model):
         # Context parallel: the decoder runs on this rank's slice of every sequence (no-ops without "cp").
-        embeds = scatter_context(embed_inputs(model, batch))
+        table, head = embedding_uses(model)
+        embeds = scatter_context(embed_inputs(model, batch, table))
         hidden = model.model(embeds, batch.position_ids, TRAINING_KEY_MASK, segment_ids=batch.segment_ids)
-        return supervised_loss(model, gather_context(hidden), batch, normalizer)
+        return supervised_loss(model, gather_context(hidden), batch, normalizer, head)
 
 
-def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: ShardedBatch,
-                    normalizer: float) -> paddle.Tensor:
-    """Head + CE on the final hidden states [B, S, H] only where the next token is supervised."""
+def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: ShardedBatch, normalizer: float,
+                    head: tuple[paddle.Tensor, bool] | None = None) -> paddle.Tensor:
+    """Head + CE on the final hidden states [B, S, H] only where the next token is supervised; `head` is
+    (weight, transposed), default `model.lm_head_weight()`."""
     dp, width = batch.loss_index.shape[0], hidden.shape[-1]
     picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
-    weight, transpose = model.lm_head_weight()
+    weight, transpose = model.lm_head_weight() if head is None else head
     return linear_cross_entropy(picked, weight, batch.loss_targets, transpose_weight=transpose,
                                 normalizer=normalizer, chunk_rows=loss_chunk_rows(picked, weight, transpose),
                                 rule=vocab_parallel_chunk)

@@ -7,8 +7,9 @@ weights are [in, out]:
 
 - colwise (q/k/v/gate/up): weight Shard(1), bias Shard(0) on "mp": each rank owns whole heads / FFN columns.
 - rowwise (o/down): weight Shard(0) on "mp"; the output is Partial and summed where it meets the residual.
-- embed_tokens rowwise = vocab-parallel embedding: weight [V, H] Shard(0). (ColWise on the embedding would
-  need a reduce_scatter in C++ at the residual add, which the CPU build lacks.)
+- embed_tokens rowwise = vocab-parallel embedding: weight [V, H] Shard(0); each rank looks up its own rows
+  (autoparallel/embedding.py: Paddle's embedding rule would all-gather the table). (ColWise on the embedding
+  would need a reduce_scatter in C++ at the residual add, which the CPU build lacks.)
 - lm_head colwise = vocab-parallel head (untied models): weight [H, V] Shard(1), logits Shard(2). A tied head
   multiplies by `embed_tokens.weight^T`, already vocab-split, so it is vocab-parallel with no entry.
   The loss on vocab-split logits is `autoparallel.forward.vocab_parallel_chunk` (no [B, S, V] gather).

@@ -1,5 +1,6 @@
-"""The communication ledger (autoparallel/comm_ledger.py) against an independent count (issue 29), and ZeRO-1's
-reduce-scatter to the optimizer shard (N11) measured by it."""
+"""The communication ledger (autoparallel/comm_ledger.py) against an independent count (issue 29), and what it
+measures: ZeRO-1's reduce-scatter to the optimizer shard (N11), a tied embedding's gradient reduced once (N13) and
+the vocab-parallel embedding lookup (N14, autoparallel/embedding.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,12 +17,14 @@ def launched(tmp_path_factory):
     return run_workers_ok(WORKER, 2, tmp_path_factory.mktemp("comm")).results
 
 
-def test_ledger_dp2_gradient_all_reduce_is_the_ring_volume(launched):
-    """dp2, stage 0, untied tiny model: each rank's measured all-reduce bytes per step = a ring all-reduce of the
-    summed gradient bytes, 2(n-1)/n x sum = sum at n = 2, up to gloo's message headers; the step's total sent
-    (transport counters over all the rank's group sockets) adds only scalar reductions."""
+@pytest.mark.parametrize("name", ["dp2", "dp2_tied"])
+def test_ledger_dp2_gradient_all_reduce_is_the_ring_volume(launched, name):
+    """dp2, stage 0: each rank's measured all-reduce bytes per step = a ring all-reduce of the summed gradient
+    bytes, 2(n-1)/n x sum = sum at n = 2, up to gloo's message headers; the step's total sent (transport counters
+    over all the rank's group sockets) adds only scalar reductions. Untied head, and (N13) the tied one: its
+    weight's two Partial gradients are summed before one reduction, not all-reduced twice in C++."""
     for rank, result in launched.items():
-        dp2 = result["dp2"]
+        dp2 = result[name]
         ring = 2 * (2 - 1) / 2 * dp2["grad_bytes"]
         for record in dp2["records"]:
             reduced = record["kinds"]["all_reduce"]
@@ -48,3 +51,14 @@ def test_n11_zero1_reduce_scatters_gradients_to_the_shard(launched):
         assert zero1["losses"] == pytest.approx(dp2["losses"], rel=1e-5)
     total = {name: sum(r[name]["checksum"] for r in launched.values()) for name in ("dp2", "zero1")}
     assert total["zero1"] == pytest.approx(total["dp2"], rel=1e-5)  # ZeRO-1 shards only the optimizer states
+
+
+def test_n14_mp2_embedding_lookup_gathers_no_table(launched):
+    """N14: mp2 with the tied, vocab-split embedding sends far less than one gather of the table per step (Paddle's
+    own embedding rule all-gathered half the table per rank and micro-step); it trains like dp2 on the same
+    global batches (same losses: the lookup's and the tied head's gradients are right)."""
+    for rank, result in launched.items():
+        mp2 = result["mp2_tied"]
+        for record in mp2["records"]:
+            assert record["sent"] < 0.05 * mp2["table_bytes"], (rank, record)
+        assert mp2["losses"] == pytest.approx(result["dp2_tied"]["losses"], rel=1e-6)

@@ -1,7 +1,8 @@
-"""Launched by tests/dist/test_comm_ledger.py: two training steps of the tiny model (untied head, so every
-gradient is reduced once) under the communication ledger, for dp2 and ZeRO-1 over 2 ranks (same data, same
-initial weights); rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
-losses, the bytes of its trainable gradients (counted from the parameters) and a checksum of the weights."""
+"""Launched by tests/dist/test_comm_ledger.py: two training steps of the tiny model under the communication
+ledger over 2 ranks (same data, same initial weights): dp2 and ZeRO-1 with an untied head, dp2 and mp2 with the
+preset's tied head; rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
+losses, the bytes of its trainable gradients (counted from the parameters), the bytes of the whole embedding
+table and a checksum of the weights."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,11 @@ from dist_utils import worker_entry, write_result
 from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, tiny_config
 from placements.degrees import ParallelDegrees
 
-LAYOUTS = {"dp2": dict(data_parallel_degree=2), "zero1": dict(sharding_parallel_degree=2, sharding_stage=1)}
+# name -> (degrees, tied head)
+LAYOUTS = {"dp2": (dict(data_parallel_degree=2), False),
+           "zero1": (dict(sharding_parallel_degree=2, sharding_stage=1), False),
+           "dp2_tied": (dict(data_parallel_degree=2), True),
+           "mp2_tied": (dict(tensor_parallel_degree=2), True)}
 
 
 def main() -> None:
@@ -29,9 +34,9 @@ def main() -> None:
     cpu_compat.apply()
     ledger = Ledger(gloo=cpu_compat.runs_on_cpu()).install()
     result = {}
-    for name, kw in LAYOUTS.items():
+    for name, (kw, tied) in LAYOUTS.items():
         config = tiny_config()
-        config.tie_word_embeddings = False
+        config.tie_word_embeddings = tied
         degrees = ParallelDegrees(**kw)
         mesh = build_mesh(degrees, config)
         model = build_model(config)
@@ -39,14 +44,15 @@ def main() -> None:
         grads = [p for p in model.parameters() if not p.stop_gradient]
         grad_bytes = sum(int(p._local_value().numel()) * p._local_value().element_size() for p in grads)
         records, losses = [], []
-        for step in micro_batches(config, dp=2, dp_rank=mesh_coordinate(mesh, "dp"))[:2]:
+        dp = degrees.dp
+        for step in micro_batches(config, dp=dp, dp_rank=mesh_coordinate(mesh, "dp"))[:2]:
             ledger.start_step()
             out = train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP)
             records.append(ledger.end_step().record())
             losses.append(out.loss)
         checksum = sum(float(p._local_value().astype("float64").abs().sum()) for p in grads)
         result[name] = {"records": records, "losses": losses, "grad_bytes": grad_bytes, "tensors": len(grads),
-                        "checksum": checksum}
+                        "checksum": checksum, "table_bytes": config.vocab_size * config.hidden_size * 4}
     write_result(args.out, dist.get_rank(), result)
     dist.barrier()
 
