@@ -57,7 +57,8 @@ def render_sample(dataset: SFTDataset, i: int) -> str:
 def report(store: RecordStore, dataset: SFTDataset, found: Survey, show: int) -> list[str]:
     per_source = store.samples_per_source()
     lines = [f"data: {store.meta_path}: {len(store)} samples from {store.num_records} valid records "
-             "(repeat_time applied)", "sources:"]
+             "(repeat_time applied)" + (f"; {len(store.held_out_ids)} records held out for evaluation (val_size)"
+                                        if len(store.held_out_ids) else ""), "sources:"]
     for source in store.sources:
         lines.append(f"  {source.name:<20} {per_source[source.annotation]:>9} samples  {source.annotation}"
                      + (f"  (format {source.format.formatting})" if source.format.formatting != "auto" else ""))
@@ -102,7 +103,7 @@ def data_main(argv: list[str]) -> int:
         raise ConfigError("no data: --meta_path M, or --dataset A,B [--dataset_dir D]")
     try:
         store = RecordStore(cfg.data.meta_path, cfg.data.data_seed, skip_bad=cfg.data.skip_bad_samples,
-                            dataset=cfg.data.dataset, dataset_dir=cfg.data.dataset_dir)
+                            dataset=cfg.data.dataset, dataset_dir=cfg.data.dataset_dir, val_size=cfg.data.val_size)
         dataset = SFTDataset(cfg.data, build_processor_for(cfg), records=store)
         found = survey(dataset, probe or None)
     except DataError as exc:

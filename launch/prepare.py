@@ -76,7 +76,7 @@ def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None
     skip_bad_samples, bad records are skipped and counted instead."""
     skip = cfg.data.skip_bad_samples
     store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip, dataset=cfg.data.dataset if train else None,
-                        dataset_dir=cfg.data.dataset_dir)
+                        dataset_dir=cfg.data.dataset_dir, val_size=cfg.data.val_size if train else 0.0)
     if store.missing_media and not skip:
         raise store.missing_media[0]
     warning = store.unread_keys_warning()
@@ -112,7 +112,7 @@ def _ensure_synthetic_data(cfg: RunConfig) -> None:
     from autoparallel.data.synthetic import eval_meta_path, make_synthetic_dataset
 
     cfg.data.meta_path = str(make_synthetic_dataset(cfg.data.synthetic_data_dir))
-    if cfg.train.evaluation_strategy != "no" and cfg.train.eval_meta_path is None:
+    if cfg.train.evaluation_strategy != "no" and cfg.train.eval_meta_path is None and not cfg.data.val_size:
         cfg.train.eval_meta_path = str(eval_meta_path(cfg.data.synthetic_data_dir))
 
 

@@ -123,7 +123,8 @@ class SFTDataset:
         own = meta_path is None  # the config's training data (meta_path and/or dataset); else e.g. eval_meta_path
         self.records = records if records is not None else RecordStore(
             self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
-            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
+            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir,
+            val_size=config.val_size if own else 0.0)
         tok = self.processor.tokenizer
         self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
@@ -134,6 +135,11 @@ class SFTDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def held_out(self) -> "SFTDataset":
+        """The samples of the records `val_size` held out of this (training) dataset, read the same way."""
+        return SFTDataset(self.config, self.processor, video_tokens_per_second=self.video_tokens_per_second,
+                          records=self.records.held_out())
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.sample(i)

@@ -31,7 +31,7 @@ from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dis
                                             load_trainer_state, optimizer_tensors, resolve_resume_path,
                                             restore_rng_state)
 from autoparallel.engine.metrics import MetricsLogger
-from autoparallel.engine.training_eval import TrainingEvaluation
+from autoparallel.engine.training_eval import TrainingEvaluation, has_eval_data
 from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
 from autoparallel.planning.memory import O2_WHITE_LIST
@@ -349,11 +349,14 @@ class Trainer:
         return {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
 
     def eval_dataset(self) -> SFTDataset:
+        """eval_meta_path's samples, else the records val_size held out of the training data."""
+        if not self.cfg.train.eval_meta_path:
+            return self.dataset.held_out()
         return SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path,
                           video_tokens_per_second=self.dataset.video_tokens_per_second)
 
     def evaluate(self) -> Optional[float]:
-        if not self.cfg.train.eval_meta_path:
+        if not has_eval_data(self.cfg):
             return None
         dataset = self.eval_dataset()
         loader = SFTDataLoader(dataset, self.cfg.train.per_device_eval_batch_size, self.degrees.dp, self.dp_rank,

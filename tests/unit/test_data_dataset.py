@@ -257,3 +257,23 @@ def test_decompression_bomb_image_is_a_data_error(tmp_path, processor, side):
             call(0)
         assert info.value.kind == "unreadable media" and re.search("decompression.bomb", str(info.value))
         assert str(info.value).startswith(f"{tmp_path / 'ann.json'}, record 0: unreadable media ")
+
+
+def test_held_out_split_is_read_as_training_reads_it(tmp_path, processor):
+    """val_size's held-out samples are the training samples of those records, token for token, and the evaluation
+    loader (as the trainer's evaluate builds it) iterates exactly them."""
+    from autoparallel.data import SFTDataLoader
+
+    records = [user_assistant((f"<image>question {i}", f"answer {i}"), images=[png(tmp_path / f"{i}.png")])
+               for i in range(6)]
+    full = make_dataset(tmp_path, records, processor)
+    split = make_dataset(tmp_path, records, processor, val_size=2)
+    held = split.held_out()
+    assert (len(split), len(held)) == (4, 2)
+    whole = {tuple(full[i]["input_ids"]): i for i in range(len(full))}
+    seen = [whole[tuple(held[i]["input_ids"])] for i in range(len(held))]
+    trained = [whole[tuple(split[i]["input_ids"])] for i in range(len(split))]
+    assert sorted(seen + trained) == list(range(6))
+    loader = SFTDataLoader(held, 1, shuffle=False, num_workers=0)
+    assert [int(b["input_ids"].shape[1]) for b in loader] == [int(held[i]["num_tokens"] + 7) // 8 * 8 for i in
+                                                             range(2)]
