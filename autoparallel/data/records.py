@@ -471,8 +471,9 @@ class RecordStore:
             self.num_records += len(valid)
         empty = np.zeros(0, np.int64)
         self.sample_to_record = np.concatenate(per_sample) if per_sample else empty
-        self._record_source = np.concatenate(record_sources) if record_sources else empty
-        self._record_line = np.concatenate(record_offsets) if record_offsets else empty
+        # valid record r -> its source and its record index in that source's annotation file
+        self.record_sources = np.concatenate(record_sources) if record_sources else empty
+        self.record_lines = np.concatenate(record_offsets) if record_offsets else empty
         self.held_out_ids = held_out_records(self.num_records, val_size, seed, self.meta_path)
         if len(self.held_out_ids):
             self.sample_to_record = self.sample_to_record[~np.isin(self.sample_to_record, self.held_out_ids)]
@@ -519,7 +520,7 @@ class RecordStore:
 
     def record_conversation(self, r: int) -> Conversation:
         """Valid record r (0 <= r < num_records), parsed from its annotation file."""
-        s, j = int(self._record_source[r]), int(self._record_line[r])
+        s, j = int(self.record_sources[r]), int(self.record_lines[r])
         source = self.sources[s]
         return parse_record(self.indexes[s].record(j), source.annotation, j, source.root, source.format,
                             self.cache_dir)
@@ -529,7 +530,7 @@ class RecordStore:
 
     def samples_per_source(self) -> dict[str, int]:
         """Annotation file -> samples drawn from it (repeat_time applied)."""
-        counts = np.bincount(self._record_source[self.sample_to_record], minlength=len(self.sources))
+        counts = np.bincount(self.record_sources[self.sample_to_record], minlength=len(self.sources))
         return {source.annotation: int(n) for source, n in zip(self.sources, counts)}
 
     def unread_keys_warning(self) -> Optional[str]:
