@@ -63,10 +63,11 @@ IGNORE_INDEX = -100
 PAD_TOKEN_ID = 151643
 VIDEO_MIN_FRAMES = 4  # qwen_vl_utils FPS_MIN_FRAMES
 # A record's row in the length table: untruncated tokens, tokens after truncation (-1: too long to truncate),
-# supervised tokens after truncation, images, videos. NOT_MEASURED: an invalid record, or one whose probe failed
+# supervised tokens after truncation, images, videos, and the original height and width of its largest image
+# (0 without images; `qwen2vl-ap plan` sizes the ViT's activations from them). NOT_MEASURED: an invalid record, or one whose probe failed
 # (measured again when used, which names the problem).
-LENGTH_COLUMNS = ("full", "tokens", "labels", "images", "videos")
-FULL, TOKENS, LABELS, IMAGES, VIDEOS = range(len(LENGTH_COLUMNS))
+LENGTH_COLUMNS = ("full", "tokens", "labels", "images", "videos", "image_height", "image_width")
+FULL, TOKENS, LABELS, IMAGES, VIDEOS, IMAGE_HEIGHT, IMAGE_WIDTH = range(len(LENGTH_COLUMNS))
 NOT_MEASURED = -2
 LENGTH_INDEX_VERSION = 1
 # Text whose token ids stand for the tokenizer in the length table's key (hashing the whole vocabulary would
@@ -309,12 +310,13 @@ class SFTDataset:
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
 
-    def _probe_tokens(self, conv: Conversation) -> tuple[list[int], list[int]]:
+    def _probe_media(self, conv: Conversation) -> tuple[list[tuple[int, int]], list[int]]:
+        """(original (height, width) of each image, tokens of each video), from headers only."""
+        sizes, video_tokens = [], []
         ip = self.processor.image_processor
-        image_tokens, video_tokens = [], []
         for path in conv.images:
             try:
-                image_tokens.append(ip.num_image_tokens(*image_hw(path)))
+                sizes.append(image_hw(path))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
         for path in conv.videos:
@@ -323,24 +325,29 @@ class SFTDataset:
                 video_tokens.append(ip.num_video_tokens(frames, h, w))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
-        return image_tokens, video_tokens
+        return sizes, video_tokens
+
+    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        return [self.processor.image_processor.num_image_tokens(h, w) for h, w in sizes]
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of sample i as training builds them, from media headers only (no pixels)."""
         conv = self.records.conversation(i)
-        return self.render(conv, *self._probe_tokens(conv))
+        sizes, video_tokens = self._probe_media(conv)
+        return self.render(conv, self._image_tokens(sizes), video_tokens)
 
     def _measure(self, conv: Conversation) -> np.ndarray:
         """A conversation's LENGTH_COLUMNS row; raises DataError for unreadable or missing media."""
-        image_tokens, video_tokens = self._probe_tokens(conv)
-        ids, labels, spans_end, turn_ends = self._render(conv, image_tokens, video_tokens)
+        sizes, video_tokens = self._probe_media(conv)
+        ids, labels, spans_end, turn_ends = self._render(conv, self._image_tokens(sizes), video_tokens)
         full = len(ids)
         try:
             ids, labels = self._truncate(conv, ids, labels, spans_end, turn_ends)
             tokens, supervised = len(ids), int((labels != IGNORE_INDEX).sum())
         except DataError:  # too long to truncate: the row says so, probe() raises the message
             tokens, supervised = -1, 0
-        return np.asarray([full, tokens, supervised, len(conv.images), len(conv.videos)], np.int32)
+        largest = max(sizes, key=lambda hw: hw[0] * hw[1], default=(0, 0))
+        return np.asarray([full, tokens, supervised, len(conv.images), len(conv.videos), *largest], np.int32)
 
     def measure(self, i: int) -> np.ndarray:
         """Sample i's LENGTH_COLUMNS row, from the length table when it has one; raises DataError for bad media.

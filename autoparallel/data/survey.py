@@ -10,7 +10,8 @@ from typing import Optional
 
 import numpy as np
 
-from autoparallel.data.dataset import FULL, IMAGES, TOKENS, VIDEOS, SFTDataset
+from autoparallel.data.collator import padded_length
+from autoparallel.data.dataset import FULL, IMAGE_HEIGHT, IMAGE_WIDTH, IMAGES, TOKENS, VIDEOS, SFTDataset
 from autoparallel.data.records import DataError
 
 
@@ -70,3 +71,46 @@ def survey(dataset: SFTDataset, limit: Optional[int] = None) -> Survey:
     out.dropped = int((too_long & (rows[:, TOKENS] < 0)).sum())
     out.truncated = int(too_long.sum()) - out.dropped
     return out
+
+
+@dataclass
+class DataProfile:
+    """What `qwen2vl-ap plan` (and the run's plan.txt) takes from the training data instead of assumed shapes."""
+
+    samples: int
+    trainable: int  # samples that fit max_seq_length (truncated or not) with readable media
+    too_long: int
+    unreadable: int
+    longest: int  # tokens after truncation
+    images: int  # most images in one sample
+    largest_image: tuple[int, int]  # original (height, width) of the largest image
+
+    def note(self) -> str:
+        skipped = (f"; {self.too_long} too long to truncate, {self.unreadable} with unreadable media"
+                   if self.too_long or self.unreadable else "")
+        return (f"data: {self.samples} samples, {self.trainable} trainable; longest {self.longest} tokens (padded "
+                f"{padded_length([self.longest])}), up to {self.images} images/sample, largest image "
+                f"{self.largest_image[0]}x{self.largest_image[1]} px{skipped}")
+
+    def plan_options(self, given: set[str]) -> dict[str, object]:
+        """planning.setup.PlanOptions fields from the data; the options in `given` (set by the user) win."""
+        changes: dict[str, object] = {"longest_sample": padded_length([self.longest])}
+        if "images_per_sample" not in given:
+            changes["images_per_sample"] = self.images
+        if "image_size" not in given and self.images:
+            changes["image_hw"] = self.largest_image
+        return changes
+
+
+def data_profile(dataset: SFTDataset) -> DataProfile:
+    """Every sample's row (the length table, measured where it has none); raises DataError when none fits."""
+    rows, errors = dataset.measure_many(np.arange(len(dataset)))
+    fits = rows[rows[:, TOKENS] >= 0]
+    if not len(fits):
+        raise DataError(dataset.records.meta_path, None, f"no sample fits max_seq_length "
+                        f"{dataset.config.max_seq_length} with readable media (qwen2vl-ap data shows why)",
+                        kind="too long")
+    area = fits[:, IMAGE_HEIGHT].astype(np.int64) * fits[:, IMAGE_WIDTH]
+    largest = fits[int(area.argmax())]
+    return DataProfile(len(dataset), len(fits), len(rows) - len(fits), len(errors), int(fits[:, TOKENS].max()),
+                       int(fits[:, IMAGES].max()), (int(largest[IMAGE_HEIGHT]), int(largest[IMAGE_WIDTH])))

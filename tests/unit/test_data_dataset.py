@@ -296,11 +296,11 @@ def test_length_table_is_what_probing_finds_and_ranks_plan_from_it(tmp_path, pro
     parent.index_lengths()
     worker = SFTDataset(parent.config, processor)
     assert np.array_equal(worker._table_rows(np.arange(len(worker))), np.stack(probed))
-    assert [tuple(r[3:]) for r in probed] == [(1, 0)] * 5 + [(0, 1), (1, 0)]
+    assert [tuple(r[3:]) for r in probed] == [(1, 0, 56, 56)] * 5 + [(0, 1, 0, 0), (1, 0, 56, 56)]
 
     def no_probe(*_):
         raise AssertionError("probed although the table has the row")
-    monkeypatch.setattr(SFTDataset, "_probe_tokens", no_probe)
+    monkeypatch.setattr(SFTDataset, "_probe_media", no_probe)
     loader = SFTDataLoader(worker, 2, shuffle=False, num_workers=0)
     plans = [loader._plan(0, s) for s in range(2)]
     assert [p.global_num_labels for p in plans] == [sum(int(probed[i][2]) for i in (2 * s, 2 * s + 1))
