@@ -91,6 +91,7 @@ class TrainingArgs:
     logging_steps: int = 1
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None
+    # Evaluation data (eval loss, eval_generate); unset: the records val_size holds out of the training data.
     eval_meta_path: Optional[str] = None
     eval_steps: int = 0
     evaluation_strategy: Literal["no", "steps"] = "no"
@@ -234,6 +235,7 @@ KEY_ALIASES: dict[str, tuple[str, bool]] = {
     "fps_max_frames": ("video_maxlen", False),  # ms-swift FPS_MAX_FRAMES
     "sep_parallel_degree": ("context_parallel_degree", False),  # PaddleNLP / PaddleMIX
     "sequence_parallel_size": ("context_parallel_degree", False),  # ms-swift
+    "split_dataset_ratio": ("val_size", False),  # ms-swift
 }
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainingArgs,

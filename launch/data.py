@@ -7,7 +7,8 @@ Same data options as `sft` (the run config's data keys, formats, loss masks, max
 samples per source, token lengths before truncation (histogram), media per sample, samples over max_seq_length,
 warnings, and the first N samples (`--show`, default 2) rendered with the chat template — system prompt included,
 image/video spans collapsed, supervised tokens between «». `--probe N` bounds how many evenly spaced samples are
-tokenised for the statistics (default 20000; all: 0). Exit code 2 when the data would not train.
+tokenised for the statistics (default 20000; all: 0, which also writes the length table training reads; an existing
+table is read whatever N is). Exit code 2 when the data would not train.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ DEFAULT_SHOW = 2
 DEFAULT_PROBE = 20000
 
 
-def _histogram(values: list[int], bins: int = 8) -> list[str]:
-    if not values:
+def _histogram(values: np.ndarray, bins: int = 8) -> list[str]:
+    if not len(values):
         return ["  (no valid sample)"]
-    counts, edges = np.histogram(values, bins=min(bins, len(set(values))) or 1)
+    counts, edges = np.histogram(values, bins=min(bins, len(np.unique(values))) or 1)
     width = max(counts)
     return [f"  {int(lo):>7}-{int(hi):<7} {n:>8}  {'#' * max(1 if n else 0, int(30 * n / width))}"
             for n, lo, hi in zip(counts, edges[:-1], edges[1:])]
@@ -57,13 +58,14 @@ def render_sample(dataset: SFTDataset, i: int) -> str:
 def report(store: RecordStore, dataset: SFTDataset, found: Survey, show: int) -> list[str]:
     per_source = store.samples_per_source()
     lines = [f"data: {store.meta_path}: {len(store)} samples from {store.num_records} valid records "
-             "(repeat_time applied)", "sources:"]
+             "(repeat_time applied)" + (f"; {len(store.held_out_ids)} records held out for evaluation (val_size)"
+                                        if len(store.held_out_ids) else ""), "sources:"]
     for source in store.sources:
         lines.append(f"  {source.name:<20} {per_source[source.annotation]:>9} samples  {source.annotation}"
                      + (f"  (format {source.format.formatting})" if source.format.formatting != "auto" else ""))
     probed = f"all {found.probed}" if found.probed == found.total else f"{found.probed} evenly spaced"
     lines.append(f"token lengths before truncation ({probed} samples probed):")
-    if found.lengths:
+    if len(found.lengths):
         q = np.percentile(found.lengths, [0, 50, 95, 100]).astype(int)
         lines.append(f"  min {q[0]}  median {q[1]}  p95 {q[2]}  max {q[3]}")
     lines += _histogram(found.lengths)
@@ -102,8 +104,10 @@ def data_main(argv: list[str]) -> int:
         raise ConfigError("no data: --meta_path M, or --dataset A,B [--dataset_dir D]")
     try:
         store = RecordStore(cfg.data.meta_path, cfg.data.data_seed, skip_bad=cfg.data.skip_bad_samples,
-                            dataset=cfg.data.dataset, dataset_dir=cfg.data.dataset_dir)
+                            dataset=cfg.data.dataset, dataset_dir=cfg.data.dataset_dir, val_size=cfg.data.val_size)
         dataset = SFTDataset(cfg.data, build_processor_for(cfg), records=store)
+        if not probe:  # every sample: measured once into the length table training reads too
+            dataset.index_lengths()
         found = survey(dataset, probe or None)
     except DataError as exc:
         raise ConfigError(str(exc)) from None

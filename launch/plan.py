@@ -6,13 +6,16 @@ launch — no model is built and no worker is started (the planning lives in aut
                     [--supervised_fraction 0.25] [--reserve_gb 1]
 
 Every run-config key works as in `sft`/`lora` (same sections, same override parsing); the planner options are
-described in autoparallel/planning/setup.py.
+described in autoparallel/planning/setup.py. When the training data is there (`--meta_path M` or `--dataset A,B`),
+the plan reads its length table (measured now when missing, as `sft`'s parent does): the longest sample, the most
+images per sample and the largest image replace max_seq_length, --images_per_sample and --image_size unless those
+options are given.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional
 
 from autoparallel.config import ConfigError, RunConfig
 from autoparallel.planning.communication import communication
@@ -46,10 +49,35 @@ def advise(config: str | None, overrides: dict[str, Any], options: PlanOptions) 
     return advise_run(load(config, overrides), options)
 
 
+def data_options(cfg: RunConfig, options: PlanOptions, given: set[str]) -> tuple[PlanOptions, Optional[str]]:
+    """`options` with the training data's profile (survey.DataProfile; the options in `given` win) and its line;
+    unchanged when the data is not there (a preset's own paths)."""
+    if not (cfg.data.dataset or (cfg.data.meta_path and os.path.isfile(cfg.data.meta_path))):
+        return options, None
+    from autoparallel.data.dataset import SFTDataset
+    from autoparallel.data.records import DataError
+    from autoparallel.data.survey import data_profile
+    from autoparallel.engine.trainer import build_processor_for
+    from network.hub import ModelNotFoundError
+    from network.processor import Qwen2VLProcessor
+
+    try:
+        processor = build_processor_for(cfg)
+    except ModelNotFoundError:  # a Hub id planned with its preset's shapes: the embedded tokenizer's lengths
+        processor = Qwen2VLProcessor.from_pretrained(None)
+    try:
+        dataset = SFTDataset(cfg.data, processor)
+        dataset.index_lengths()
+        profile = data_profile(dataset)
+    except DataError as exc:
+        raise ConfigError(f"plan: {exc}") from None
+    return dataclasses.replace(options, **profile.plan_options(given)), profile.note()
+
+
 def plan_main(argv: list[str]) -> int:
     launch, config, rest = split_launch_options(argv)
     overrides: dict[str, Any] = parse_overrides(rest)
-    fields = {f.name for f in dataclasses.fields(PlanOptions)}
+    fields = {f.name for f in dataclasses.fields(PlanOptions)} - {"image_hw", "longest_sample"}  # from the data
     values = {k: overrides.pop(k) for k in list(overrides) if k in fields}
     if "data_parallel_degree" not in overrides:  # as `sft`: the file's process count, dp derived from it
         launch = {**launch_defaults(_command(config, overrides), config), **launch}
@@ -69,6 +97,9 @@ def plan_main(argv: list[str]) -> int:
     for key, path in (("meta_path", cfg.data.meta_path), ("eval_meta_path", cfg.train.eval_meta_path)):
         if key in overrides and path is not None and not os.path.isfile(path):
             raise ConfigError(f"{key}={path!r}: file not found")
+    options, note = data_options(cfg, options, set(values))
+    if note:
+        print(note)
     planned = plan_run(cfg, options)
     collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
     print(render_report(planned, collectives, options))

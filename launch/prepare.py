@@ -65,18 +65,15 @@ def validate(cfg: RunConfig, world_size: Optional[int]) -> Qwen2VLConfig:
     return config
 
 
-PARENT_PROBE_SAMPLES = 1000
-
-
 def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None:
     """What is cheap to find before workers start: the meta and annotation files parse, every record is valid
     (placeholder counts, roles, JSON) and its media files exist (RecordStore, once per file content), the
-    training set fills one global batch, and a sample of the records fits max_seq_length (with readable media
-    headers). Decoding media stays with the workers (their errors are relayed as one line too). With
+    training set fills one global batch, and every sample's length against max_seq_length (with readable media
+    headers), measured once per content and setting into the length table the ranks then plan from. Decoding media stays with the workers (their errors are relayed as one line too). With
     skip_bad_samples, bad records are skipped and counted instead."""
     skip = cfg.data.skip_bad_samples
     store = RecordStore(meta_path, cfg.data.data_seed, skip_bad=skip, dataset=cfg.data.dataset if train else None,
-                        dataset_dir=cfg.data.dataset_dir)
+                        dataset_dir=cfg.data.dataset_dir, val_size=cfg.data.val_size if train else 0.0)
     if store.missing_media and not skip:
         raise store.missing_media[0]
     warning = store.unread_keys_warning()
@@ -85,10 +82,11 @@ def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None
     if store.own_system and any("system_prompt" in layer for _, layer in cfg.sources):
         logger.warning("%s: %d of %d records carry their own system prompt, which replaces system_prompt for them",
                        store.meta_path, store.own_system, store.num_records)
-    # Lengths need the tokenizer: a bounded, evenly spaced probe finds "every sample is too long" (a preset's
-    # max_seq_length with videos) here, in one line, instead of inside the workers.
-    found = survey(SFTDataset(cfg.data, build_processor_for(cfg), meta_path=meta_path, records=store),
-                   PARENT_PROBE_SAMPLES)
+    # Lengths need the tokenizer: measured here, "every sample is too long" (a preset's max_seq_length with
+    # videos) is one line instead of an error inside the workers.
+    dataset = SFTDataset(cfg.data, build_processor_for(cfg), meta_path=meta_path, records=store)
+    dataset.index_lengths()
+    found = survey(dataset)
     if found.errors and not skip:
         raise found.errors[0]
     problem = found.too_long_problem()
@@ -112,7 +110,7 @@ def _ensure_synthetic_data(cfg: RunConfig) -> None:
     from autoparallel.data.synthetic import eval_meta_path, make_synthetic_dataset
 
     cfg.data.meta_path = str(make_synthetic_dataset(cfg.data.synthetic_data_dir))
-    if cfg.train.evaluation_strategy != "no" and cfg.train.eval_meta_path is None:
+    if cfg.train.evaluation_strategy != "no" and cfg.train.eval_meta_path is None and not cfg.data.val_size:
         cfg.train.eval_meta_path = str(eval_meta_path(cfg.data.synthetic_data_dir))
 
 

@@ -54,6 +54,10 @@ class DataConfig:
     # applied as max_pixels / video_max_pixels = n x 28 x 28 before tokenisation (a token is a merged 28x28 patch).
     image_max_token_num: Optional[int] = None
     video_max_token_num: Optional[int] = None
+    # Held-out split of the training records (LLaMA-Factory's val_size; ms-swift's split_dataset_ratio is its alias):
+    # in (0, 1) a fraction (rounded up), >= 1 a record count, 0 none. Seeded by data_seed, disjoint from training;
+    # evaluated at eval_steps when eval_meta_path is not given (records.held_out_records).
+    val_size: float = 0.0
 
     def __post_init__(self) -> None:
         for budget, pixels in (("image_max_token_num", "max_pixels"), ("video_max_token_num", "video_max_pixels")):
@@ -65,6 +69,7 @@ class DataConfig:
                                  f"(= {budget} x {PIXELS_PER_TOKEN}); set one of them")
             setattr(self, pixels, tokens * PIXELS_PER_TOKEN)
         checks = {
+            "val_size": self.val_size >= 0 and (self.val_size < 1 or float(self.val_size).is_integer()),
             "max_seq_length": self.max_seq_length >= 8,
             "min_pixels": _bounds_ok(self.min_pixels, self.max_pixels),
             "video_min_pixels": _bounds_ok(self.video_min_pixels, self.video_max_pixels),
@@ -75,7 +80,9 @@ class DataConfig:
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad)
+                             + (" (val_size: a fraction in [0, 1) or a whole record count)" if "val_size" in bad
+                                else ""))
 
     @property
     def supervises_prompt(self) -> bool:

@@ -23,12 +23,18 @@ Truncation to `max_seq_length` (S = untruncated length, L = max_seq_length), whe
   always treats as a drop: replaced like a bad sample, counted, logged and reported, even without
   `skip_bad_samples` (a length limit is not broken data).
 
-`probe(i)` gives a sample's final length and supervised-token count without decoding pixels (image headers via
-PIL, video container metadata), cached per index; it runs the same rendering and truncation code as `sample(i)`.
+`measure(i)` gives a sample's untruncated and final length, supervised-token count and media counts without
+decoding pixels (image headers via PIL, video container metadata); it runs the same rendering and truncation code
+as `sample(i)`. `index_lengths(build=True)` (the parent) measures every record once into a table beside the
+annotation index (record_index.save_lengths), keyed by the annotation's content and `length_setting()`; every
+dataset reads an existing table at construction, so the ranks plan from it and measure only what it lacks.
+Media files edited in place after the table was built are not seen by it: a sample that then decodes to more
+tokens than its table row is treated as a bad sample by the loader.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import threading
@@ -47,6 +53,7 @@ from autoparallel.data.records import (
     missing_media_error,
 )
 from autoparallel.data.media_refs import VideoRef
+from autoparallel.data.record_index import load_lengths, save_lengths
 from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
 from network.rope_index import get_rope_index
@@ -55,6 +62,18 @@ from network.video import IMAGE_EXTENSIONS, load_video, sample_frame_indices
 IGNORE_INDEX = -100
 PAD_TOKEN_ID = 151643
 VIDEO_MIN_FRAMES = 4  # qwen_vl_utils FPS_MIN_FRAMES
+# A record's row in the length table: untruncated tokens, tokens after truncation (-1: too long to truncate),
+# supervised tokens after truncation, images, videos, and the original height and width of its largest image
+# (0 without images; `qwen2vl-ap plan` sizes the ViT's activations from them). NOT_MEASURED: an invalid record, or one whose probe failed
+# (measured again when used, which names the problem).
+LENGTH_COLUMNS = ("full", "tokens", "labels", "images", "videos", "image_height", "image_width")
+FULL, TOKENS, LABELS, IMAGES, VIDEOS, IMAGE_HEIGHT, IMAGE_WIDTH = range(len(LENGTH_COLUMNS))
+NOT_MEASURED = -2
+LENGTH_INDEX_VERSION = 1
+# Text whose token ids stand for the tokenizer in the length table's key (hashing the whole vocabulary would
+# slow down every process that opens a dataset).
+_TOKENIZER_PROBE = ("Hello, world! 你好，世界。 Привет мир. こんにちは 안녕하세요 مرحبا\n\tdef f(x):\n    return x**2  "
+                    "# 12345 67.89 😀 🚀 <image> <video> https://example.com/a_b-c?d=e&f=g")
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
@@ -123,17 +142,65 @@ class SFTDataset:
         own = meta_path is None  # the config's training data (meta_path and/or dataset); else e.g. eval_meta_path
         self.records = records if records is not None else RecordStore(
             self.meta_path, config.data_seed, config.skip_bad_samples, self.skips,
-            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir)
+            dataset=config.dataset if own else None, dataset_dir=config.dataset_dir,
+            val_size=config.val_size if own else 0.0)
         tok = self.processor.tokenizer
         self.ids = {name: tok.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-        self._lengths = np.full(len(self), -1, np.int64)
-        self._label_counts = np.full(len(self), -1, np.int64)
+        self._measured: Optional[np.ndarray] = None  # [n, LENGTH_COLUMNS] of samples measured here (no table)
         self._probe_errors: dict[int, DataError] = {}
         self._tokenizer_lock = threading.Lock()  # the loader's decoding threads share one Rust tokenizer
+        self._tables: list[Optional[np.ndarray]] = self.index_lengths(build=False)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    # ---- the length table ------------------------------------------------------------------------------------
+    def length_setting(self) -> str:
+        """Everything besides the annotation's content that changes a record's measured row."""
+        tok = self.processor.tokenizer
+        probe = np.asarray(self._encode(_TOKENIZER_PROBE), np.int64).tobytes()
+        c = self.config
+        return repr((LENGTH_INDEX_VERSION, len(tok), hashlib.blake2b(probe, digest_size=8).hexdigest(), self.ids,
+                     self.processor.image_processor, c.max_seq_length, c.system_prompt, c.supervises_prompt,
+                     c.masks_history, c.video_fps, c.video_maxlen, self.records.cache_dir))
+
+    def index_lengths(self, build: bool = True) -> list[Optional[np.ndarray]]:
+        """Each source's length table (None where there is none), measuring and saving missing ones with `build`
+        (the parent, before workers start); the dataset reads its rows from then on."""
+        setting = self.length_setting()
+        tables: list[Optional[np.ndarray]] = []
+        records = self.records
+        for s, (source, index) in enumerate(zip(records.sources, records.indexes)):
+            key = setting + repr((source.format, source.root))
+            table = load_lengths(index, key)
+            if table is None and build:
+                table = np.full((len(index), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
+                for r in np.flatnonzero(records.record_sources == s):
+                    try:
+                        table[records.record_lines[r]] = self._measure(records.record_conversation(int(r)))
+                    except DataError:
+                        pass  # stays NOT_MEASURED: measured again when used, which raises the error
+                save_lengths(index, key, table)
+            tables.append(table)
+        self._tables = tables
+        return tables
+
+    def _table_rows(self, samples: np.ndarray) -> np.ndarray:
+        """Rows of the length table for sample indices (NOT_MEASURED where a source has no table)."""
+        rows = np.full((len(samples), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
+        records = self.records.sample_to_record[samples]
+        sources = self.records.record_sources[records]
+        for s, table in enumerate(self._tables):
+            if table is not None:
+                mine = sources == s
+                rows[mine] = table[self.records.record_lines[records[mine]]]
+        return rows
+
+    def held_out(self) -> "SFTDataset":
+        """The samples of the records `val_size` held out of this (training) dataset, read the same way."""
+        return SFTDataset(self.config, self.processor, video_tokens_per_second=self.video_tokens_per_second,
+                          records=self.records.held_out())
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.sample(i)
@@ -150,6 +217,13 @@ class SFTDataset:
         """(input_ids, labels) of a conversation whose i-th image/video expands to the given token counts,
         truncated by the module's rule (raises DataError kind="too long"). A last answer of None renders the
         generation prompt instead (no truncation)."""
+        ids, labels, spans_end, turn_ends = self._render(conv, image_tokens, video_tokens)
+        return (ids, labels) if turn_ends is None else self._truncate(conv, ids, labels, spans_end, turn_ends)
+
+    def _render(self, conv: Conversation, image_tokens: list[int], video_tokens: list[int]
+                ) -> tuple[np.ndarray, np.ndarray, int, Optional[list[int]]]:
+        """Untruncated (input_ids, labels, end of the last vision span, turn ends; None for a generation
+        prompt)."""
         ids_ = self.ids
         ids: list[int] = []
         labels: list[int] = []
@@ -204,7 +278,7 @@ class SFTDataset:
             prompt([ids_["<|im_end|>"]], "\n", [ids_["<|im_start|>"]], "assistant\n")
             flush()
             if answer is None:  # generation prompt: ends with "<|im_start|>assistant\n"
-                return np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+                return np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, None
             answer_ids = self._encode(answer) + [ids_["<|im_end|>"]]
             ids.extend(answer_ids)
             masked = self.config.masks_history and turn < last_turn
@@ -212,7 +286,7 @@ class SFTDataset:
             ids.extend(self._encode("\n"))
             labels.append(IGNORE_INDEX)
             turn_ends.append(len(ids))
-        return self._truncate(conv, np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, turn_ends)
+        return np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, turn_ends
 
     def _truncate(self, conv: Conversation, ids: np.ndarray, labels: np.ndarray, spans_end: int,
                   turn_ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -236,12 +310,13 @@ class SFTDataset:
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
 
-    def _probe_tokens(self, conv: Conversation) -> tuple[list[int], list[int]]:
+    def _probe_media(self, conv: Conversation) -> tuple[list[tuple[int, int]], list[int]]:
+        """(original (height, width) of each image, tokens of each video), from headers only."""
+        sizes, video_tokens = [], []
         ip = self.processor.image_processor
-        image_tokens, video_tokens = [], []
         for path in conv.images:
             try:
-                image_tokens.append(ip.num_image_tokens(*image_hw(path)))
+                sizes.append(image_hw(path))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
         for path in conv.videos:
@@ -250,26 +325,69 @@ class SFTDataset:
                 video_tokens.append(ip.num_video_tokens(frames, h, w))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
-        return image_tokens, video_tokens
+        return sizes, video_tokens
+
+    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        return [self.processor.image_processor.num_image_tokens(h, w) for h, w in sizes]
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of sample i as training builds them, from media headers only (no pixels)."""
         conv = self.records.conversation(i)
-        return self.render(conv, *self._probe_tokens(conv))
+        sizes, video_tokens = self._probe_media(conv)
+        return self.render(conv, self._image_tokens(sizes), video_tokens)
 
-    def probe(self, i: int) -> tuple[int, int]:
-        """(num_tokens, num_labels) of sample i after truncation; raises DataError for a bad sample. Cached."""
+    def _measure(self, conv: Conversation) -> np.ndarray:
+        """A conversation's LENGTH_COLUMNS row; raises DataError for unreadable or missing media."""
+        sizes, video_tokens = self._probe_media(conv)
+        ids, labels, spans_end, turn_ends = self._render(conv, self._image_tokens(sizes), video_tokens)
+        full = len(ids)
+        try:
+            ids, labels = self._truncate(conv, ids, labels, spans_end, turn_ends)
+            tokens, supervised = len(ids), int((labels != IGNORE_INDEX).sum())
+        except DataError:  # too long to truncate: the row says so, probe() raises the message
+            tokens, supervised = -1, 0
+        largest = max(sizes, key=lambda hw: hw[0] * hw[1], default=(0, 0))
+        return np.asarray([full, tokens, supervised, len(conv.images), len(conv.videos), *largest], np.int32)
+
+    def measure(self, i: int) -> np.ndarray:
+        """Sample i's LENGTH_COLUMNS row, from the length table when it has one; raises DataError for bad media.
+        Cached."""
         if i in self._probe_errors:
             raise self._probe_errors[i]
-        if self._lengths[i] < 0:
+        row = self._table_rows(np.asarray([i]))[0]
+        if row[FULL] != NOT_MEASURED:
+            return row
+        if self._measured is None:
+            self._measured = np.full((len(self), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
+        if self._measured[i, FULL] == NOT_MEASURED:
             try:
-                ids, labels = self.tokens(i)
+                self._measured[i] = self._measure(self.records.conversation(i))
             except DataError as e:
                 self._probe_errors[i] = e
                 raise
-            self._label_counts[i] = int((labels != IGNORE_INDEX).sum())
-            self._lengths[i] = len(ids)
-        return int(self._lengths[i]), int(self._label_counts[i])
+        return self._measured[i]
+
+    def measure_many(self, samples: np.ndarray) -> tuple[np.ndarray, list[DataError]]:
+        """(rows of the samples that measure, errors of those that do not), table rows read at once."""
+        rows = self._table_rows(samples)
+        errors: list[DataError] = []
+        for k in np.flatnonzero(rows[:, FULL] == NOT_MEASURED):
+            try:
+                rows[k] = self.measure(int(samples[k]))
+            except DataError as e:
+                errors.append(e)
+        return rows[rows[:, FULL] != NOT_MEASURED], errors
+
+    def probe(self, i: int) -> tuple[int, int]:
+        """(num_tokens, num_labels) of sample i after truncation; raises DataError for a bad sample. Cached."""
+        row = self.measure(i)
+        if row[TOKENS] < 0:
+            try:
+                self.tokens(i)  # raises the "too long" error with its numbers
+            except DataError as e:
+                self._probe_errors[i] = e
+                raise
+        return int(row[TOKENS]), int(row[LABELS])
 
     # ---- full samples ----------------------------------------------------------------------------------------
     def sample(self, i: int) -> dict[str, Any]:

@@ -7,7 +7,9 @@ list (or UTF-16/32 text) is written once as a normalised UTF-8 JSONL copy beside
 `.qwen2vl-ap-index/` next to the annotation file, or under the temp directory when that is not writable; its file
 names carry a hash of the annotation's bytes, so an edited file is re-indexed and a copied one is not.
 `validation_cache(index, key)` stores what the parent's validation found (valid mask, skip reasons, counts), so the
-workers and later runs start from it instead of parsing every record again.
+workers and later runs start from it instead of parsing every record again; `save_lengths` / `load_lengths` store
+each record's probed token counts and media counts (SFTDataset.index_lengths), keyed by the content and by
+everything that changes a probe, so the ranks plan global batches without probing a sample.
 """
 from __future__ import annotations
 
@@ -209,3 +211,19 @@ def save_validation(index: AnnotationIndex, setting: str, found: Validation) -> 
         json.dump(meta, f)
     _save(found.valid, base + ".npy")
     os.replace(tmp, base + ".json")  # written last: its presence means the mask is complete
+
+
+def lengths_path(index: AnnotationIndex, setting: str) -> str:
+    """The length table of an index under one probing setting (everything that changes a sample's tokens)."""
+    digest = hashlib.blake2b(setting.encode(), digest_size=8).hexdigest()
+    return os.path.join(index.cache_dir, f"{index.key}.lengths-{digest}.npy")
+
+
+def load_lengths(index: AnnotationIndex, setting: str) -> Optional[np.ndarray]:
+    """int32 [n, k] per record of the annotation (dataset.py LENGTH_COLUMNS), memory-mapped; None when not built."""
+    path = lengths_path(index, setting)
+    return np.load(path, mmap_mode="r").view(np.ndarray) if os.path.exists(path) else None
+
+
+def save_lengths(index: AnnotationIndex, setting: str, table: np.ndarray) -> None:
+    _save(table, lengths_path(index, setting))

@@ -32,6 +32,8 @@ prompt is an error, since training without it would quietly train on other data 
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import re
 import threading
@@ -407,6 +409,20 @@ def repeat_indices(num_records: int, repeat_time: float, seed: int, name: str) -
     return np.concatenate([np.tile(np.arange(num_records), full), sampled]).astype(np.int64)
 
 
+def held_out_records(num_records: int, val_size: float, seed: int, where: str) -> np.ndarray:
+    """Sorted indices of the valid records held out by `val_size` (DataConfig): a seeded choice, as many as
+    ceil(val_size x num_records) for a fraction (as HF's train_test_split) or val_size for a count."""
+    if not val_size:
+        return np.zeros(0, np.int64)
+    count = int(val_size) if val_size >= 1 else math.ceil(val_size * num_records)
+    if count >= num_records:
+        raise DataError(where, None, f"val_size={val_size:g} holds out {count} of the {num_records} valid records, "
+                                     "leaving none to train on: lower val_size (split_dataset_ratio)",
+                        kind="too small")
+    rng = np.random.default_rng([seed, zlib.crc32(b"val_size")])
+    return np.sort(rng.choice(num_records, size=count, replace=False)).astype(np.int64)
+
+
 class RecordStore:
     """The records of a run's sources (`resolve_sources`), with `repeat_time` applied: `conversation(i)` for
     sample i, parsed on demand from the annotation's cached byte-offset index (record_index.py), so no process holds
@@ -414,11 +430,12 @@ class RecordStore:
     process to read it, normally the parent; the result is cached beside the index); records whose media files
     do not exist are listed in `missing_media` (re-checked on every run) and left to the loader. Invalid records raise at construction, or with `skip_bad=True` are left out and counted in
     `skips`; `unread_keys` counts the record keys no reader used, `own_system` the records with their own
-    system prompt."""
+    system prompt. `val_size` holds records out (`held_out_records`): they are in no training sample (whatever
+    their repeat_time) and `held_out()` is the store of them, each once."""
 
     def __init__(self, meta_path: Optional[str], seed: int, skip_bad: bool = False, skips: Optional[SkipLog] = None,
                  dataset: Optional[list[str]] = None, dataset_dir: Optional[str] = None,
-                 cache_dir: str = DEFAULT_CACHE_DIR):
+                 cache_dir: str = DEFAULT_CACHE_DIR, val_size: float = 0.0):
         self.meta_path = meta_path or ",".join(dataset or [])
         self.sources = resolve_sources(meta_path, dataset, dataset_dir)
         self.skips = skips if skips is not None else SkipLog()
@@ -454,8 +471,20 @@ class RecordStore:
             self.num_records += len(valid)
         empty = np.zeros(0, np.int64)
         self.sample_to_record = np.concatenate(per_sample) if per_sample else empty
-        self._record_source = np.concatenate(record_sources) if record_sources else empty
-        self._record_line = np.concatenate(record_offsets) if record_offsets else empty
+        # valid record r -> its source and its record index in that source's annotation file
+        self.record_sources = np.concatenate(record_sources) if record_sources else empty
+        self.record_lines = np.concatenate(record_offsets) if record_offsets else empty
+        self.held_out_ids = held_out_records(self.num_records, val_size, seed, self.meta_path)
+        if len(self.held_out_ids):
+            self.sample_to_record = self.sample_to_record[~np.isin(self.sample_to_record, self.held_out_ids)]
+
+    def held_out(self) -> "RecordStore":
+        """The records `val_size` held out, each one sample, in record order (shares this store's indexes)."""
+        if not len(self.held_out_ids):
+            raise ValueError(f"{self.meta_path}: no records are held out (val_size is 0)")
+        view = copy.copy(self)
+        view.sample_to_record, view.held_out_ids = self.held_out_ids, np.zeros(0, np.int64)
+        return view
 
     def _validation(self, source: DatasetSource, index: AnnotationIndex) -> Validation:
         """The cached validation of a source's records, computed (parsing each record once) when missing."""
@@ -491,7 +520,7 @@ class RecordStore:
 
     def record_conversation(self, r: int) -> Conversation:
         """Valid record r (0 <= r < num_records), parsed from its annotation file."""
-        s, j = int(self._record_source[r]), int(self._record_line[r])
+        s, j = int(self.record_sources[r]), int(self.record_lines[r])
         source = self.sources[s]
         return parse_record(self.indexes[s].record(j), source.annotation, j, source.root, source.format,
                             self.cache_dir)
@@ -501,7 +530,7 @@ class RecordStore:
 
     def samples_per_source(self) -> dict[str, int]:
         """Annotation file -> samples drawn from it (repeat_time applied)."""
-        counts = np.bincount(self._record_source[self.sample_to_record], minlength=len(self.sources))
+        counts = np.bincount(self.record_sources[self.sample_to_record], minlength=len(self.sources))
         return {source.annotation: int(n) for source, n in zip(self.sources, counts)}
 
     def unread_keys_warning(self) -> Optional[str]:

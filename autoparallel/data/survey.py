@@ -1,16 +1,17 @@
 """What a dataset holds, as training will read it: per-source counts, token lengths before truncation, samples
-too long for max_seq_length, media per sample and bad samples, from probes (image headers and video metadata; no
-pixel is decoded). The parent's checks (launch/prepare.py) and `qwen2vl-ap data` both use it."""
+too long for max_seq_length, media per sample and bad samples, from the length table (SFTDataset.index_lengths)
+or probes (image headers and video metadata; no pixel is decoded). The parent's checks (launch/prepare.py) and
+`qwen2vl-ap data` both use it."""
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from autoparallel.data.dataset import SFTDataset
+from autoparallel.data.collator import padded_length
+from autoparallel.data.dataset import FULL, IMAGE_HEIGHT, IMAGE_WIDTH, IMAGES, TOKENS, VIDEOS, SFTDataset
 from autoparallel.data.records import DataError
 
 
@@ -19,7 +20,8 @@ class Survey:
     total: int  # samples (repeat_time applied)
     probed: int
     max_seq_length: int
-    lengths: list[int] = field(default_factory=list)  # untruncated token counts of the probed valid samples
+    # untruncated token counts of the probed valid samples
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dropped: int = 0  # too long and not truncatable (the loader skips them)
     truncated: int = 0  # too long, cut at a turn boundary or hard
     images: Counter = field(default_factory=Counter)  # images per sample -> samples
@@ -29,18 +31,18 @@ class Survey:
 
     def too_long_problem(self) -> Optional[str]:
         """An error when no probed sample fits, else None (see `too_long_warning`)."""
-        if not self.lengths or self.dropped < len(self.lengths):
+        if not len(self.lengths) or self.dropped < len(self.lengths):
             return None
         return (f"all {self.probed} probed samples are longer than max_seq_length {self.max_seq_length} and cannot be "
-                f"truncated (they are {min(self.lengths)}-{max(self.lengths)} tokens): raise max_seq_length to at "
-                f"least {max(self.lengths)}, or lower max_pixels / video_max_pixels / video_maxlen")
+                f"truncated (they are {self.lengths.min()}-{self.lengths.max()} tokens): raise max_seq_length to at "
+                f"least {self.lengths.max()}, or lower max_pixels / video_max_pixels / video_maxlen")
 
     def too_long_warning(self) -> Optional[str]:
         if not self.dropped:
             return None
         return (f"{self.dropped} of {self.probed} probed samples are longer than max_seq_length "
                 f"{self.max_seq_length} and cannot be truncated (they will be skipped): raise max_seq_length to "
-                f"{max(self.lengths)} to keep them")
+                f"{self.lengths.max()} to keep them")
 
 
 def sample_indices(total: int, limit: Optional[int]) -> np.ndarray:
@@ -50,27 +52,65 @@ def sample_indices(total: int, limit: Optional[int]) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, limit).astype(np.int64))
 
 
+def _counts(values: np.ndarray) -> Counter:
+    keys, counts = np.unique(values, return_counts=True)
+    return Counter({int(k): int(n) for k, n in zip(keys, counts)})
+
+
 def survey(dataset: SFTDataset, limit: Optional[int] = None) -> Survey:
-    """Probe `limit` evenly spaced samples (all when None) of `dataset`."""
+    """Measure `limit` evenly spaced samples (all when None) of `dataset`."""
     indices = sample_indices(len(dataset), limit)
-    unlimited = SFTDataset(dataclasses.replace(dataset.config, max_seq_length=1 << 30), dataset.processor,
-                           records=dataset.records)
     out = Survey(len(dataset), len(indices), dataset.config.max_seq_length)
-    for i in indices:
-        conv = dataset.records.conversation(int(i))
-        out.per_source[conv.file] += 1
-        try:
-            full = unlimited.probe(int(i))[0]
-        except DataError as e:
-            out.errors.append(e)
-            continue
-        out.lengths.append(full)
-        out.images[len(conv.images)] += 1
-        out.videos[len(conv.videos)] += 1
-        if full > out.max_seq_length:
-            try:
-                dataset.probe(int(i))
-                out.truncated += 1
-            except DataError:
-                out.dropped += 1
+    records = dataset.records
+    sources = np.bincount(records.record_sources[records.sample_to_record[indices]], minlength=len(records.sources))
+    out.per_source = Counter({s.annotation: int(n) for s, n in zip(records.sources, sources) if n})
+    rows, out.errors = dataset.measure_many(indices)
+    out.lengths = rows[:, FULL].astype(np.int64)
+    out.images, out.videos = _counts(rows[:, IMAGES]), _counts(rows[:, VIDEOS])
+    too_long = rows[:, FULL] > out.max_seq_length
+    out.dropped = int((too_long & (rows[:, TOKENS] < 0)).sum())
+    out.truncated = int(too_long.sum()) - out.dropped
     return out
+
+
+@dataclass
+class DataProfile:
+    """What `qwen2vl-ap plan` (and the run's plan.txt) takes from the training data instead of assumed shapes."""
+
+    samples: int
+    trainable: int  # samples that fit max_seq_length (truncated or not) with readable media
+    too_long: int
+    unreadable: int
+    longest: int  # tokens after truncation
+    images: int  # most images in one sample
+    largest_image: tuple[int, int]  # original (height, width) of the largest image
+
+    def note(self) -> str:
+        skipped = (f"; {self.too_long} too long to truncate, {self.unreadable} with unreadable media"
+                   if self.too_long or self.unreadable else "")
+        return (f"data: {self.samples} samples, {self.trainable} trainable; longest {self.longest} tokens (padded "
+                f"{padded_length([self.longest])}), up to {self.images} images/sample, largest image "
+                f"{self.largest_image[0]}x{self.largest_image[1]} px{skipped}")
+
+    def plan_options(self, given: set[str]) -> dict[str, object]:
+        """planning.setup.PlanOptions fields from the data; the options in `given` (set by the user) win."""
+        changes: dict[str, object] = {"longest_sample": padded_length([self.longest])}
+        if "images_per_sample" not in given:
+            changes["images_per_sample"] = self.images
+        if "image_size" not in given and self.images:
+            changes["image_hw"] = self.largest_image
+        return changes
+
+
+def data_profile(dataset: SFTDataset) -> DataProfile:
+    """Every sample's row (the length table, measured where it has none); raises DataError when none fits."""
+    rows, errors = dataset.measure_many(np.arange(len(dataset)))
+    fits = rows[rows[:, TOKENS] >= 0]
+    if not len(fits):
+        raise DataError(dataset.records.meta_path, None, f"no sample fits max_seq_length "
+                        f"{dataset.config.max_seq_length} with readable media (qwen2vl-ap data shows why)",
+                        kind="too long")
+    area = fits[:, IMAGE_HEIGHT].astype(np.int64) * fits[:, IMAGE_WIDTH]
+    largest = fits[int(area.argmax())]
+    return DataProfile(len(dataset), len(fits), len(rows) - len(fits), len(errors), int(fits[:, TOKENS].max()),
+                       int(fits[:, IMAGES].max()), (int(largest[IMAGE_HEIGHT]), int(largest[IMAGE_WIDTH])))

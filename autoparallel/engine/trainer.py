@@ -6,6 +6,7 @@ ZeRO stage over "dp") → optimizer steps. The loss of a step is the token mean 
 """
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import functools
 import json
@@ -26,12 +27,13 @@ from autoparallel.batch import ShardedBatch, shard_batch, supervised_tokens
 from autoparallel.comm_ledger import Ledger, StepComm, render_comm_summary
 from autoparallel.config import RUN_CONFIG_FILE, RunConfig, model_config
 from autoparallel.data import SFTDataLoader, SFTDataset
+from autoparallel.data.survey import data_profile
 from autoparallel.engine import faults
 from autoparallel.engine.checkpoint import (DIST_DIR, CheckpointWriter, load_dist_state, load_rng_state,
                                             load_trainer_state, optimizer_tensors, resolve_resume_path,
                                             restore_rng_state)
 from autoparallel.engine.metrics import MetricsLogger
-from autoparallel.engine.training_eval import TrainingEvaluation
+from autoparallel.engine.training_eval import TrainingEvaluation, has_eval_data
 from autoparallel.engine.optim import apply_module_learning_rates, build_optimizer, param_dtype, use_bf16
 from autoparallel.forward import forward_loss
 from autoparallel.planning.memory import O2_WHITE_LIST
@@ -208,10 +210,12 @@ class Trainer:
     def plan_text(self) -> str:
         """plan.txt: the mesh, the plan table and the `qwen2vl-ap plan` report of this run (one planner)."""
         options = PlanOptions(device="gpu" if paddle.is_compiled_with_cuda() else "cpu", nproc_per_node=self.world)
+        profile = data_profile(self.dataset)  # as `qwen2vl-ap plan --meta_path` plans it
+        options = dataclasses.replace(options, **profile.plan_options(set()))
         planned = plan_run(self.cfg, options)
         collectives = communication(planned.setup, cpu=options.device == "cpu", stage=planned.memory.stage)
         return (f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{render_plan_table(planned.setup)}\n\n"
-                f"{render_report(planned, collectives, options)}\n")
+                f"{profile.note()}\n{render_report(planned, collectives, options)}\n")
 
     def comm_summary(self, measured: list[StepComm]) -> str:
         """This rank's measured bytes per step against the planner's ideal for its pipeline stage, on the CPU
@@ -349,11 +353,14 @@ class Trainer:
         return {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
 
     def eval_dataset(self) -> SFTDataset:
+        """eval_meta_path's samples, else the records val_size held out of the training data."""
+        if not self.cfg.train.eval_meta_path:
+            return self.dataset.held_out()
         return SFTDataset(self.cfg.data, processor=self.dataset.processor, meta_path=self.cfg.train.eval_meta_path,
                           video_tokens_per_second=self.dataset.video_tokens_per_second)
 
     def evaluate(self) -> Optional[float]:
-        if not self.cfg.train.eval_meta_path:
+        if not has_eval_data(self.cfg):
             return None
         dataset = self.eval_dataset()
         loader = SFTDataLoader(dataset, self.cfg.train.per_device_eval_batch_size, self.degrees.dp, self.dp_rank,

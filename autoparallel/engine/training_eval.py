@@ -29,13 +29,22 @@ def best_metric_key(name: str) -> str:
     return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
 
 
+def has_eval_data(cfg: RunConfig) -> bool:
+    """Evaluation data: eval_meta_path, or the records val_size holds out of the training data."""
+    return bool(cfg.train.eval_meta_path or cfg.data.val_size)
+
+
 def evaluation_problem(cfg: RunConfig) -> Optional[str]:
     """Why the evaluation keys of `cfg` cannot work together (None when they can), checked before workers start."""
     train = cfg.train
     evaluates = train.evaluation_strategy == "steps" and train.eval_steps > 0
+    if train.eval_meta_path and cfg.data.val_size:
+        return (f"eval_meta_path and val_size={cfg.data.val_size:g} (split_dataset_ratio) both choose the evaluation "
+                "data: set one of them")
     if train.eval_generate:
-        if not evaluates or not train.eval_meta_path:
-            return "eval_generate: true needs evaluation_strategy: steps, eval_steps > 0 and eval_meta_path"
+        if not evaluates or not has_eval_data(cfg):
+            return ("eval_generate: true needs evaluation_strategy: steps, eval_steps > 0 and eval_meta_path "
+                    "(or val_size)")
         try:
             parse_metric_names(train.eval_metrics)
         except ValueError as exc:
@@ -43,7 +52,7 @@ def evaluation_problem(cfg: RunConfig) -> Optional[str]:
     if train.metric_for_best_model:
         key = best_metric_key(train.metric_for_best_model)
         names = [EVAL_PREFIX + n for n in (parse_metric_names(train.eval_metrics) if train.eval_generate else [])]
-        available = names + ([EVAL_PREFIX + "loss"] if train.eval_meta_path else [])
+        available = names + ([EVAL_PREFIX + "loss"] if has_eval_data(cfg) else [])
         if not evaluates or key not in available:
             return (f"metric_for_best_model={train.metric_for_best_model!r} is not evaluated (evaluated at eval_steps: "
                     f"{', '.join(available) or 'nothing'})")
@@ -96,7 +105,7 @@ class TrainingEvaluation:
             return
         if self.key not in metrics:
             raise ValueError(f"metric_for_best_model={self.key!r} was not computed at step {step} (have: "
-                             f"{', '.join(metrics) or 'nothing'}); set eval_generate/eval_metrics or eval_meta_path")
+                             f"{', '.join(metrics) or 'nothing'}); set eval_generate/eval_metrics or eval_meta_path (or val_size)")
         value, best = metrics[self.key], self.state.best_metric
         if best is None or (value > best if self.greater else value < best):
             self.state = EarlyStoppingState(value, step, 0)

@@ -6,6 +6,9 @@ Planner options:
   (fp32 — bf16 is ignored there — and the exact math attention).
 - image_size: side in pixels of the square image assumed per sample, before `image_resolution`, min/max_pixels
   (default: the largest the config allows: image_resolution, else sqrt(max_pixels)).
+- image_hw, longest_sample: what `qwen2vl-ap plan` read from the data (launch/plan.py): the largest image's
+  original (height, width), used instead of image_size's square, and the longest sample in tokens (padded as the
+  loader pads), the sequence length planned unless packing fills rows to max_seq_length.
 - supervised_fraction: share of positions whose next token is supervised (logits are computed only there).
 - reserve_gb: CUDA context, communication buffers and allocator slack, not modelled (default 1 on gpu).
 """
@@ -42,6 +45,8 @@ class PlanOptions:
     reserve_gb: float | None = None
     nproc_per_node: int | None = None
     nnodes: int = 1
+    image_hw: tuple[int, int] | None = None
+    longest_sample: int | None = None
 
 
 @dataclasses.dataclass
@@ -84,17 +89,21 @@ def plan_run(cfg: RunConfig, options: PlanOptions) -> Planned:
     processor = Qwen2VLImageProcessor(**cfg.data.pixel_overrides, patch_size=v.patch_size,
                                       temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
     side = options.image_size or cfg.data.image_resolution or math.isqrt(processor.max_pixels)
-    grid = processor.grid_thw(side, side)
-    rh, rw = processor.resized_hw(side, side)
+    height, width = options.image_hw or (side, side)
+    grid = processor.grid_thw(height, width)
+    rh, rw = processor.resized_hw(height, width)
     image_tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size ** 2
-    image_note = (f"{options.images_per_sample} image/sample of {side}x{side} px -> {rh}x{rw} -> grid "
+    image_note = (f"{options.images_per_sample} image/sample of {height}x{width} px -> {rh}x{rw} -> grid "
                   f"{grid[0]}x{grid[1]}x{grid[2]} = {grid[0] * grid[1] * grid[2]} patches, {image_tokens} tokens")
     if image_tokens * options.images_per_sample >= cfg.data.max_seq_length:
         image_note += (f" (WARNING: more than max_seq_length={cfg.data.max_seq_length}; such samples are cut or "
                        "skipped by the data pipeline: pass --image_size for your data)")
     half = cfg.model.bf16 and options.device == "gpu"
     lora = LoraSpec(cfg.lora.lora_rank, tuple(cfg.lora.lora_target_modules)) if cfg.uses_lora else None
-    workload = Workload(batch=cfg.train.per_device_train_batch_size, seq_len=cfg.data.max_seq_length, image_grid=grid,
+    seq_len = cfg.data.max_seq_length
+    if options.longest_sample and not cfg.data.packing:
+        seq_len = min(seq_len, options.longest_sample)
+    workload = Workload(batch=cfg.train.per_device_train_batch_size, seq_len=seq_len, image_grid=grid,
                         images_per_sample=options.images_per_sample,
                         supervised_fraction=options.supervised_fraction, recompute=cfg.model.recompute,
                         vit_recompute=cfg.model.recompute_vit,

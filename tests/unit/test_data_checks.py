@@ -6,9 +6,11 @@ import pytest
 from PIL import Image
 
 from autoparallel.config import ConfigError, RunConfig
+from autoparallel.data import DataConfig, SFTDataset
 from autoparallel.data.records import DataError
 from launch.cli import main
 from launch.prepare import check_records
+from network.processor import Qwen2VLProcessor
 
 
 def build(**layer):
@@ -73,3 +75,26 @@ def test_plan_refuses_a_meta_path_that_does_not_exist(tmp_path, capsys):
     """8p: `plan --meta_path /nonexistent/meta.json` exited 0."""
     assert main(["plan", "--meta_path", str(tmp_path / "nope.json")]) == 2
     assert "meta_path=" in capsys.readouterr().err
+
+
+def test_plan_reads_lengths_and_image_sizes_from_the_data(tmp_path, capsys):
+    """`plan --dataset` plans the data's longest sample (padded as the loader pads), its most images per sample and
+    its largest image (original size) instead of max_seq_length and the assumed square image."""
+    Image.new("RGB", (112, 56), (9, 9, 9)).save(tmp_path / "wide.png")
+    Image.new("RGB", (28, 28), (9, 9, 9)).save(tmp_path / "small.png")
+    records = [{"messages": [{"role": "user", "content": "<image><image>two?"}, {"role": "assistant", "content": "a"}],
+                "images": [str(tmp_path / "small.png"), str(tmp_path / "wide.png")]},
+               {"messages": [{"role": "user", "content": "<image>one?"}, {"role": "assistant", "content": "b"}],
+                "images": [str(tmp_path / "small.png")]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    assert main(["plan", "--dataset", str(path), "--data_parallel_degree", "1", "--nproc_per_node", "1"]) == 0
+    out = capsys.readouterr().out
+    decoded = SFTDataset(DataConfig(dataset=[str(path)]), Qwen2VLProcessor.from_pretrained(None))
+    longest = max(len(decoded[i]["input_ids"]) for i in range(2))  # the oracle: samples decoded from pixels
+    padded = -(-longest // 8) * 8
+    assert (f"data: 2 samples, 2 trainable; longest {longest} tokens (padded {padded}), up to 2 images/sample, "
+            "largest image 56x112 px") in out
+    assert f" x {padded} tokens; 2 image/sample of 56x112 px -> 56x112" in out
+    assert main(["plan", "--dataset", str(path), "--image_size", "224", "--images_per_sample", "1"]) == 0
+    assert "1 image/sample of 224x224 px" in capsys.readouterr().out

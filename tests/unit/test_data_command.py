@@ -31,3 +31,10 @@ def test_data_command_exit_2_when_nothing_fits(tmp_path, capsys):
     path = write_dataset(tmp_path, size=448)
     assert main(["data", "--dataset", path, "--max_seq_length", "64", "--show", "0"]) == 2
     assert "all 3 probed samples are longer than max_seq_length 64" in capsys.readouterr().out
+
+
+def test_data_command_shows_the_held_out_split(tmp_path, capsys):
+    path = write_dataset(tmp_path)
+    assert main(["data", "--dataset", path, "--show", "0", "--split_dataset_ratio", "0.3"]) == 0
+    assert (f"data: {path}: 2 samples from 3 valid records (repeat_time applied); 1 records held out for evaluation "
+            "(val_size)") in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """SFT sample building: template ids, label masks, vision-token expansion, truncation, media errors, video."""
+import dataclasses
 import json
 import os
 import re
@@ -257,3 +258,59 @@ def test_decompression_bomb_image_is_a_data_error(tmp_path, processor, side):
             call(0)
         assert info.value.kind == "unreadable media" and re.search("decompression.bomb", str(info.value))
         assert str(info.value).startswith(f"{tmp_path / 'ann.json'}, record 0: unreadable media ")
+
+
+def test_held_out_split_is_read_as_training_reads_it(tmp_path, processor):
+    """val_size's held-out samples are the training samples of those records, token for token, and the evaluation
+    loader (as the trainer's evaluate builds it) iterates exactly them."""
+    from autoparallel.data import SFTDataLoader
+
+    records = [user_assistant((f"<image>question {i}", f"answer {i}"), images=[png(tmp_path / f"{i}.png")])
+               for i in range(6)]
+    full = make_dataset(tmp_path, records, processor)
+    split = make_dataset(tmp_path, records, processor, val_size=2)
+    held = split.held_out()
+    assert (len(split), len(held)) == (4, 2)
+    whole = {tuple(full[i]["input_ids"]): i for i in range(len(full))}
+    seen = [whole[tuple(held[i]["input_ids"])] for i in range(len(held))]
+    trained = [whole[tuple(split[i]["input_ids"])] for i in range(len(split))]
+    assert sorted(seen + trained) == list(range(6))
+    loader = SFTDataLoader(held, 1, shuffle=False, num_workers=0)
+    assert [int(b["input_ids"].shape[1]) for b in loader] == [int(held[i]["num_tokens"] + 7) // 8 * 8 for i in
+                                                             range(2)]
+
+
+def test_length_table_is_what_probing_finds_and_ranks_plan_from_it(tmp_path, processor, monkeypatch):
+    """The parent's length table (index_lengths) holds each record's probed row; a later dataset of the same data
+    and setting plans global batches from it without opening a media file, and reports a too-long sample as probing
+    does; a change of content or of a length setting never reads a stale table."""
+    from autoparallel.data import SFTDataLoader
+    from autoparallel.data.dataset import NOT_MEASURED, SFTDataset
+
+    records = [user_assistant((f"<image>question {i}", "answer " * (1 + 3 * i)), images=[png(tmp_path / f"{i}.png")])
+               for i in range(5)] + [user_assistant(("<video>what?", "rain"), videos=[mp4(tmp_path / "v.mp4")])]
+    records.append(user_assistant(("<image>" + "long " * 60, "x"), images=[png(tmp_path / "0.png")]))  # too long
+    parent = make_dataset(tmp_path, records, processor, max_seq_length=48)
+    assert parent._tables == [None]
+    probed = [parent._measure(parent.records.conversation(i)) for i in range(len(parent))]
+    parent.index_lengths()
+    worker = SFTDataset(parent.config, processor)
+    assert np.array_equal(worker._table_rows(np.arange(len(worker))), np.stack(probed))
+    assert [tuple(r[3:]) for r in probed] == [(1, 0, 56, 56)] * 5 + [(0, 1, 0, 0), (1, 0, 56, 56)]
+
+    def no_probe(*_):
+        raise AssertionError("probed although the table has the row")
+    monkeypatch.setattr(SFTDataset, "_probe_media", no_probe)
+    loader = SFTDataLoader(worker, 2, shuffle=False, num_workers=0)
+    plans = [loader._plan(0, s) for s in range(2)]
+    assert [p.global_num_labels for p in plans] == [sum(int(probed[i][2]) for i in (2 * s, 2 * s + 1))
+                                                     for s in range(2)]
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="record 6: .* tokens > max_seq_length 48"):
+        worker.probe(6)
+    for changed in ({"max_seq_length": 64}, {"max_pixels": 56 * 56}, {"system_prompt": ""}):
+        assert SFTDataset(dataclasses.replace(parent.config, **changed), processor)._tables == [None], changed
+    (tmp_path / "ann.json").write_text(json.dumps(records[:-1]))
+    edited = SFTDataset(parent.config, processor)
+    assert edited._tables == [None] and len(edited) == 6
+    assert (edited._table_rows(np.arange(6))[:, 0] == NOT_MEASURED).all()

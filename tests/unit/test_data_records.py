@@ -203,3 +203,44 @@ def test_parse_record_accepts_string_media_and_conversation_roles():
     conv = parse_record({"conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "<image>q"},
                                            {"from": "assistant", "value": "a"}], "image": "p.png"}, "f", 0, "/r")
     assert conv.system == "S" and conv.images == ("/r/p.png",)
+
+
+def _qa_annotation(tmp_path, n):
+    return write_jsonl(tmp_path / "qa.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                             {"role": "assistant", "content": "a"}]}
+                                               for i in range(n)])
+
+
+@pytest.mark.parametrize("val_size, held", [(0.25, 3), (0.2, 2), (3, 3), (1, 1)])
+def test_val_size_holds_out_a_seeded_disjoint_split(tmp_path, val_size, held):
+    """LLaMA-Factory's val_size: a fraction (rounded up, as HF's train_test_split) or a count; the held-out records
+    are in no training sample (even repeated ones), each is one evaluation sample, and data_seed fixes the choice."""
+    ann = _qa_annotation(tmp_path, 10)
+    meta = write_json(tmp_path / "meta.json", {"d": {"annotation": ann, "repeat_time": 2}})
+    store = RecordStore(meta, seed=7, val_size=val_size)
+    users = lambda s: [s.conversation(i).turns[0][0] for i in range(len(s))]  # noqa: E731
+    evaluated = users(store.held_out())
+    assert len(evaluated) == len(set(evaluated)) == held
+    assert len(store) == 2 * (10 - held) and not set(evaluated) & set(users(store))
+    assert set(evaluated) | set(users(store)) == {f"q{i}" for i in range(10)}
+    assert evaluated == users(RecordStore(meta, seed=7, val_size=val_size).held_out())
+    others = [users(RecordStore(meta, seed=s, val_size=val_size).held_out()) for s in range(8)]
+    assert any(o != evaluated for o in others)
+    assert len(RecordStore(meta, seed=7)) == 20 and len(RecordStore(meta, seed=7).held_out_ids) == 0
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"val_size": 10}, "val_size=10 holds out 10 of the 10 valid records, leaving none to train on"),
+    ({"val_size": 0.999}, "val_size=0.999 holds out 10 of the 10 valid records"),
+    ({"val_size": -0.1}, "val_size=-0.1 is out of range (val_size: a fraction in [0, 1) or a whole record count)"),
+    ({"val_size": 2.5}, "val_size=2.5 is out of range"),
+    ({"val_size": 0.1, "split_dataset_ratio": 0.2}, "split_dataset_ratio=0.2 (test) contradicts val_size=0.1"),
+])
+def test_nonsense_val_size_is_one_line(tmp_path, keys, message):
+    from autoparallel.config import ConfigError, RunConfig
+
+    meta = write_json(tmp_path / "meta.json", {"d": {"annotation": _qa_annotation(tmp_path, 10)}})
+    with pytest.raises((ConfigError, DataError)) as err:
+        cfg = RunConfig.build("sft", [("test", {"meta_path": meta, **keys})])
+        RecordStore(meta, seed=0, val_size=cfg.data.val_size)
+    assert message in str(err.value) and "\n" not in str(err.value)

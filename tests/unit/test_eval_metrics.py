@@ -229,6 +229,11 @@ def test_best_step_and_early_stopping_follow_the_metric():
     ({"metric_for_best_model": "eval_loss", "save_steps": 3}, "metric_for_best_model needs save_steps, a multiple"),
     ({"early_stopping_patience": 2}, "early_stopping_patience needs metric_for_best_model"),
     ({"eval_generate": True, "eval_metrics": "anls", "metric_for_best_model": "anls"}, None),
+    # the held-out split is evaluation data too; it and eval_meta_path never both choose it
+    ({"eval_meta_path": None, "val_size": 0.1, "eval_generate": True, "metric_for_best_model": "eval_loss"}, None),
+    ({"eval_meta_path": None, "metric_for_best_model": "eval_loss"}, "metric_for_best_model='eval_loss' is not "
+                                                                      "evaluated (evaluated at eval_steps: nothing)"),
+    ({"split_dataset_ratio": 0.1}, "eval_meta_path and val_size=0.1 (split_dataset_ratio) both choose"),
 ])
 def test_evaluation_keys_that_cannot_work_together_are_one_line(keys, problem):
     from autoparallel.engine.training_eval import evaluation_problem
