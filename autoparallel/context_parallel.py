@@ -5,29 +5,45 @@ The token embeddings (vision features placed) are scattered to Shard(1) of [b, S
 each rank keeping a contiguous S/cp of every row — and the whole decoder runs on that slice: norms, MLPs,
 residuals and q/k/v/o projections touch 1/cp of the tokens and hold 1/cp of the activations.
 
-Attention (Ulysses). The q/k/v projection outputs go from Shard(1) (sequence) to Shard(2) (heads) on "cp":
-every rank then holds the whole sequence for 1/cp of the heads and KV heads, and attends exactly as one
-process would (causal mask, padding, packed samples' boundaries: all on the whole sequence). The attention
-output goes back from heads to sequence before o_proj. M-RoPE: `position_ids` stay replicated over "cp"
-(computed on the whole sequence by the data pipeline), and the rotation is applied after the exchange, on the
-whole sequence, so each token keeps its own position. The final hidden states are all-gathered before the
-loss head, whose positions/targets index the whole row, so the loss is the token mean of the global batch.
+Attention (Ulysses). The q/k/v projection outputs go from sequence to heads on "cp": every rank then holds
+the whole sequence for 1/cp of its heads and KV heads, and attends exactly as one process would (causal mask,
+padding, packed samples' boundaries: all on the whole sequence). The attention output goes back from heads to
+sequence before o_proj. M-RoPE: `position_ids` stay replicated over "cp" (computed on the whole sequence by the
+data pipeline), and the rotation is applied after the exchange, on the whole sequence, so each token keeps its
+own position. The final hidden states are all-gathered before the loss head, whose positions/targets index the
+whole row, so the loss is the token mean of the global batch.
+
+With tensor parallel the projections' heads are already split over "mp" (column-parallel outputs, Shard(2)),
+and Ulysses splits this rank's heads again over "cp": one tensor dim on two mesh dims, which placements cannot
+say. So the exchange (with or without mp) works on local tensors: `dtensor_to_local`, an all-to-all among this
+rank's cp peers (`_Exchange`, whose backward is the reverse all-to-all), `dtensor_from_local`; the attention
+between the exchanges sees this rank's [b, S, heads / (cp x mp)] as a tensor replicated over "cp" and "mp":
+attention is per head, so no op there communicates over those dims. o_proj gets back exactly the placements
+q_proj produced. GQA with fewer local
+KV heads than cp ranks: each KV head is repeated (before the exchange, so its gradient sums the copies) until
+every cp rank receives the KV head its query heads read.
 
 Vision. The frozen ViT runs on every context peer's (identical) images, and the merged features are placed
 into the full-length embeddings before the scatter: each token's vision feature goes with it to its slice.
 Running each image on one rank would save ViT compute but needs an exchange of variable-size features; the
 tower is frozen by default, small next to the decoder, and its activations do not grow with the sequence.
 
-Exchanges. On GPU builds Shard(1) <-> Shard(2) is one `dist.reshard` (Paddle's same-dim s-to-s reshard, an
-all-to-all). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_via_gather` all-gathers and slices.
-Sequence lengths must be divisible by cp: `shard_batch(..., seq_multiple=cp)`.
+Exchanges. The local pieces form one tensor on the 1-D mesh of this rank's cp peers, resharded Shard(1) <->
+Shard(2): Paddle's same-dim s-to-s reshard, one all-to-all on GPU builds (a sub-mesh, not `dist.new_group`:
+group ids come from a per-process counter, and new gloo groups failed to connect on the CPU build, see
+autoparallel/pipeline.py). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_via_gather` all-gathers
+and slices. Sequence lengths must be divisible by cp:
+`shard_batch(..., seq_multiple=cp)`. Which head counts work: placements/degrees.py `context_parallel_problems`.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import paddle
 import paddle.distributed as dist
+from paddle.autograd import PyLayer
+from paddle.distributed.auto_parallel.api import dtensor_from_local, dtensor_to_local
 
 from autoparallel import cpu_compat
 from autoparallel.mesh import CP_DIM
@@ -70,31 +86,72 @@ def gather_context(x: paddle.Tensor) -> paddle.Tensor:
     return dist.reshard(x, x.process_mesh, _on_cp(x, dist.Replicate()))
 
 
-def _exchange(x: paddle.Tensor, dim: int) -> paddle.Tensor:
-    placements = _on_cp(x, dist.Shard(dim))
+def _all_to_all(x: paddle.Tensor, cp_mesh: dist.ProcessMesh, split_axis: int, concat_axis: int) -> paddle.Tensor:
+    """Chunk i of the local `x` along `split_axis` to the i-th rank of the 1-D `cp_mesh`, the chunks received
+    concatenated along `concat_axis`: a Shard(concat) -> Shard(split) reshard of the tensor the ranks' `x` form."""
+    whole = dtensor_from_local(x, cp_mesh, [dist.Shard(concat_axis)])
+    target = [dist.Shard(split_axis)]
     if cpu_compat.runs_on_cpu():
-        return cpu_compat.all_to_all_via_gather(x, placements)
-    return dist.reshard(x, x.process_mesh, placements)
+        return cpu_compat.all_to_all_via_gather(whole, target)._local_value()
+    return dist.reshard(whole, cp_mesh, target)._local_value()
 
 
-def _to_heads(layer, inputs, output):
-    return _exchange(output, HEADS_DIM)
+class _Exchange(PyLayer):
+    """All-to-all of a local tensor over the cp ranks; the backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, cp_mesh, split_axis: int, concat_axis: int):
+        ctx.reverse = (cp_mesh, concat_axis, split_axis)
+        return _all_to_all(x, cp_mesh, split_axis, concat_axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, *ctx.reverse)
 
 
-def _to_sequence(layer, inputs):
-    return (_exchange(inputs[0], SEQUENCE_DIM), *inputs[1:])
+class _Ulysses:
+    """The hooks of one model: `head_dim` to count KV heads, the placements q_proj produced (restored for
+    o_proj)."""
+
+    def __init__(self, mesh: dist.ProcessMesh, head_dim: int):
+        self.mesh, self.head_dim, self.cp = mesh, head_dim, cp_degree(mesh)
+        self.cp_mesh = mesh.get_submesh_with_dim(CP_DIM)  # this rank's cp peers
+        self.sequence_placements = None
+        # Between the exchanges: this rank's heads on the whole sequence, presented as replicated on cp and mp.
+        self.local_dims = [mesh.dim_names.index(CP_DIM)] + [i for i, n in enumerate(mesh.dim_names) if n == "mp"]
+
+    def to_heads(self, layer, inputs, output):
+        placements = list(output.placements)
+        self.sequence_placements = list(placements)  # q, k and v alike: what o_proj gets back
+        local = dtensor_to_local(output, self.mesh, placements)
+        b, s, width = local.shape
+        heads = width // self.head_dim
+        repeat = self.cp // math.gcd(heads, self.cp)
+        if repeat > 1:  # GQA: each KV head repeated in place, so that cp rank i gets the one its queries read
+            local = local.reshape([b, s, heads, 1, self.head_dim]).expand([b, s, heads, repeat, self.head_dim])
+            local = local.reshape([b, s, width * repeat])
+        for i in self.local_dims:
+            placements[i] = dist.Replicate()
+        return dtensor_from_local(_Exchange.apply(local, self.cp_mesh, HEADS_DIM, SEQUENCE_DIM), self.mesh, placements)
+
+    def to_sequence(self, layer, inputs):
+        x = inputs[0]
+        local = _Exchange.apply(dtensor_to_local(x, self.mesh, x.placements), self.cp_mesh, SEQUENCE_DIM, HEADS_DIM)
+        return (dtensor_from_local(local, self.mesh, self.sequence_placements), *inputs[1:])
 
 
-def apply_context_parallel(model: paddle.nn.Layer, plan: dict[str, str] = ULYSSES_PLAN) -> list:
-    """Register the Ulysses exchanges of `plan` on the parallelized `model`; returns the hook handles. Every
-    plan key must match at least one sublayer."""
+def apply_context_parallel(model: paddle.nn.Layer, mesh: dist.ProcessMesh, head_dim: int,
+                           plan: dict[str, str] = ULYSSES_PLAN) -> list:
+    """Register the Ulysses exchanges of `plan` on the parallelized `model` over `mesh`'s "cp" dim; returns the
+    hook handles. Every plan key must match at least one sublayer."""
+    ulysses = _Ulysses(mesh, head_dim)
     handles, unmatched = [], set(plan)
     for name, layer in model.named_sublayers():
         for key, style in plan.items():
             if re.fullmatch(key, name):
                 unmatched.discard(key)
-                handles.append(layer.register_forward_post_hook(_to_heads) if style == TO_HEADS
-                               else layer.register_forward_pre_hook(_to_sequence))
+                handles.append(layer.register_forward_post_hook(ulysses.to_heads) if style == TO_HEADS
+                               else layer.register_forward_pre_hook(ulysses.to_sequence))
     if unmatched:
         raise ValueError(f"context-parallel plan keys match no sublayer: {sorted(unmatched)}")
     logger.info("context parallel: %d Ulysses exchange hooks (%s)", len(handles),

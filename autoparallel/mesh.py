@@ -6,6 +6,7 @@ with pipeline stages).
   stages by send/recv (autoparallel/pipeline.py).
 - "cp" (only when context_parallel_degree > 1, between "dp" and "mp": ["dp", "cp", "mp"]) splits every
   sequence (autoparallel/context_parallel.py); context peers read the same samples, like tensor-parallel peers.
+  With "mp" too, Ulysses attention splits each mp rank's heads again over "cp".
 Ranks are laid out mp-fastest, pp-slowest: rank = ((pp_index * dp + dp_index) * cp + cp_index) * mp + mp_index,
 so tensor-parallel peers are neighbours and a stage's ranks are contiguous.
 

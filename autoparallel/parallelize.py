@@ -100,7 +100,7 @@ def parallelize(
     with _frozen_vision_detached(model, trainable), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
     if degrees.cp > 1:
-        apply_context_parallel(model)
+        apply_context_parallel(model, mesh, model.config.head_dim)
     if degrees.sharding_stage == 3 and cpu_compat.runs_on_cpu():
         cpu_compat.enable_zero3_gather(model, mesh.dim_names.index("dp"))
     logger.info("parallelized: mesh %s %s, sharding stage %d, tensor-parallel layers %d, training %s",

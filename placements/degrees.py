@@ -127,7 +127,9 @@ def degree_problems(
 
 
 def context_parallel_problems(d: ParallelDegrees, config: Qwen2VLConfig | None) -> list[str]:
-    """Ulysses splits the heads over cp x mp (each rank attends over the whole sequence for its heads)."""
+    """Ulysses splits each rank's heads over cp (after mp's split: cp x mp ways), each rank attending over the
+    whole sequence for its heads (autoparallel/context_parallel.py). KV heads fewer than cp per mp rank are
+    repeated, so their count per mp rank and cp must divide one another."""
     if d.cp == 1:
         return []
     problems = []
@@ -136,19 +138,22 @@ def context_parallel_problems(d: ParallelDegrees, config: Qwen2VLConfig | None) 
                         "is not supported")
     if d.sequence_parallel:
         problems.append(f"context_parallel_degree={d.cp} with sequence_parallel=true is not supported: use one of them")
-    if d.mp > 1:
-        # Heads split over both "cp" and "mp" is one tensor dim sharded on two mesh dims: not expressible here.
-        problems.append(f"context_parallel_degree={d.cp} with tensor_parallel_degree={d.mp} is not supported yet: "
-                        "use data parallel or sharding with context parallel")
     if d.sharding_stage == 3:
         problems.append(f"context_parallel_degree={d.cp} with sharding_stage=3 is not supported; use stage 1/2")
     if config is not None:
-        for name, heads in (("num_attention_heads", config.num_attention_heads),
-                            ("num_key_value_heads", config.num_key_value_heads)):
-            if heads % (d.cp * d.mp):
-                problems.append(f"{name}={heads} is not divisible by context_parallel_degree {d.cp} x "
-                                f"tensor_parallel_degree {d.mp} = {d.cp * d.mp} (Ulysses attention splits the heads "
-                                "over both)")
+        heads, kv = config.num_attention_heads, config.num_key_value_heads
+        if heads % (d.cp * d.mp):
+            problems.append(f"num_attention_heads={heads} is not divisible by context_parallel_degree {d.cp} x "
+                            f"tensor_parallel_degree {d.mp} = {d.cp * d.mp} (Ulysses attention splits the heads "
+                            "over both)")
+        if kv % d.mp:
+            # Fewer KV heads than mp ranks are replicated over mp (no KV head per query-head group to exchange).
+            problems.append(f"num_key_value_heads={kv} is not divisible by tensor_parallel_degree={d.mp}, which "
+                            f"context_parallel_degree={d.cp} needs")
+        elif (kv // d.mp) % d.cp and d.cp % (kv // d.mp):
+            problems.append(f"num_key_value_heads={kv} / tensor_parallel_degree {d.mp} = {kv // d.mp} KV heads per "
+                            f"rank and context_parallel_degree={d.cp}: one must divide the other (Ulysses splits "
+                            "them over cp, or repeats them)")
     return problems
 
 

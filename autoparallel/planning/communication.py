@@ -28,7 +28,8 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
 - "cp" (context parallel, Ulysses): per decoder layer, q, k and v go from S/cp tokens of all (mp-local) heads
   to all S tokens of 1/cp of them, and the attention output back before o_proj: four all-to-alls forward
   (replayed by recompute) and four backward, each moving this rank's [b, S/cp, heads x head_dim] piece. On CPU
-  (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). The final hidden states are
+  (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). KV heads fewer than cp per
+  mp rank are repeated before their exchange (cp / their count copies each). The final hidden states are
   all-gathered for the head; trainable gradients (each rank's tokens) are all-reduced over "cp".
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
@@ -39,6 +40,7 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autoparallel.planning.memory import DTYPE_BYTES, PlanSetup, local_widths, numel
@@ -200,7 +202,8 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
     d, wl, e = setup.degrees, setup.workload, DTYPE_BYTES[setup.dtype]
     w, micro, tokens = local_widths(setup.config, d.mp), wl.gradient_accumulation_steps, wl.tokens // d.cp
     op, note = ("all_gather", "all-to-all done as all-gather + slice (gloo)") if cpu else ("all_to_all", "")
-    exchanged = tokens * (2 * w.q + 2 * w.kv) * e // 4  # q, k, v, attention output: the mean per call
+    kv = w.kv * (d.cp // math.gcd(w.kv // setup.config.head_dim, d.cp))  # repeated KV heads (GQA)
+    exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: the mean per call
     full = _trainable_local(setup, stage)
     return [
         Collective("cp", op, "forward: Ulysses q/k/v -> heads, attention output -> sequence",

@@ -60,11 +60,12 @@ def test_context_parallel_splits_sequence_then_heads(name, launched):
     config = tiny_config()
     kw = launched[name]["degrees"]
     cp, dp = kw["context_parallel_degree"], kw.get("data_parallel_degree", 1) * kw.get("sharding_parallel_degree", 1)
+    mp = kw.get("tensor_parallel_degree", 1)
     seq = PACKED_ROW if name in PACKED else SEQ
     for rank, res in launched[name]["ranks"].items():
         shapes = res["activation_local_shapes"]
         assert shapes["decoder_input"][1:] == [seq // cp, config.hidden_size], (name, rank, shapes)
-        assert shapes["q"][1:] == [seq, config.num_attention_heads * config.head_dim // cp], (name, rank, shapes)
+        assert shapes["q"][1:] == [seq, config.num_attention_heads * config.head_dim // (cp * mp)], (name, rank, shapes)
         if name not in PACKED:  # padded rows: the local batch is this dp rank's samples
             assert shapes["decoder_input"][0] == GLOBAL_MICRO_BATCH // dp
 
@@ -93,10 +94,10 @@ def test_cp2_checkpoint_resumes_exactly_on_dp2(meta, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sequence_parallel_size", "4", "--nproc_per_node", "4"],
-     "num_key_value_heads=2 is not divisible by context_parallel_degree 4"),
-    (["--context_parallel_degree", "2", "--tensor_parallel_degree", "2", "--nproc_per_node", "4"],
-     "context_parallel_degree=2 with tensor_parallel_degree=2 is not supported yet"),
+    (["--sequence_parallel_size", "8", "--nproc_per_node", "8"],
+     "num_attention_heads=4 is not divisible by context_parallel_degree 8 x tensor_parallel_degree 1 = 8"),
+    (["--context_parallel_degree", "2", "--tensor_parallel_degree", "4", "--nproc_per_node", "8"],
+     "num_key_value_heads=2 is not divisible by tensor_parallel_degree=4, which context_parallel_degree=2 needs"),
 ])
 def test_bad_context_parallel_degree_fails_before_workers(meta, tmp_path, args, message):  # noqa: F811
     out = tmp_path / "run"

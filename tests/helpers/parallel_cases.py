@@ -60,6 +60,8 @@ LAYOUTS_CP_2 = [
 LAYOUTS_CP_4 = [
     ("cp2dp2", dict(data_parallel_degree=2, context_parallel_degree=2), "frozen"),
     ("cp2sharding2_packed", dict(sharding_parallel_degree=2, sharding_stage=1, context_parallel_degree=2), "frozen"),
+    ("cp2mp2", dict(context_parallel_degree=2, tensor_parallel_degree=2), "frozen"),
+    ("cp4", dict(context_parallel_degree=4), "frozen"),
 ]
 # image grids (t, h, w) in patches, per sample of the 4 * ACCUMULATION * STEPS samples (cycled)
 _IMAGES = [[(1, 4, 4)], [], [(1, 4, 4), (1, 4, 8)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [], []]

@@ -3,6 +3,8 @@ listed (all-to-all on GPU, all-gather + slice on CPU), `qwen2vl-ap plan` advice 
 sample does not fit, and degree checks before any worker."""
 from __future__ import annotations
 
+import dataclasses
+
 from autoparallel.planning.communication import communication
 from autoparallel.planning.memory import PlanSetup, Workload, activation_estimate
 from launch.plan import PlanOptions, advise, build, plan_main
@@ -35,6 +37,10 @@ def test_ulysses_collectives_listed():
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         assert exchanges[0].bytes_per_call == 32 * (2 * q + 2 * kv) * 4 // 4
         assert any(c.op == "all_reduce" and c.phase.startswith("gradients") for c in cp)
+    # cp2 x mp2: one KV head per mp rank, repeated for the two cp ranks (q: 2 of the 4 heads per mp rank).
+    cp_mp = communication(PlanSetup(config, ParallelDegrees(context_parallel_degree=2, tensor_parallel_degree=2), wl))
+    exchange = next(c for c in cp_mp if c.group == "cp" and "Ulysses" in c.phase)
+    assert exchange.bytes_per_call == 32 * (2 * q // 2 + 2 * 2 * kv // 2) * 4 // 4
     assert not any(c.group == "cp" for c in communication(PlanSetup(config, ParallelDegrees(), wl)))
 
 
@@ -63,9 +69,19 @@ def test_plan_command_cp2(capsys):
 def test_context_parallel_degree_checks():
     config = tiny_config()  # 4 heads, 2 KV heads
     assert degree_problems(CP2, config, 2) == []
-    problems = degree_problems(ParallelDegrees(context_parallel_degree=4), config, 4)
-    assert problems == ["num_key_value_heads=2 is not divisible by context_parallel_degree 4 x "
-                        "tensor_parallel_degree 1 = 4 (Ulysses attention splits the heads over both)"]
+    assert degree_problems(ParallelDegrees(context_parallel_degree=4), config, 4) == []  # 2 KV heads repeated
+    assert degree_problems(ParallelDegrees(context_parallel_degree=2, tensor_parallel_degree=2), config, 4) == []
+    problems = degree_problems(ParallelDegrees(context_parallel_degree=2, tensor_parallel_degree=4), config, 8)
+    assert problems == ["num_attention_heads=4 is not divisible by context_parallel_degree 2 x tensor_parallel_degree "
+                        "4 = 8 (Ulysses attention splits the heads over both)",
+                        "num_key_value_heads=2 is not divisible by tensor_parallel_degree=4, which "
+                        "context_parallel_degree=2 needs"]
+    six_heads = dataclasses.replace(config, hidden_size=192, num_attention_heads=6,  # head_dim 32, 2 KV heads
+                                    vision_config=dataclasses.replace(config.vision_config, hidden_size=192))
+    problems = degree_problems(ParallelDegrees(context_parallel_degree=3), six_heads, 3)
+    assert problems == ["num_key_value_heads=2 / tensor_parallel_degree 1 = 2 KV heads per rank and "
+                        "context_parallel_degree=3: one must divide the other (Ulysses splits them over cp, or "
+                        "repeats them)"]
     assert any(p.startswith("world size 4 != ") and "context_parallel_degree 2" in p
                for p in degree_problems(CP2, config, 4))
     assert any("sequence_parallel=true is not supported" in p for p in degree_problems(
