@@ -18,24 +18,19 @@ from test_sequence_parallel import assert_params_close
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "pp_sp_worker.py"
 LAUNCHES = {2: ["pp2", "pp2_m4"], 4: ["pp2mp2"]}
-EXTRA_ARGS = {2: ["--resume-dp2"], 4: []}
-
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    run = run_workers_ok(WORKER, 1, out, ["--reference"], timeout=1200)
-    return {"losses": run.results[0]["losses"], "grad_norm": run.results[0]["grad_norm"],
-            "params": dict(np.load(out / "reference.npz"))}
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(tmp_path_factory, pp_sp_launch):
+    """pp2 and pp2_m4 from the 2-process launch shared with the sequence-parallel tests (its pp2 checkpoint and
+    dp2 resume too), pp2mp2 from a 4-process launch."""
     runs = {}
     for nproc, layouts in LAUNCHES.items():
-        out = tmp_path_factory.mktemp(f"pp{nproc}")
-        run = run_workers_ok(WORKER, nproc, out, ["--pp", ",".join(layouts), *EXTRA_ARGS[nproc]], timeout=1200)
+        if nproc == 2:
+            run, out = pp_sp_launch
+        else:
+            out = tmp_path_factory.mktemp(f"pp{nproc}")
+            run = run_workers_ok(WORKER, nproc, out, ["--pp", ",".join(layouts)], timeout=1200)
         for name in layouts:
             runs[name] = {"ranks": {r: res[name] for r, res in run.results.items()},
                           "params": {r: dict(np.load(out / f"params.{name}.{r}.npz")) for r in range(nproc)}}
@@ -45,18 +40,20 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["pp2", "pp2mp2"])
-def test_pp_loss_and_weights_match_single_process(name, launched, reference):
+def test_pp_loss_and_weights_match_single_process(name, launched, frozen_reference):
     run = launched[name]
     for rank, res in run["ranks"].items():
-        np.testing.assert_allclose(res["losses"], reference["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
+        np.testing.assert_allclose(res["losses"], frozen_reference["losses"], rtol=1e-5,
+                                   err_msg=f"{name} rank {rank}")
     for rank, params in run["params"].items():
         # Measured max 1.1e-5 (mp2: 5.5e-6): the tied embedding's gradient is summed in another order (per stage
         # over micro-batches, then across stages), and AdamW turns rounding in near-zero gradients into steps.
-        assert_params_close(params, reference["params"], f"{name} rank {rank}", tol=2e-5)
+        assert_params_close(params, frozen_reference["params"], f"{name} rank {rank}", tol=2e-5)
     for rank, res in run["ranks"].items():  # the clip's norm spans all stages, the tied weight counted once
-        np.testing.assert_allclose(res["grad_norms"][0], reference["grad_norm"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(res["grad_norms"][0], frozen_reference["grad_norm"], rtol=1e-5,
+                                   err_msg=f"rank {rank}")
     held = set().union(*(p.keys() for p in run["params"].values()))
-    assert held == set(reference["params"]), "every trainable weight lives on some stage"
+    assert held == set(frozen_reference["params"]), "every trainable weight lives on some stage"
 
 
 @pytest.mark.parametrize("name", ["pp2", "pp2mp2"])
@@ -113,11 +110,12 @@ def test_layer_split_cost_model():
         pipeline_layer_split(big, 4, [20, 20, 20])
 
 
-def test_simulated_gpu_pp2_trains_like_one_process(tmp_path, reference):
+def test_simulated_gpu_pp2_trains_like_one_process(tmp_path, frozen_reference):
     """pp2 on the simulated GPU (network/simulated_gpu.py): stages under the O2 branches and flash kernels, the
     losses of one plain process."""
     run = run_workers_ok(WORKER, 2, tmp_path, ["--pp", "pp2"], timeout=1200, simulate_gpu=True)
     for rank, res in run.results.items():
-        np.testing.assert_allclose(res["pp2"]["losses"], reference["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(res["pp2"]["losses"], frozen_reference["losses"], rtol=1e-5,
+                                   err_msg=f"rank {rank}")
     kernels = simulated_kernels(tmp_path)
     assert kernels["flash_attention"] > 0, kernels

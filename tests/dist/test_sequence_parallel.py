@@ -5,29 +5,15 @@ Forward and backward run on the CPU build (the reduce-scatter is all-reduce + sl
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from dist_utils import run_workers_ok
 from parallel_cases import tiny_config
 
-WORKER = Path(__file__).resolve().parents[1] / "helpers" / "pp_sp_worker.py"
-
-
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    run = run_workers_ok(WORKER, 1, out, ["--reference"], timeout=900)
-    return {"losses": run.results[0]["losses"], "params": dict(np.load(out / "reference.npz"))}
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sp")
-    run = run_workers_ok(WORKER, 2, out, ["--sp", "mp2,mp2sp"], timeout=900)
+def launched(pp_sp_launch):
+    run, out = pp_sp_launch
     return {"ranks": run.results, "params": {r: dict(np.load(out / f"params.mp2sp.{r}.npz")) for r in (0, 1)}}
 
 
@@ -40,11 +26,12 @@ def assert_params_close(params: dict, ref: dict, what: str, tol: float = 1e-5) -
         assert err < (1e-2 if key.endswith("k_proj.bias") else tol), f"{what} {key}: relative error {err:.2e}"
 
 
-def test_sp_loss_and_weights_match_single_process(launched, reference):
+def test_sp_loss_and_weights_match_single_process(launched, frozen_reference):
     for rank, res in launched["ranks"].items():
-        np.testing.assert_allclose(res["mp2sp"]["losses"], reference["losses"], rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(res["mp2sp"]["losses"], frozen_reference["losses"], rtol=1e-5,
+                                   err_msg=f"rank {rank}")
     for rank, params in launched["params"].items():
-        assert_params_close(params, reference["params"], f"mp2sp rank {rank}")
+        assert_params_close(params, frozen_reference["params"], f"mp2sp rank {rank}")
 
 
 def test_sp_halves_norm_input_memory(launched):

@@ -4,7 +4,8 @@
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
     --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
     --reference [--modes M] single-process reference (all MODES, or the comma-separated M) (launched with nproc 1 for the launcher's thread pinning):
-                            result.0.json {mode: losses} + reference.{mode}.npz and initial.npz (initial weights)
+                            result.0.json {mode: losses, "grad_norm": frozen step 1's gradient norm before
+                            clipping} + reference.{mode}.npz and initial.npz (initial weights)
 """
 from __future__ import annotations
 
@@ -110,6 +111,22 @@ def run_layout(name: str, out: str) -> dict:
     }
 
 
+def frozen_grad_norm() -> float:
+    """Step 1 of `reference_run("frozen")` up to the gradients: their global norm (what ClipGradByGlobalNorm clips;
+    the pipeline's clip must span its stages to the same value)."""
+    config = tiny_config()
+    model = build_model(config)
+    for name, p in model.named_parameters():
+        p.stop_gradient = not MODES["frozen"].trains(name)
+    step = micro_batches(config)[0]
+    normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
+    for b in step:
+        model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+              pixel_values=paddle.to_tensor(b["pixel_values"]), image_grid_thw=b["image_grid_thw"],
+              labels=b["labels"], loss_normalizer=normalizer).loss.backward()
+    return float(np.sqrt(sum(float(paddle.square(p.grad).sum()) for p in model.parameters() if p.grad is not None)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -127,7 +144,7 @@ def main() -> None:
             ref = reference_run(mode)
             np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
             losses[mode] = ref["losses"]
-        write_result(args.out, rank, losses)
+        write_result(args.out, rank, {**losses, "grad_norm": frozen_grad_norm()})
         return
     if args.bad_degrees:
         # Validation must come before any work: no process group, no model.

@@ -1,7 +1,6 @@
-"""Launched by tests/dist/test_sequence_parallel.py and tests/dist/test_pipeline.py (same data as parallel_cases).
+"""Launched by tests/dist/test_sequence_parallel.py and tests/dist/test_pipeline.py (same data as parallel_cases;
+their single-process reference: tests/helpers/parallel_worker.py --reference).
 
-    --reference         single process: result.0.json {"losses", "grad_norm"} + reference.npz (trainable
-                        parameters); grad_norm: global gradient norm of step 1 before clipping
     --sp mp2,mp2sp      tensor parallel without / with sequence parallel; records the local bytes of every
                         decoder RMSNorm input (forward pre-hook) of the first forward
     --pp pp2,pp2_m4     pipeline layouts (see PP_LAYOUTS): losses, stage parameters, bubble fraction; pp2 also
@@ -29,7 +28,7 @@ from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from network.modeling_qwen2_vl import Qwen2RMSNorm
-from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, reference_run, tiny_config
+from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, tiny_config
 from placements.qwen2_vl import is_trainable
 
 SP_LAYOUTS = {"mp2": (dict(tensor_parallel_degree=2), False), "mp2sp": (dict(tensor_parallel_degree=2), True)}
@@ -159,44 +158,26 @@ def _resume_dp2(out: str) -> dict:
     return {"moment_keys": len(moments)}
 
 
-def reference_grad_norm() -> float:
-    """Step 1 of `reference_run` up to the gradients: their global norm (what ClipGradByGlobalNorm clips)."""
-    config = tiny_config()
-    model = build_model(config)
-    for name, p in model.named_parameters():
-        p.stop_gradient = not is_trainable(name)
-    step = micro_batches(config)[0]
-    normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
-    for b in step:
-        model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-              pixel_values=paddle.to_tensor(b["pixel_values"]), image_grid_thw=b["image_grid_thw"],
-              labels=b["labels"], loss_normalizer=normalizer).loss.backward()
-    return float(np.sqrt(sum(float(paddle.square(p.grad).sum()) for p in model.parameters() if p.grad is not None)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--reference", action="store_true")
     parser.add_argument("--sp", default="")
     parser.add_argument("--pp", default="")
     parser.add_argument("--resume-dp2", action="store_true")
     args = parser.parse_args()
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
-    if args.reference:
-        ref = reference_run("frozen")
-        np.savez(os.path.join(args.out, "reference.npz"), **{k: v for k, v in ref["params"].items() if is_trainable(k)})
-        write_result(args.out, rank, {"losses": ref["losses"], "grad_norm": reference_grad_norm()})
-        return
     dist.init_parallel_env()
     results = {}
     for name in filter(None, args.sp.split(",")):
         results[name] = run_sp(name, args.out)
         write_result(args.out, rank, results)
     if args.pp:
-        for name in args.pp.split(","):
-            results[name] = run_pp(name, args.out)
-            write_result(args.out, rank, results)
+        # Fresh unique names, as in a process that ran nothing before: the pp2 checkpoint's keys derive from
+        # parameter names, and --resume-dp2 rebuilds them from the start.
+        with paddle.utils.unique_name.guard():
+            for name in args.pp.split(","):
+                results[name] = run_pp(name, args.out)
+                write_result(args.out, rank, results)
     if args.resume_dp2:
         results["resume_dp2"] = resume_dp2(args.out)
         write_result(args.out, rank, results)
