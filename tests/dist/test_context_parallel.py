@@ -1,9 +1,11 @@
-"""#32 context parallel: cp2, cp2 x dp2 and cp2 x sharding2 (padded and packed rows) train like one process, with
-every rank holding a slice of each sequence and attending over the whole sequence for its heads (Ulysses); a cp2
-checkpoint resumes exactly on dp2; bad cp degrees fail before any worker starts.
+"""#32 context parallel: cp2, cp4, cp2 x dp2, cp2 x sharding2 and cp2 x mp2 (padded and packed rows) train like
+one process, with every rank holding a slice of each sequence and attending over the whole sequence for its heads
+(Ulysses); a cp2 checkpoint resumes exactly on dp2; bad cp degrees fail before any worker starts.
 
 Same data and single-process reference as tests/dist/test_parallel_layouts.py (parallel_cases: samples with 0-2
-images of different sizes, 5 AdamW steps, accumulation 2), one launch per process count.
+images of different sizes, 5 AdamW steps, accumulation 2), one launch per process count; the MEDIA layouts (cp2,
+cp2 x mp2) train on samples with 3 and 4 images and videos instead, against a reference on those samples
+computed in the same single-process launch.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 
 from dist_utils import launch_layouts, run_workers_ok
-from parallel_cases import LAYOUTS_CP_2, LAYOUTS_CP_4, PACKED, PACKED_ROW, SEQ, GLOBAL_MICRO_BATCH, tiny_config
+from parallel_cases import (LAYOUTS_CP_2, LAYOUTS_CP_4, MEDIA, PACKED, PACKED_ROW, SEQ, GLOBAL_MICRO_BATCH,
+                            tiny_config)
 from test_engine import FAST, assert_ok, losses, merged_weights, meta, sft  # noqa: F401 (meta: fixture)
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "parallel_worker.py"
@@ -23,8 +26,9 @@ WORKER = Path(__file__).resolve().parents[1] / "helpers" / "parallel_worker.py"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    run = run_workers_ok(WORKER, 1, out, ["--reference", "--modes", "frozen"], timeout=1200)
-    return {"losses": run.results[0]["frozen"], "params": dict(np.load(out / "reference.frozen.npz"))}
+    run = run_workers_ok(WORKER, 1, out, ["--reference", "--modes", "frozen", "--media"], timeout=1200)
+    return {key: {"losses": run.results[0][key], "params": dict(np.load(out / f"reference.{key}.npz"))}
+            for key in ("frozen", "frozen_media")}
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +42,12 @@ CP_LAYOUTS = [name for name, _, _ in LAYOUTS_CP_2 + LAYOUTS_CP_4]
 @pytest.mark.parametrize("name", CP_LAYOUTS)
 def test_context_parallel_matches_single_process(name, launched, reference):
     """Losses (token mean of the global batch) and trained weights within 1e-5 of one process."""
-    run = launched[name]
+    run, ref = launched[name], reference["frozen_media" if name in MEDIA else "frozen"]
     for rank, res in run["ranks"].items():
-        np.testing.assert_allclose(res["losses"], reference["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
+        np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-5, err_msg=f"{name} rank {rank}")
     assert run["params"]
     for key, value in run["params"].items():
-        err = np.linalg.norm(value - reference["params"][key]) / np.linalg.norm(reference["params"][key])
+        err = np.linalg.norm(value - ref["params"][key]) / np.linalg.norm(ref["params"][key])
         # The q/k_proj biases' M-RoPE channels with a near-zero true gradient: AdamW turns summation-order noise
         # into lr-sized steps (the bounds and the reason of tests/dist/test_parallel_layouts.py).
         # Four ranks sum each weight gradient four ways (cp x dp): another summation order, measured 1.19e-5 on

@@ -3,7 +3,9 @@
 Every layout trains on the same GLOBAL micro-batches (4 samples each, 2 micro-steps per step, 5 AdamW steps
 with ClipGradByGlobalNorm), so one single-process reference run serves all layouts. A dp rank takes a
 contiguous slice of each global micro-batch. Samples carry 0, 1 or 2 images of different sizes, so dp ranks
-hold different image and patch counts, and under dp 2 one rank of some micro-batches holds no image at all.
+hold different image and patch counts, and under dp 2 one rank of some micro-batches holds no image at all. The
+MEDIA layouts train on other samples (3 and 4 images, videos, an image with a video) against their own
+reference.
 
 Modes: what trains. "vit" trains the ViT, the merger and the LLM, with their own peak LRs (VIT_LR, MERGER_LR)
 on a warmup + cosine schedule, so one run checks the trainable ViT and the per-module LRs through
@@ -47,6 +49,8 @@ LAYOUTS_2 = [
 # single-process reference trained on the samples one per row.
 PACKED = {"dp2_packed", "mp2_packed", "cp2_packed", "cp2sharding2_packed"}
 PACKED_ROW = 2 * SEQ
+# Layouts trained on the _MEDIA samples (3 and 4 images, videos), against a reference on the same samples.
+MEDIA = {"cp2", "cp2mp2"}
 LAYOUTS_4 = [
     ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), "frozen"),
     ("mp4_kv_replicated", dict(tensor_parallel_degree=4), "frozen"),
@@ -65,6 +69,10 @@ LAYOUTS_CP_4 = [
 ]
 # image grids (t, h, w) in patches, per sample of the 4 * ACCUMULATION * STEPS samples (cycled)
 _IMAGES = [[(1, 4, 4)], [], [(1, 4, 4), (1, 4, 8)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [], []]
+# (image grids, video grids) per sample of the MEDIA layouts: 3 and 4 images, videos of 2 temporal patches, an
+# image with a video.
+_MEDIA = [([(1, 4, 4), (1, 4, 8), (1, 8, 4)], []), ([], [(2, 4, 4)]), ([], []), ([(1, 4, 4)] * 4, []),
+          ([(1, 4, 8)], [(2, 4, 4)]), ([(1, 4, 4)], []), ([], [(2, 8, 4)]), ([(1, 4, 4), (1, 4, 4)], [])]
 
 
 def tiny_config() -> Qwen2VLConfig:
@@ -97,13 +105,14 @@ def step_schedule(optimizer) -> None:
         schedule.step()
 
 
-def _sample(config: Qwen2VLConfig, rng: np.random.RandomState, grids) -> dict:
+def _sample(config: Qwen2VLConfig, rng: np.random.RandomState, grids, video_grids=()) -> dict:
     merge = config.vision_config.spatial_merge_size ** 2
     v = config.vision_config
     ids = list(rng.randint(0, 1000, 4))
-    for t, h, w in grids:
-        ids += [config.vision_start_token_id] + [config.image_token_id] * (t * h * w // merge)
-        ids += [config.vision_end_token_id] + list(rng.randint(0, 1000, 2))
+    for token, media in ((config.image_token_id, grids), (config.video_token_id, video_grids)):
+        for t, h, w in media:
+            ids += [config.vision_start_token_id] + [token] * (t * h * w // merge)
+            ids += [config.vision_end_token_id] + list(rng.randint(0, 1000, 2))
     prompt = len(ids)
     ids += list(rng.randint(0, 1000, SEQ - prompt))
     ids = np.asarray(ids[:SEQ], np.int64)
@@ -111,18 +120,26 @@ def _sample(config: Qwen2VLConfig, rng: np.random.RandomState, grids) -> dict:
     labels[:prompt] = -100
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
     pixels = [rng.randn(t * h * w, patch_dim).astype(np.float32) for t, h, w in grids]
-    return {"ids": ids, "labels": labels, "pixels": pixels, "grids": list(grids)}
+    video_pixels = [rng.randn(t * h * w, patch_dim).astype(np.float32) for t, h, w in video_grids]
+    return {"ids": ids, "labels": labels, "pixels": pixels, "grids": list(grids), "video_pixels": video_pixels,
+            "video_grids": list(video_grids)}
 
 
 def _batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
     ids = np.stack([s["ids"] for s in samples])
-    grids = np.asarray([g for s in samples for g in s["grids"]], np.int64).reshape(-1, 3)
     batch = {"input_ids": ids, "labels": np.stack([s["labels"] for s in samples]),
              "attention_mask": np.ones_like(ids)}
-    batch["position_ids"], _ = get_rope_index_for_config(config, ids, grids if len(grids) else None, None)
-    if len(grids):
-        batch["pixel_values"] = np.concatenate([p for s in samples for p in s["pixels"]])
-        batch["image_grid_thw"] = grids
+    grids = {}
+    for pixels, sample_grids, key, grid_key in (("pixels", "grids", "pixel_values", "image_grid_thw"),
+                                                ("video_pixels", "video_grids", "pixel_values_videos",
+                                                 "video_grid_thw")):
+        grid = np.asarray([g for s in samples for g in s[sample_grids]], np.int64).reshape(-1, 3)
+        grids[grid_key] = grid if len(grid) else None
+        if len(grid):
+            batch[key] = np.concatenate([p for s in samples for p in s[pixels]])
+            batch[grid_key] = grid
+    batch["position_ids"], _ = get_rope_index_for_config(config, ids, grids["image_grid_thw"],
+                                                         grids["video_grid_thw"])
     return batch
 
 
@@ -144,17 +161,18 @@ def _packed_batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.nd
                                   "pixel_values", "image_grid_thw") if batch[k] is not None}
 
 
-def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0,
-                  packed: bool = False) -> list[list[dict[str, np.ndarray]]]:
+def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0, packed: bool = False,
+                  media: bool = False) -> list[list[dict[str, np.ndarray]]]:
     """[step][micro] -> this dp rank's numpy batch (dp=1: the whole global micro-batch); `packed`: the same
-    samples in packed rows."""
+    samples in packed rows; `media`: the _MEDIA samples instead of _IMAGES'."""
     rng = np.random.RandomState(SEED)
+    kinds = _MEDIA if media else [(grids, []) for grids in _IMAGES]
     per_rank = GLOBAL_MICRO_BATCH // dp
     out, k = [], 0
     for _ in range(STEPS):
         step = []
         for _ in range(ACCUMULATION):
-            samples = [_sample(config, rng, _IMAGES[(k + i) % len(_IMAGES)]) for i in range(GLOBAL_MICRO_BATCH)]
+            samples = [_sample(config, rng, *kinds[(k + i) % len(kinds)]) for i in range(GLOBAL_MICRO_BATCH)]
             k += GLOBAL_MICRO_BATCH
             mine = samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             step.append(_packed_batch(config, mine) if packed else _batch(config, mine))
@@ -162,16 +180,17 @@ def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0,
     return out
 
 
-def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
+def train_reference(model, optimizer, config: Qwen2VLConfig, media: bool = False) -> list[float]:
     """Single-process steps over `micro_batches` with the plain model's `causal_lm_loss` and the global token
     count as normalizer (what every layout must reproduce); returns the loss of each step."""
     losses = []
-    for step in micro_batches(config):
+    for step in micro_batches(config, media=media):
         normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in step))
         total = 0.0
         for b in step:
             out = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                        pixel_values=paddle.to_tensor(b["pixel_values"]), image_grid_thw=b["image_grid_thw"],
+                        pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"),
+                        pixel_values_videos=b.get("pixel_values_videos"), video_grid_thw=b.get("video_grid_thw"),
                         labels=b["labels"], loss_normalizer=normalizer)
             out.loss.backward()
             total += float(out.loss)
@@ -182,14 +201,15 @@ def train_reference(model, optimizer, config: Qwen2VLConfig) -> list[float]:
     return losses
 
 
-def reference_run(mode: str) -> dict:
-    """Single process, plain model and `causal_lm_loss` with the global token count as normalizer."""
+def reference_run(mode: str, media: bool = False) -> dict:
+    """Single process, plain model and `causal_lm_loss` with the global token count as normalizer; `media`: on
+    the MEDIA layouts' samples."""
     config = tiny_config()
     model = build_model(config)
     for name, p in model.named_parameters():
         p.stop_gradient = not MODES[mode].trains(name)
     optimizer = build_optimizer(model, paddle_clip=True, mode=mode)
     apply_module_learning_rates(model, mode_training_args(mode))
-    losses = train_reference(model, optimizer, config)
+    losses = train_reference(model, optimizer, config, media)
     params = {n: p.numpy() for n, p in model.named_parameters()}
     return {"losses": losses, "params": params}

@@ -3,9 +3,11 @@
     --layouts dp2,mp2,...   train each (same data as the single-process reference), write result.{rank}.json
                             after every layout and rank 0's full trainable parameters as params.{layout}.npz
     --bad-degrees JSON      build the mesh for these degrees before any other work; expected to fail
-    --reference [--modes M] single-process reference (all MODES, or the comma-separated M) (launched with nproc 1 for the launcher's thread pinning):
+    --reference [--modes M] [--media]
+                            single-process reference (all MODES, or the comma-separated M) (launched with nproc 1 for the launcher's thread pinning):
                             result.0.json {mode: losses, "grad_norm": frozen step 1's gradient norm before
-                            clipping} + reference.{mode}.npz and initial.npz (initial weights)
+                            clipping} + reference.{mode}.npz and initial.npz (initial weights);
+                            with --media also on the MEDIA layouts' samples: {mode}_media, reference.{mode}_media.npz
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from autoparallel.batch import shard_batch
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from autoparallel.engine.optim import apply_module_learning_rates
-from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, LAYOUTS_CP_2, LAYOUTS_CP_4, MODES, PACKED, build_model, build_optimizer, micro_batches,
+from parallel_cases import (CLIP, LAYOUTS_2, LAYOUTS_4, LAYOUTS_CP_2, LAYOUTS_CP_4, MEDIA, MODES, PACKED, build_model, build_optimizer, micro_batches,
                             mode_training_args, reference_run, step_schedule, tiny_config)
 from placements.qwen2_vl import model_part
 
@@ -75,7 +77,7 @@ def run_layout(name: str, out: str) -> dict:
              layer0.self_attn.q_proj.register_forward_post_hook(lambda layer, inputs, out: record("q", out))]
     start = time.time()
     losses, lrs = [], []
-    for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED):
+    for step in micro_batches(config, degrees.dp, dp_rank, packed=name in PACKED, media=name in MEDIA):
         losses.append(train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP).loss)
         # After the update (the optimizer's LR tensor exists from its first step), before the schedule moves on.
         lrs.append({part: float(inner._create_param_lr((p, None))) for part, p in probes.items()})
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--bad-degrees", default="")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--media", action="store_true")
     args = parser.parse_args()
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     if args.reference:
@@ -141,9 +144,11 @@ def main() -> None:
         np.savez(os.path.join(args.out, "initial.npz"),
                  **{n: p.numpy() for n, p in build_model(tiny_config()).named_parameters()})
         for mode in args.modes.split(","):
-            ref = reference_run(mode)
-            np.savez(os.path.join(args.out, f"reference.{mode}.npz"), **ref["params"])
-            losses[mode] = ref["losses"]
+            for media in (False, True) if args.media else (False,):
+                ref = reference_run(mode, media)
+                key = f"{mode}_media" if media else mode
+                np.savez(os.path.join(args.out, f"reference.{key}.npz"), **ref["params"])
+                losses[key] = ref["losses"]
         write_result(args.out, rank, {**losses, "grad_norm": frozen_grad_norm()})
         return
     if args.bad_degrees:
