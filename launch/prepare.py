@@ -101,6 +101,12 @@ def check_records(cfg: RunConfig, meta_path: Optional[str], train: bool) -> None
         raise DataError(store.meta_path, None, f"the dataset has {len(store)} samples, fewer than one global batch of "
                                          f"{per_device * dp} (per_device_train_batch_size {per_device} x {dp} "
                                          "data-parallel ranks)", kind="too small")
+    held, evaluated = len(store.held_out_ids), cfg.train.per_device_eval_batch_size * dp
+    if train and held and cfg.train.evaluation_strategy != "no" and held < evaluated:
+        raise DataError(store.meta_path, None, f"val_size={cfg.data.val_size:g} holds out {held} records, fewer than "
+                                         f"one evaluation batch of {evaluated} (per_device_eval_batch_size "
+                                         f"{cfg.train.per_device_eval_batch_size} x {dp} data-parallel ranks)",
+                        kind="too small")
 
 
 def _ensure_synthetic_data(cfg: RunConfig) -> None:

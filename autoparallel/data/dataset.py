@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import multiprocessing
 import os
 import re
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -74,6 +76,15 @@ LENGTH_INDEX_VERSION = 1
 # slow down every process that opens a dataset).
 _TOKENIZER_PROBE = ("Hello, world! 你好，世界。 Привет мир. こんにちは 안녕하세요 مرحبا\n\tdef f(x):\n    return x**2  "
                     "# 12345 67.89 😀 🚀 <image> <video> https://example.com/a_b-c?d=e&f=g")
+# Records per task when the parent measures a length table in forked processes (one process per core).
+MEASURE_CHUNK = 4096
+_MEASURING: Optional["SFTDataset"] = None  # the dataset a forked measuring process works for
+
+
+def _measure_in_worker(records: np.ndarray) -> np.ndarray:
+    return _MEASURING._measure_records(records)
+
+
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
@@ -176,15 +187,38 @@ class SFTDataset:
             table = load_lengths(index, key)
             if table is None and build:
                 table = np.full((len(index), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
-                for r in np.flatnonzero(records.record_sources == s):
-                    try:
-                        table[records.record_lines[r]] = self._measure(records.record_conversation(int(r)))
-                    except DataError:
-                        pass  # stays NOT_MEASURED: measured again when used, which raises the error
+                mine = np.flatnonzero(records.record_sources == s)
+                table[records.record_lines[mine]] = self._measure_in_parallel(mine)
                 save_lengths(index, key, table)
             tables.append(table)
         self._tables = tables
         return tables
+
+    def _measure_records(self, records: np.ndarray) -> np.ndarray:
+        """Rows of valid records (RecordStore numbering); NOT_MEASURED where measuring fails (measured again
+        when used, which raises the error)."""
+        rows = np.full((len(records), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
+        for k, r in enumerate(records):
+            try:
+                rows[k] = self._measure(self.records.record_conversation(int(r)))
+            except DataError:
+                pass
+        return rows
+
+    def _measure_in_parallel(self, records: np.ndarray) -> np.ndarray:
+        """`_measure_records` over forked processes, one per core, MEASURE_CHUNK records per task."""
+        global _MEASURING
+        chunks = np.array_split(records, max(1, -(-len(records) // MEASURE_CHUNK)))
+        processes = min(len(chunks), os.cpu_count() or 1)
+        if processes == 1:
+            return self._measure_records(records)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer in forked processes
+        _MEASURING = self
+        try:
+            with ProcessPoolExecutor(processes, multiprocessing.get_context("fork")) as pool:
+                return np.concatenate(list(pool.map(_measure_in_worker, chunks)))
+        finally:
+            _MEASURING = None
 
     def _table_rows(self, samples: np.ndarray) -> np.ndarray:
         """Rows of the length table for sample indices (NOT_MEASURED where a source has no table)."""

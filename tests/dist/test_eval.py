@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_runs import FAST, sft
 
 from autoparallel.data.synthetic import eval_meta_path, eval_questions
@@ -114,7 +115,8 @@ def test_training_eval_keeps_best_and_stops_early_and_resumes_its_state(tmp_path
     """eval_generate on the dp2 training ranks: eval_exact_match in metrics.jsonl at every eval step; with the
     metric stalled (learning rate 0) the run stops after `early_stopping_patience` evaluations, `best` points at
     the first evaluated step and survives save_total_limit=1; a resumed run continues the patience count (it
-    stops at its first evaluation instead of running two more)."""
+    stops at its first evaluation instead of running two more). The evaluation data is the split val_size holds
+    out of the training records (no eval_meta_path)."""
     from autoparallel.engine.metrics import read_metrics
 
     out = tmp_path / "run"
@@ -123,8 +125,10 @@ def test_training_eval_keeps_best_and_stops_early_and_resumes_its_state(tmp_path
             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--evaluation_strategy", "steps",
             "--eval_steps", "1", "--save_steps", "1", "--save_total_limit", "1", "--eval_generate", "true",
             "--eval_max_samples", "4", "--eval_max_new_tokens", "3", "--per_device_eval_batch_size", "4",
-            "--metric_for_best_model", "exact_match", "--early_stopping_patience", "2"]
+            "--metric_for_best_model", "exact_match", "--early_stopping_patience", "2", "--val_size", "8"]
     sft(out, args).assert_ok()
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["val_size"] == 8 and saved.get("eval_meta_path") is None
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_exact_match" in r]
     assert [r["step"] for r in evals] == [1, 2, 3]
     assert all(r["eval_exact_match"] == 0.0 and "eval_loss" in r for r in evals)

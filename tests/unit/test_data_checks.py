@@ -98,3 +98,12 @@ def test_plan_reads_lengths_and_image_sizes_from_the_data(tmp_path, capsys):
     assert f" x {padded} tokens; 2 image/sample of 56x112 px -> 56x112" in out
     assert main(["plan", "--dataset", str(path), "--image_size", "224", "--images_per_sample", "1"]) == 0
     assert "1 image/sample of 224x224 px" in capsys.readouterr().out
+
+
+def test_held_out_split_smaller_than_one_evaluation_batch_is_refused_in_the_parent(tmp_path):
+    path = dataset_dir(tmp_path, (28, 28), n=6)
+    keys = dict(dataset=path, per_device_train_batch_size=1, evaluation_strategy="steps", eval_steps=1, val_size=1)
+    with pytest.raises(DataError, match=r"val_size=1 holds out 1 records, fewer than one evaluation batch of 2 "
+                                        r"\(per_device_eval_batch_size 2 x 1 data-parallel ranks\)"):
+        check_records(build(**keys, per_device_eval_batch_size=2), None, train=True)
+    check_records(build(**keys, per_device_eval_batch_size=1), None, train=True)

@@ -293,6 +293,8 @@ def test_length_table_is_what_probing_finds_and_ranks_plan_from_it(tmp_path, pro
     parent = make_dataset(tmp_path, records, processor, max_seq_length=48)
     assert parent._tables == [None]
     probed = [parent._measure(parent.records.conversation(i)) for i in range(len(parent))]
+    monkeypatch.setattr("autoparallel.data.dataset.MEASURE_CHUNK", 3)  # 3 tasks: measured in forked processes
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     parent.index_lengths()
     worker = SFTDataset(parent.config, processor)
     assert np.array_equal(worker._table_rows(np.arange(len(worker))), np.stack(probed))
