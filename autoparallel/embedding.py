@@ -7,8 +7,8 @@
 - Vocab-parallel lookup (N14). On a weight split on the vocab (Shard(0) over "mp") Paddle's embedding SPMD rule
   all-gathers the whole table every micro-step. `lookup` lets each rank read its own rows instead (ids outside
   its range give zeros) and sums the partial embeddings over "mp": an all-reduce of [b, S, H], as a Megatron
-  vocab-parallel embedding does. The reduction happens inside the PyLayer's forward because an autograd reshard
-  of a Partial PyLayer output gives wrong gradients on CPU (the LocalLayer/local_map bug); the backward is local.
+  vocab-parallel embedding does. The reduction happens inside the PyLayer's forward, so no Partial output reaches
+  autograd (LocalLayer/local_map backward with a Partial output is wrong in Paddle 3.3.1); the backward is local.
 """
 from __future__ import annotations
 
