@@ -3,16 +3,16 @@ use the same sgemm kernels (importing `network` switches MKL to AVX2 on AMD CPUs
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
 
 import network  # noqa: E402,F401  (sets MKL_DEBUG_CPU_TYPE before any matmul; inherited by workers)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from dist_utils import LaunchResult, run_workers_ok  # noqa: E402
 from network.log import logger  # noqa: E402
-
-HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,6 @@ def single_process_reference(tmp_path_factory) -> dict:
     compare a parallel layout with it (layouts, pipeline, sequence parallel): mode -> {"losses", "params"} (every
     parameter after training), "initial" -> the initial weights, "grad_norm" -> the frozen mode's step-1 gradient
     norm before clipping. One launched process, so it gets the launcher's thread pinning like the layouts."""
-    from dist_utils import run_workers_ok
     from parallel_cases import MODES
 
     out = tmp_path_factory.mktemp("reference")
@@ -46,11 +45,9 @@ def single_process_reference(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def pp_sp_launch(tmp_path_factory):
+def pp_sp_launch(tmp_path_factory) -> tuple[LaunchResult, Path]:
     """One 2-process launch of tests/helpers/pp_sp_worker.py for the sequence-parallel and pipeline tests: the
-    sp layouts, then the pp layouts and the dp2 resume of the pp2 checkpoint. Returns (LaunchResult, out dir)."""
-    from dist_utils import run_workers_ok
-
+    sp layouts, then the pp layouts and the dp2 resume of the pp2 checkpoint; its result and output directory."""
     out = tmp_path_factory.mktemp("pp_sp2")
     run = run_workers_ok(HELPERS / "pp_sp_worker.py", 2, out,
                          ["--sp", "mp2,mp2sp", "--pp", "pp2,pp2_m4", "--resume-dp2"], timeout=1800)
