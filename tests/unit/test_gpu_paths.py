@@ -382,9 +382,10 @@ def test_rank_without_images_builds_empty_features_in_the_towers_dtype(monkeypat
 
     class Model:
         visual = Tower()
-        model = type("T", (), {"embed_tokens": staticmethod(lambda ids: paddle.zeros([1, 2, 4]))})()
+        model = type("T", (), {"embed_tokens": type("E", (), {"weight": paddle.zeros([8, 4])})()})()
 
     batch = type("B", (), {"max_patches": 2, "pixel_values": None, "input_ids": None, "mesh": None})()
+    monkeypatch.setattr(forward_mod, "lookup", lambda weight, ids: paddle.zeros([1, 2, 4]))
     monkeypatch.setattr(forward_mod.paddle, "concat", recording_concat)
     with contextlib.suppress(Exception):  # stops after the features are built (no mesh here)
         forward_mod.embed_inputs(Model(), batch)
