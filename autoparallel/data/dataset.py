@@ -344,13 +344,15 @@ class SFTDataset:
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
 
-    def _probe_media(self, conv: Conversation) -> tuple[list[tuple[int, int]], list[int]]:
-        """(original (height, width) of each image, tokens of each video), from headers only."""
-        sizes, video_tokens = [], []
+    def _probe_media(self, conv: Conversation) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+        """(original (height, width) of each image, tokens of each image, tokens of each video), from headers
+        only. The token counts are computed inside the guard: the processor refuses some sizes (aspect ratio)."""
+        sizes, image_tokens, video_tokens = [], [], []
         ip = self.processor.image_processor
         for path in conv.images:
             try:
                 sizes.append(image_hw(path))
+                image_tokens.append(ip.num_image_tokens(*sizes[-1]))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
         for path in conv.videos:
@@ -359,21 +361,18 @@ class SFTDataset:
                 video_tokens.append(ip.num_video_tokens(frames, h, w))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
-        return sizes, video_tokens
-
-    def _image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
-        return [self.processor.image_processor.num_image_tokens(h, w) for h, w in sizes]
+        return sizes, image_tokens, video_tokens
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of sample i as training builds them, from media headers only (no pixels)."""
         conv = self.records.conversation(i)
-        sizes, video_tokens = self._probe_media(conv)
-        return self.render(conv, self._image_tokens(sizes), video_tokens)
+        _, image_tokens, video_tokens = self._probe_media(conv)
+        return self.render(conv, image_tokens, video_tokens)
 
     def _measure(self, conv: Conversation) -> np.ndarray:
         """A conversation's LENGTH_COLUMNS row; raises DataError for unreadable or missing media."""
-        sizes, video_tokens = self._probe_media(conv)
-        ids, labels, spans_end, turn_ends = self._render(conv, self._image_tokens(sizes), video_tokens)
+        sizes, image_tokens, video_tokens = self._probe_media(conv)
+        ids, labels, spans_end, turn_ends = self._render(conv, image_tokens, video_tokens)
         full = len(ids)
         try:
             ids, labels = self._truncate(conv, ids, labels, spans_end, turn_ends)
