@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the multi-process harness and its workers live there
 
 from placements.degrees import ParallelDegrees  # noqa: E402
-from autoparallel.planning.memory import (DTYPE_BYTES, STAGE2_UNSHARDED_TIED_GRADS, PlanSetup, StateMemory,  # noqa: E402
+from autoparallel.planning.memory import (DTYPE_BYTES, PlanSetup, StateMemory,  # noqa: E402
                                   Workload, state_memory)
 from dist_utils import run_workers  # noqa: E402
 from network.config import Qwen2VLConfig  # noqa: E402
@@ -98,7 +98,6 @@ def main() -> None:
              f"({seconds:.0f} s)"))
 
     single = plan(big, ParallelDegrees())
-    embed = int(np.prod(parameter_shapes(big)[STAGE2_UNSHARDED_TIED_GRADS[0]])) * DTYPE_BYTES[big.dtype]
     for name in LAYOUTS_2 + LAYOUTS_4:
         degrees = ParallelDegrees(**DEGREES[name])
         held, ideal = plan(big, degrees), ideal_state(big, degrees, big.dtype)
@@ -110,11 +109,6 @@ def main() -> None:
                 3: []}[degrees.sharding_stage]
         note = (f"2B {name} ({degrees.world_size} ranks), per rank {parts} GiB = {held.total / single.total:.0%} "
                 f"of one process's {single.total / GiB:.2f} GiB, not 1/{degrees.world_size}: {'; '.join(why)}")
-        if degrees.sharding_stage == 2:
-            note += (f". Behind the ideal by the tied embedding's gradient ({embed / GiB:.2f} GiB whole instead of "
-                     f"{embed / degrees.dp / GiB:.2f}): Paddle 3.3.1 returns it already all-reduced (Replicate) and "
-                     f"ShardingStage2's hook only shards Partial gradients. To close: slice that gradient to its "
-                     f"dp shard ourselves after backward (it is replicated, no communication), or untie the head")
         common.emit(common.Record(
             bench=BENCH, metric=f"state per rank, Qwen2-VL-2B shapes bf16 O2, {name}", unit="GiB", better="lower",
             ours=round(held.total / GiB, 3), theirs=round(ideal.total / GiB, 3),

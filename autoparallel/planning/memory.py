@@ -53,10 +53,6 @@ def residual_dtype(param_dtype: str) -> str:
 
 
 GiB = 2**30
-# Paddle 3.3.1, tied embeddings: the embedding's weight gradient (lookup + tied head) arrives already
-# all-reduced (Replicate over "dp") and ShardingStage2's gradient hook (stage 1: the train step's reduce-scatter)
-# only shards Partial gradients, so at stage 1 and 2 it stays whole (measured; an untied model's is sharded).
-STAGE2_UNSHARDED_TIED_GRADS = ("model.embed_tokens.weight",)
 
 
 @dataclass(frozen=True)
@@ -213,8 +209,6 @@ def parameter_rows(setup: PlanSetup) -> list[ParamRow]:
             grad_shape = lay.grad_local_shape
             if d.sharding_stage == 1:  # N11: the train step reduce-scatters Partial gradients to the ZeRO-1 shard
                 grad_shape = lay.state_local_shape
-            if d.sharding_stage in (1, 2) and config.tie_word_embeddings and name in STAGE2_UNSHARDED_TIED_GRADS:
-                grad_shape = layout(name, shape, config, d.dp, d.mp, 0, trainable).grad_local_shape
             grad = numel(grad_shape) * size
             moments, master, betas = optimizer_state_bytes(numel(lay.state_local_shape), setup.dtype)
         rows.append(ParamRow(pattern, n, lay, stages, kind, n * numel(lay.local_shape) * size, n * grad,

@@ -96,8 +96,8 @@ def test_context_parallel_cuts_measured_activations(measured):
 
 def test_planner_setup_is_the_engine_layout():
     """Sanity of the arithmetic the exact test relies on: ZeRO-1 halves moments and (reduce-scattered, N11) the
-    gradients, stage 2 likewise (a tied embedding's gradient stays whole, see STAGE2_UNSHARDED_TIED_GRADS), stage 3
-    parameters; LoRA base weights never shard over dp."""
+    gradients, stage 2 likewise (a tied embedding's gradient too: N13), stage 3 parameters; LoRA base weights
+    never shard over dp."""
     dp, s1, s2, s3 = (state_memory(_setup(f"scaled-{d}")) for d in ("dp2", "sharding1", "sharding2", "sharding3"))
     assert s1.param == dp.param and s1.grad < dp.grad and s1.optimizer < dp.optimizer
     assert s2.grad == s1.grad and s3.param < dp.param
