@@ -10,8 +10,15 @@ the whole sequence for 1/cp of its heads and KV heads, and attends exactly as on
 padding, packed samples' boundaries: all on the whole sequence). The attention output goes back from heads to
 sequence before o_proj. M-RoPE: `position_ids` stay replicated over "cp" (computed on the whole sequence by the
 data pipeline), and the rotation is applied after the exchange, on the whole sequence, so each token keeps its
-own position. The final hidden states are all-gathered before the loss head, whose positions/targets index the
-whole row, so the loss is the token mean of the global batch.
+own position.
+
+Loss head. The final hidden states are all-gathered (b x S x H, small next to the head's logits) and the
+supervised rows picked by positions/targets that index the whole row (shifted before any split, so no token at
+a slice boundary is lost). Each cp rank then runs the head on an equal share of those rows (`split_rows`), not
+on the rows of its own slice: an answer at the end of a long sample lies in one rank's slice, and the [K, V]
+logits are the largest tensors of the step. The loss sums every rank's rows and divides by the global
+supervised count (Partial over "cp", as over "dp"), so it stays the token mean of the global batch; the head
+weight's gradient is reduced over "cp" like every other weight's, the rows' gradients come back all-gathered.
 
 With tensor parallel the projections' heads are already split over "mp" (column-parallel outputs, Shard(2)),
 and Ulysses splits this rank's heads again over "cp": one tensor dim on two mesh dims, which placements cannot
@@ -84,6 +91,17 @@ def gather_context(x: paddle.Tensor) -> paddle.Tensor:
     if CP_DIM not in x.process_mesh.dim_names:
         return x
     return dist.reshard(x, x.process_mesh, _on_cp(x, dist.Replicate()))
+
+
+def split_rows(x: paddle.Tensor) -> paddle.Tensor:
+    """[dp, K, ...] Replicate on "cp" (K a multiple of cp) -> [dp, cp, K/cp, ...] Shard(1) on "cp": each rank
+    keeps its contiguous K/cp rows (no communication; the gradient comes back all-gathered). `x` itself on a
+    mesh without "cp"."""
+    if CP_DIM not in x.process_mesh.dim_names:
+        return x
+    cp = cp_degree(x.process_mesh)
+    split = x.reshape([x.shape[0], cp, x.shape[1] // cp, *x.shape[2:]])
+    return dist.reshard(split, split.process_mesh, _on_cp(split, dist.Shard(1)))
 
 
 def _all_to_all(x: paddle.Tensor, cp_mesh: dist.ProcessMesh, split_axis: int, concat_axis: int) -> paddle.Tensor:

@@ -30,7 +30,8 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
   (replayed by recompute) and four backward, each moving this rank's [b, S/cp, heads x head_dim] piece. On CPU
   (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). KV heads fewer than cp per
   mp rank are repeated before their exchange (cp / their count copies each). The final hidden states are
-  all-gathered for the head; trainable gradients (each rank's tokens) are all-reduced over "cp".
+  all-gathered for the head, each rank runs the head on an equal share of the supervised rows, and their
+  gradients are all-gathered back; trainable gradients (each rank's tokens) are all-reduced over "cp".
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
   middle stage does both sides. A tied head exchanges the embedding copies' gradients between the first and
@@ -210,6 +211,8 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
                    micro * 4 * layers * replays, exchanged, note),
         Collective("cp", op, "backward: the same four exchanges reversed", micro * 4 * layers, exchanged, note),
         Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
+        Collective("cp", "all_gather", "backward: the head rows' hidden-state gradients", micro,
+                   math.ceil(wl.supervised / d.cp) * w.h * e, "each rank's share of the supervised rows"),
         Collective("cp", "all_reduce", "gradients (each rank's tokens)", len(full), _mean(full),
                    f"{len(full)} trainable tensors"),
     ]
