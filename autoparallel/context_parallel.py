@@ -38,8 +38,9 @@ tower is frozen by default, small next to the decoder, and its activations do no
 Exchanges. The local pieces form one tensor on the 1-D mesh of this rank's cp peers, resharded Shard(1) <->
 Shard(2): Paddle's same-dim s-to-s reshard, one all-to-all on GPU builds (a sub-mesh, not `dist.new_group`:
 group ids come from a per-process counter, and new gloo groups failed to connect on the CPU build, see
-autoparallel/pipeline.py). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_via_gather` all-gathers
-and slices. Sequence lengths must be divisible by cp:
+autoparallel/pipeline.py). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_pairwise` exchanges the
+local chunks with point-to-point send/recv among the peers' global ranks (no group needed, one chunk in
+flight). Sequence lengths must be divisible by cp:
 `shard_batch(..., seq_multiple=cp)`. Which head counts work: placements/degrees.py `context_parallel_problems`.
 """
 from __future__ import annotations
@@ -107,11 +108,10 @@ def split_rows(x: paddle.Tensor) -> paddle.Tensor:
 def _all_to_all(x: paddle.Tensor, cp_mesh: dist.ProcessMesh, split_axis: int, concat_axis: int) -> paddle.Tensor:
     """Chunk i of the local `x` along `split_axis` to the i-th rank of the 1-D `cp_mesh`, the chunks received
     concatenated along `concat_axis`: a Shard(concat) -> Shard(split) reshard of the tensor the ranks' `x` form."""
-    whole = dtensor_from_local(x, cp_mesh, [dist.Shard(concat_axis)])
-    target = [dist.Shard(split_axis)]
     if cpu_compat.runs_on_cpu():
-        return cpu_compat.all_to_all_via_gather(whole, target)._local_value()
-    return dist.reshard(whole, cp_mesh, target)._local_value()
+        return cpu_compat.all_to_all_pairwise(x, list(cp_mesh.process_ids), split_axis, concat_axis)
+    whole = dtensor_from_local(x, cp_mesh, [dist.Shard(concat_axis)])
+    return dist.reshard(whole, cp_mesh, [dist.Shard(split_axis)])._local_value()
 
 
 class _Exchange(PyLayer):
@@ -173,5 +173,5 @@ def apply_context_parallel(model: paddle.nn.Layer, mesh: dist.ProcessMesh, head_
     if unmatched:
         raise ValueError(f"context-parallel plan keys match no sublayer: {sorted(unmatched)}")
     logger.info("context parallel: %d Ulysses exchange hooks (%s)", len(handles),
-                "all-gather + slice on CPU" if cpu_compat.runs_on_cpu() else "all-to-all")
+                "pairwise send/recv on CPU" if cpu_compat.runs_on_cpu() else "all-to-all")
     return handles
