@@ -34,6 +34,10 @@ Vision. The frozen ViT runs on every context peer's (identical) images, and the 
 into the full-length embeddings before the scatter: each token's vision feature goes with it to its slice.
 Running each image on one rank would save ViT compute but needs an exchange of variable-size features; the
 tower is frozen by default, small next to the decoder, and its activations do not grow with the sequence.
+The embeddings are built whole, not only this rank's slice: placing the features through a cp-split index
+gives, in Paddle 3.3.1, a features gradient labelled Replicate that holds only this rank's tokens' part
+(measured), so a trainable merger or ViT would train wrong; and one [b, S, H] tensor is small next to the
+decoder's and the head's activations.
 
 Exchanges. The local pieces form one tensor on the 1-D mesh of this rank's cp peers, resharded Shard(1) <->
 Shard(2): Paddle's same-dim s-to-s reshard, one all-to-all on GPU builds (a sub-mesh, not `dist.new_group`:

@@ -219,7 +219,8 @@ def all_to_all_pairwise(x: paddle.Tensor, ranks: list[int], split_axis: int, con
         out = paddle.empty(out_shape, x.dtype)
 
         def place(i: int, piece: paddle.Tensor) -> None:
-            # Into a view of `out`: item assignment would copy `piece` first.
+            # Into a view of `out` (a slice shares its storage under Paddle's stride kernels, the default):
+            # item assignment would copy `piece` first.
             paddle.slice(out, [concat_axis], [i * width], [(i + 1) * width]).copy_(piece, False)
 
         def receive(peer: int) -> None:
