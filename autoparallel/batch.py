@@ -115,7 +115,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: dist.ProcessMesh, config:
     seq_len, max_patches, max_targets = _max_over_dp([ids.shape[1], patches, n_targets], mesh)
     seq_len = -(-seq_len // seq_multiple) * seq_multiple
     positions, targets = _loss_positions(labels, seq_len)
-    max_targets = max(max_targets, 1)
+    # A multiple of cp: context parallel splits the supervised rows evenly over its ranks (forward.py).
+    max_targets = -(-max(max_targets, 1) // cp_degree(mesh)) * cp_degree(mesh)
     index = _vision_index(ids, config, n_image, n_video)
     # Always a mask: ranks must agree on the inputs, and only some of them may need padding.
     mask = batch.get("attention_mask")

@@ -14,7 +14,9 @@ inside C++ op dispatch (a tensor-parallel matmul's Partial output, an SPMD rule'
 backward reshards) never pass through Python: their bytes land in `other` (total minus the attributed
 kinds), their number is unknown.
 
-CPU workarounds: under cpu_compat a Partial -> Shard reshard is an all-reduce plus a local slice (gloo has no
+CPU workarounds: cpu_compat's all-to-all (gloo has none) is pairwise send/recv that moves exactly an
+all-to-all's bytes, so it is wrapped as one `all_to_all` call (its sends and receives are not counted apart).
+Under cpu_compat a Partial -> Shard reshard is an all-reduce plus a local slice (gloo has no
 reduce-scatter). The ledger records it as `reduce_scatter` and, separately, under `workaround`, so that the
 figure a GPU run would move (a ring reduce-scatter: half a ring all-reduce) can be read off a CPU run.
 
@@ -35,6 +37,8 @@ from typing import Any
 
 import paddle.distributed as dist
 from paddle.distributed.auto_parallel import api as _api
+
+from autoparallel import cpu_compat
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_received is at byte 128, tcpi_bytes_sent at byte 200 (Linux >= 4.19).
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
@@ -211,11 +215,15 @@ class Ledger:
         return kind, kind == "reduce_scatter" and self.cpu_workarounds
 
     def install(self) -> "Ledger":
-        """Wrap the collectives and `dist.reshard` (after cpu_compat patched it). Idempotent."""
+        """Wrap the collectives, cpu_compat's all-to-all and `dist.reshard` (after cpu_compat patched it).
+        Idempotent."""
         for name, kind in COLLECTIVES.items():
             fn = getattr(dist, name, None)
             if fn is not None and not getattr(fn, "__wrapped_by_ledger__", False):
                 setattr(dist, name, self._counted(lambda *a, _k=kind, **k: (_k, False), fn))
+        if not getattr(cpu_compat.all_to_all_pairwise, "__wrapped_by_ledger__", False):
+            cpu_compat.all_to_all_pairwise = self._counted(lambda *a, **k: ("all_to_all", False),
+                                                           cpu_compat.all_to_all_pairwise)
         if not getattr(dist.reshard, "__wrapped_by_ledger__", False):
             wrapped = self._counted(self._reshard_kind, dist.reshard)
             dist.reshard = wrapped

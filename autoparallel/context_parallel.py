@@ -10,8 +10,15 @@ the whole sequence for 1/cp of its heads and KV heads, and attends exactly as on
 padding, packed samples' boundaries: all on the whole sequence). The attention output goes back from heads to
 sequence before o_proj. M-RoPE: `position_ids` stay replicated over "cp" (computed on the whole sequence by the
 data pipeline), and the rotation is applied after the exchange, on the whole sequence, so each token keeps its
-own position. The final hidden states are all-gathered before the loss head, whose positions/targets index the
-whole row, so the loss is the token mean of the global batch.
+own position.
+
+Loss head. The final hidden states are all-gathered (b x S x H, small next to the head's logits) and the
+supervised rows picked by positions/targets that index the whole row (shifted before any split, so no token at
+a slice boundary is lost). Each cp rank then runs the head on an equal share of those rows (`split_rows`), not
+on the rows of its own slice: an answer at the end of a long sample lies in one rank's slice, and the [K, V]
+logits are the largest tensors of the step. The loss sums every rank's rows and divides by the global
+supervised count (Partial over "cp", as over "dp"), so it stays the token mean of the global batch; the head
+weight's gradient is reduced over "cp" like every other weight's, the rows' gradients come back all-gathered.
 
 With tensor parallel the projections' heads are already split over "mp" (column-parallel outputs, Shard(2)),
 and Ulysses splits this rank's heads again over "cp": one tensor dim on two mesh dims, which placements cannot
@@ -27,12 +34,17 @@ Vision. The frozen ViT runs on every context peer's (identical) images, and the 
 into the full-length embeddings before the scatter: each token's vision feature goes with it to its slice.
 Running each image on one rank would save ViT compute but needs an exchange of variable-size features; the
 tower is frozen by default, small next to the decoder, and its activations do not grow with the sequence.
+The embeddings are built whole, not only this rank's slice: placing the features through a cp-split index
+gives, in Paddle 3.3.1, a features gradient labelled Replicate that holds only this rank's tokens' part
+(measured), so a trainable merger or ViT would train wrong; and one [b, S, H] tensor is small next to the
+decoder's and the head's activations.
 
 Exchanges. The local pieces form one tensor on the 1-D mesh of this rank's cp peers, resharded Shard(1) <->
 Shard(2): Paddle's same-dim s-to-s reshard, one all-to-all on GPU builds (a sub-mesh, not `dist.new_group`:
 group ids come from a per-process counter, and new gloo groups failed to connect on the CPU build, see
-autoparallel/pipeline.py). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_via_gather` all-gathers
-and slices. Sequence lengths must be divisible by cp:
+autoparallel/pipeline.py). Gloo has no all-to-all, so on CPU `cpu_compat.all_to_all_pairwise` exchanges the
+local chunks with point-to-point send/recv among the peers' global ranks (no group needed, one chunk in
+flight). Sequence lengths must be divisible by cp:
 `shard_batch(..., seq_multiple=cp)`. Which head counts work: placements/degrees.py `context_parallel_problems`.
 """
 from __future__ import annotations
@@ -86,14 +98,24 @@ def gather_context(x: paddle.Tensor) -> paddle.Tensor:
     return dist.reshard(x, x.process_mesh, _on_cp(x, dist.Replicate()))
 
 
+def split_rows(x: paddle.Tensor) -> paddle.Tensor:
+    """[dp, K, ...] Replicate on "cp" (K a multiple of cp) -> [dp, cp, K/cp, ...] Shard(1) on "cp": each rank
+    keeps its contiguous K/cp rows (no communication; the gradient comes back all-gathered). `x` itself on a
+    mesh without "cp"."""
+    if CP_DIM not in x.process_mesh.dim_names:
+        return x
+    cp = cp_degree(x.process_mesh)
+    split = x.reshape([x.shape[0], cp, x.shape[1] // cp, *x.shape[2:]])
+    return dist.reshard(split, split.process_mesh, _on_cp(split, dist.Shard(1)))
+
+
 def _all_to_all(x: paddle.Tensor, cp_mesh: dist.ProcessMesh, split_axis: int, concat_axis: int) -> paddle.Tensor:
     """Chunk i of the local `x` along `split_axis` to the i-th rank of the 1-D `cp_mesh`, the chunks received
     concatenated along `concat_axis`: a Shard(concat) -> Shard(split) reshard of the tensor the ranks' `x` form."""
-    whole = dtensor_from_local(x, cp_mesh, [dist.Shard(concat_axis)])
-    target = [dist.Shard(split_axis)]
     if cpu_compat.runs_on_cpu():
-        return cpu_compat.all_to_all_via_gather(whole, target)._local_value()
-    return dist.reshard(whole, cp_mesh, target)._local_value()
+        return cpu_compat.all_to_all_pairwise(x, list(cp_mesh.process_ids), split_axis, concat_axis)
+    whole = dtensor_from_local(x, cp_mesh, [dist.Shard(concat_axis)])
+    return dist.reshard(whole, cp_mesh, [dist.Shard(split_axis)])._local_value()
 
 
 class _Exchange(PyLayer):
@@ -155,5 +177,5 @@ def apply_context_parallel(model: paddle.nn.Layer, mesh: dist.ProcessMesh, head_
     if unmatched:
         raise ValueError(f"context-parallel plan keys match no sublayer: {sorted(unmatched)}")
     logger.info("context parallel: %d Ulysses exchange hooks (%s)", len(handles),
-                "all-gather + slice on CPU" if cpu_compat.runs_on_cpu() else "all-to-all")
+                "pairwise send/recv on CPU" if cpu_compat.runs_on_cpu() else "all-to-all")
     return handles

@@ -19,8 +19,10 @@ place (CUDA, ROCm, XPU, custom devices have the kernels); a CUDA build running o
   (Partial -> Shard: CReduceScatterOp again). `reshard_python_backward` is a reshard whose backward calls the
   Python (patched) `reshard` instead, so the gradient goes Partial -> Replicate -> Shard.
 - Context parallel (Ulysses): `reshard` Shard(i) -> Shard(j) on one mesh dim is an all-to-all, which gloo
-  lacks. `all_to_all_via_gather` goes through Replicate (all-gather, then local slice); the autograd backward
-  of each half is again an all-gather or a slice, so no missing kernel is reached.
+  lacks (and `batch_isend_irecv` hangs on it). `all_to_all_pairwise` exchanges the chunks of the local tensors
+  in pairwise rounds of blocking send/recv: the all-to-all's bytes, one peer chunk in flight (an all-gather
+  then slice would hold every peer's tensor). Its caller's PyLayer makes it differentiable (the backward is
+  the same exchange with the axes swapped).
 - `ProcessMesh.get_rank_by_dim_and_process_id`: does `int(np.where(...)[i])` on a 1-element array, which
   NumPy >= 2 may refuse (used by `shard_dataloader`). Only patched when that conversion fails here
   (the pinned NumPy 1.26 accepts it, so this is normally not installed).
@@ -182,8 +184,59 @@ def apply() -> list[str]:
     return list(_applied)
 
 
-def all_to_all_via_gather(x: paddle.Tensor, placements: list) -> paddle.Tensor:
-    """`dist.reshard(x, x.process_mesh, placements)` for a Shard(i) -> Shard(j) change on a mesh dim, as
-    all-gather + local slice (CPU: gloo has no all_to_all). Holds the gathered tensor transiently."""
-    via = [dist.Replicate() if src != dst else src for src, dst in zip(x.placements, placements)]
-    return dist.reshard(dist.reshard(x, x.process_mesh, via), x.process_mesh, placements)
+def _pair_rounds(n: int) -> list[list[int | None]]:
+    """Round-robin pairings of n members (circle method): per round, each member's partner (None: it sits the
+    round out, n odd). Every pair meets exactly once, in n - 1 rounds (n even) or n (n odd)."""
+    m = n + n % 2  # odd n: a phantom member; its partner has no partner that round
+    rounds = []
+    for r in range(m - 1):
+        partner: list[int | None] = [m - 1 if (r - i) % (m - 1) == i else (r - i) % (m - 1) for i in range(m - 1)]
+        partner.append(partner.index(m - 1))
+        rounds.append([p if p < n else None for p in partner[:n]])
+    return rounds
+
+
+def all_to_all_pairwise(x: paddle.Tensor, ranks: list[int], split_axis: int, concat_axis: int) -> paddle.Tensor:
+    """All-to-all of this process's local `x` among the processes `ranks` (global ids, this one among them): chunk
+    i of `x` along `split_axis` goes to ranks[i]; the chunks received are concatenated along `concat_axis` in
+    the order of `ranks`. Not differentiable itself: its backward is the same exchange with the axes swapped
+    (autoparallel/context_parallel.py's `_Exchange`).
+
+    gloo has no all_to_all, and `batch_isend_irecv` hangs on it: pairwise rounds of blocking send/recv, in each
+    pair the lower rank sending first, so no round waits on itself. Besides `x` and the result a rank holds one
+    chunk at a time (an all-gather would hold every peer's `x`), and it sends exactly the all-to-all's bytes."""
+    n, me = len(ranks), ranks.index(dist.get_rank())
+    size, width = x.shape[split_axis] // n, x.shape[concat_axis]
+    piece_shape = list(x.shape)
+    piece_shape[split_axis] = size
+    out_shape = list(piece_shape)
+    out_shape[concat_axis] = width * n
+
+    def chunk(i: int) -> paddle.Tensor:
+        return paddle.slice(x, [split_axis], [i * size], [(i + 1) * size]).contiguous()
+
+    with paddle.no_grad():
+        out = paddle.empty(out_shape, x.dtype)
+
+        def place(i: int, piece: paddle.Tensor) -> None:
+            # Into a view of `out` (a slice shares its storage under Paddle's stride kernels, the default):
+            # item assignment would copy `piece` first.
+            paddle.slice(out, [concat_axis], [i * width], [(i + 1) * width]).copy_(piece, False)
+
+        def receive(peer: int) -> None:
+            piece = paddle.empty(piece_shape, x.dtype)
+            dist.recv(piece, src=ranks[peer])
+            place(peer, piece)
+
+        place(me, chunk(me))
+        for partners in _pair_rounds(n):
+            peer = partners[me]
+            if peer is None:
+                continue
+            if me < peer:
+                dist.send(chunk(peer), dst=ranks[peer])
+                receive(peer)
+            else:
+                receive(peer)
+                dist.send(chunk(peer), dst=ranks[peer])
+    return out

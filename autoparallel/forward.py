@@ -28,7 +28,7 @@ import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import ShardedBatch, lift_local
-from autoparallel.context_parallel import gather_context, scatter_context
+from autoparallel.context_parallel import gather_context, scatter_context, split_rows
 from autoparallel.embedding import embedding_uses, lookup
 from network.loss import exact_fp32_matmuls, linear_cross_entropy
 from network.loss_chunks import rows_per_chunk
@@ -168,8 +168,12 @@ def supervised_loss(model: paddle.nn.Layer, hidden: paddle.Tensor, batch: Sharde
     (weight, transposed), default `model.lm_head_weight()`."""
     dp, width = batch.loss_index.shape[0], hidden.shape[-1]
     picked = paddle.take_along_axis(hidden.reshape([dp, -1, width]), batch.loss_index.unsqueeze(-1), axis=1)
+    # Context parallel: each cp rank takes an equal share of the supervised rows, wherever in the sequence they
+    # are (an answer at the end of a long sample lies in one rank's slice; a head on each rank's own slice
+    # would leave that rank the whole [K, V] work, the largest of the step).
+    picked, targets = split_rows(picked), split_rows(batch.loss_targets)
     weight, transpose = model.lm_head_weight() if head is None else head
-    return linear_cross_entropy(picked, weight, batch.loss_targets, transpose_weight=transpose,
+    return linear_cross_entropy(picked, weight, targets, transpose_weight=transpose,
                                 normalizer=normalizer, chunk_rows=loss_chunk_rows(picked, weight, transpose),
                                 rule=vocab_parallel_chunk)
 

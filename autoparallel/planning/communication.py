@@ -28,9 +28,10 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
 - "cp" (context parallel, Ulysses): per decoder layer, q, k and v go from S/cp tokens of all (mp-local) heads
   to all S tokens of 1/cp of them, and the attention output back before o_proj: four all-to-alls forward
   (replayed by recompute) and four backward, each moving this rank's [b, S/cp, heads x head_dim] piece. On CPU
-  (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). KV heads fewer than cp per
+  (gloo) the all-to-all is pairwise send/recv (cpu_compat), the same bytes. KV heads fewer than cp per
   mp rank are repeated before their exchange (cp / their count copies each). The final hidden states are
-  all-gathered for the head; trainable gradients (each rank's tokens) are all-reduced over "cp".
+  all-gathered for the head, each rank runs the head on an equal share of the supervised rows, and their
+  gradients are all-gathered back; trainable gradients (each rank's tokens) are all-reduced over "cp".
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
   middle stage does both sides. A tied head exchanges the embedding copies' gradients between the first and
@@ -52,7 +53,7 @@ from placements.qwen2_vl import (PP_TIED_HEAD, style_for, layout, parameter_shap
 @dataclass(frozen=True)
 class Collective:
     group: str  # "mp" | "dp" | "pp" | "cp"
-    op: str  # all_reduce | all_gather | reduce_scatter | send/recv
+    op: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send/recv
     phase: str
     calls: int  # per optimizer step
     bytes_per_call: int  # payload on one rank (for per-parameter collectives: the average)
@@ -201,15 +202,18 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
     """The "cp" collectives of one step (see the module docstring)."""
     d, wl, e = setup.degrees, setup.workload, DTYPE_BYTES[setup.dtype]
     w, micro, tokens = local_widths(setup.config, d.mp), wl.gradient_accumulation_steps, wl.tokens // d.cp
-    op, note = ("all_gather", "all-to-all done as all-gather + slice (gloo)") if cpu else ("all_to_all", "")
+    note = "pairwise send/recv (gloo)" if cpu else ""
     kv = w.kv * (d.cp // math.gcd(w.kv // setup.config.head_dim, d.cp))  # repeated KV heads (GQA)
     exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: the mean per call
     full = _trainable_local(setup, stage)
     return [
-        Collective("cp", op, "forward: Ulysses q/k/v -> heads, attention output -> sequence",
+        Collective("cp", "all_to_all", "forward: Ulysses q/k/v -> heads, attention output -> sequence",
                    micro * 4 * layers * replays, exchanged, note),
-        Collective("cp", op, "backward: the same four exchanges reversed", micro * 4 * layers, exchanged, note),
+        Collective("cp", "all_to_all", "backward: the same four exchanges reversed", micro * 4 * layers, exchanged,
+                   note),
         Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
+        Collective("cp", "all_gather", "backward: the head rows' hidden-state gradients", micro,
+                   math.ceil(wl.supervised / d.cp) * w.h * e, "each rank's share of the supervised rows"),
         Collective("cp", "all_reduce", "gradients (each rank's tokens)", len(full), _mean(full),
                    f"{len(full)} trainable tensors"),
     ]

@@ -328,7 +328,8 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     config, d, wl = setup.config, setup.degrees, setup.workload
     v, e = config.vision_config, DTYPE_BYTES[setup.dtype]
     w = local_widths(config, d.mp)
-    t, k, p = wl.tokens, wl.supervised, wl.patches
+    # Context parallel: each rank's loss head takes an equal share of the supervised rows (forward.py).
+    t, k, p = wl.tokens, math.ceil(wl.supervised / d.cp), wl.patches
     first, last, layers = stage == 0, stage == setup.pp - 1, len(setup.stage_split()[stage])
     alive = wl.gradient_accumulation_steps if setup.pp > 1 else 1
     sp = d.sequence_parallel and d.mp > 1
@@ -397,7 +398,8 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
         *([Term("trainable ViT" + (" (recompute: block inputs)" if wl.vit_recompute else ""), vit_saved,
                 f"x{v.depth} blocks on {p} patches")] if vit_saved else []),
         *([Term("merger (dist ops)", merger)] if merger else []),
-        *([Term(f"loss head on {k} supervised positions", head_saved, f"[{k}, {w.vocab}] fp32 x3")] if last else []),
+        *([Term(f"loss head on {k} supervised positions" + (f" (1/{d.cp} of them)" if d.cp > 1 else ""), head_saved,
+                f"[{k}, {w.vocab}] fp32 x3")] if last else []),
     ]
     times = f"x{alive} micro-batches alive (FThenB)"
     saved = per_micro if alive == 1 else [Term(x.name, alive * x.bytes, f"{x.note}; {times}" if x.note else times)

@@ -1,6 +1,6 @@
 """The communication ledger (autoparallel/comm_ledger.py) against an independent count (issue 29), and what it
-measures: ZeRO-1's reduce-scatter to the optimizer shard (N11), a tied embedding's gradient reduced once (N13) and
-the vocab-parallel embedding lookup (N14, autoparallel/embedding.py)."""
+measures: ZeRO-1's reduce-scatter to the optimizer shard (N11), a tied embedding's gradient reduced once (N13),
+the vocab-parallel embedding lookup (N14, autoparallel/embedding.py) and context parallel's CPU all-to-all (#32)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dist_utils import run_workers_ok
+from parallel_cases import tiny_config
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "comm_worker.py"
 
@@ -62,3 +63,20 @@ def test_n14_mp2_embedding_lookup_gathers_no_table(launched):
         for record in mp2["records"]:
             assert record["sent"] < 0.05 * mp2["table_bytes"], (rank, record)
         assert mp2["losses"] == pytest.approx(result["dp2_tied"]["losses"], rel=1e-6)
+
+
+def test_cp2_exchange_is_an_all_to_all_of_its_bytes(launched):
+    """#32: on gloo cpu_compat's pairwise send/recv exchange is listed as all-to-all, 4 per decoder layer in the
+    forward (q, k, v, attention output) and 4 in the backward, and sends exactly what an all-to-all sends: half of
+    the rank's [B, S/2, width] piece per exchange at cp2, up to gloo's headers (an all-gather would send it all)."""
+    config = tiny_config()
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layers = config.num_hidden_layers
+    for rank, result in launched.items():
+        cp2 = result["cp2"]
+        for record, shapes in zip(cp2["records"], cp2["shapes"]):
+            exchanged = record["kinds"]["all_to_all"]
+            assert exchanged["calls"] == 8 * layers * len(shapes), (rank, record)
+            ideal = 2 * layers * sum(b * s // 2 * (2 * q + 2 * kv) * 4 // 2 for b, s in shapes)
+            assert ideal <= exchanged["sent"] <= ideal * 1.01, (rank, ideal, record)
+            assert ideal <= exchanged["received"] <= ideal * 1.01, (rank, ideal, record)

@@ -86,12 +86,13 @@ def test_activation_estimate_within_25_percent(spec, measured):
 
 
 def test_context_parallel_cuts_measured_activations(measured):
-    """#32: cp2's per-rank activation peak on a long sample, measured, well below one process's (not half: the
-    loss head on the supervised positions, the full-length embeddings and the CPU all-gather of q/k/v are not
-    split; the planner's estimate, checked above for both points, says the same)."""
+    """#32: cp2's per-rank activation peak on a long sample (its answer, the supervised quarter, at the end: in
+    one rank's slice), measured, at most 0.6x one process's: the decoder runs on half the tokens and each rank's
+    loss head on half the supervised rows (not half overall: the head weight's gradient is whole on every rank;
+    the planner's estimate, checked above for both points, says the same)."""
     one = measured[LONG_SAMPLE][0]["activations"]
     for rank, result in measured[f"{LONG_SAMPLE}:cp2"].items():
-        assert result["activations"] <= 0.85 * one, (rank, result["activations"], one)
+        assert result["activations"] <= 0.6 * one, (rank, result["activations"], one)
 
 
 def test_planner_setup_is_the_engine_layout():

@@ -1,8 +1,9 @@
 """Launched by tests/dist/test_comm_ledger.py: two training steps of the tiny model under the communication
 ledger over 2 ranks (same data, same initial weights): dp2 and ZeRO-1 with an untied head, dp2 and mp2 with the
-preset's tied head; rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
-losses, the bytes of its trainable gradients (counted from the parameters), the bytes of the whole embedding
-table and a checksum of the weights."""
+preset's tied head, and cp2 (context parallel's Ulysses exchanges); rank r writes result.{r}.json with, per
+layout, its measured per-step ledger records, the losses, the bytes of its trainable gradients (counted from the
+parameters), the bytes of the whole embedding table, a checksum of the weights and each step's micro-batch
+shapes [B, S]."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,8 @@ from placements.degrees import ParallelDegrees
 LAYOUTS = {"dp2": (dict(data_parallel_degree=2), False),
            "zero1": (dict(sharding_parallel_degree=2, sharding_stage=1), False),
            "dp2_tied": (dict(data_parallel_degree=2), True),
-           "mp2_tied": (dict(tensor_parallel_degree=2), True)}
+           "mp2_tied": (dict(tensor_parallel_degree=2), True),
+           "cp2": (dict(context_parallel_degree=2), True)}
 
 
 def main() -> None:
@@ -43,16 +45,19 @@ def main() -> None:
         model, optimizer = parallelize(model, build_optimizer(model), mesh, degrees)
         grads = [p for p in model.parameters() if not p.stop_gradient]
         grad_bytes = sum(int(p._local_value().numel()) * p._local_value().element_size() for p in grads)
-        records, losses = [], []
+        records, losses, shapes = [], [], []
         dp = degrees.dp
         for step in micro_batches(config, dp=dp, dp_rank=mesh_coordinate(mesh, "dp"))[:2]:
+            batches = [shard_batch(b, mesh, config) for b in step]
             ledger.start_step()
-            out = train_step(model, optimizer, [shard_batch(b, mesh, config) for b in step], clip_norm=CLIP)
+            out = train_step(model, optimizer, batches, clip_norm=CLIP)
             records.append(ledger.end_step().record())
             losses.append(out.loss)
+            shapes.append([list(b.input_ids.shape) for b in batches])
         checksum = sum(float(p._local_value().astype("float64").abs().sum()) for p in grads)
         result[name] = {"records": records, "losses": losses, "grad_bytes": grad_bytes, "tensors": len(grads),
-                        "checksum": checksum, "table_bytes": config.vocab_size * config.hidden_size * 4}
+                        "checksum": checksum, "table_bytes": config.vocab_size * config.hidden_size * 4,
+                        "shapes": shapes}
     write_result(args.out, dist.get_rank(), result)
     dist.barrier()
 
