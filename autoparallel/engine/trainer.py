@@ -48,7 +48,7 @@ from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
-from network.device import on_gpu
+from network.device import allocator, peak_allocated_bytes, reset_peak_allocated
 from network.hub import resolve_model_dir
 from network.log import logger
 from network.process_memory import peak_rss_bytes
@@ -56,6 +56,15 @@ from network.processor import Qwen2VLProcessor
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import video_tokens_per_second
 from placements.qwen2_vl import Trainable
+
+
+def step_shapes(batches: list[ShardedBatch]) -> dict[str, int]:
+    """What a step computed on this rank, as the planner's workload counts it (its longest micro-batch): the
+    padded sequence length, this rank's image/video patches and the loss positions (supervised tokens, padded
+    to the most on any dp rank)."""
+    return {"seq_len": max(int(b.input_ids.shape[1]) for b in batches),
+            "patches": max(0 if b.pixel_values is None else int(b.pixel_values.shape[0]) for b in batches),
+            "loss_positions": max(int(b.loss_index.shape[1]) for b in batches)}
 
 
 class NonFiniteError(RuntimeError):
@@ -385,6 +394,7 @@ class Trainer:
         batches = self.micro_batches()
         self.model.train()
         measured: list[StepComm] = []
+        reset_peak_allocated()  # the steps' peak: what the planner's step total models
         while self.step < self.total_steps:
             arm_watchdog(train.step_timeout)  # covers this step with its evaluation and checkpoint save
             started = time.time()
@@ -399,6 +409,7 @@ class Trainer:
             elapsed = time.time() - started
             tokens = sum(int(scalar(b.attention_mask.sum())) for b in sharded)
             record |= {"step": self.step, "tokens": tokens, "skipped_nonfinite": self.skipped_nonfinite,
+                       **step_shapes(sharded),
                        "samples": train.per_device_train_batch_size * self.degrees.dp * len(raw),
                        "step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "epoch": self.loader.state_dict()["epoch"]}
@@ -422,7 +433,7 @@ class Trainer:
         arm_watchdog(train.step_timeout)
         if self.rank == 0:
             logger.info("%s", self.comm_summary(measured))
-        peak_gib = self.report_peak_rss()  # before the final save: what the planner's start-up/step peaks model
+        peaks = self.report_peak_memory()  # before the final save: what the planner's start-up/step peaks model
         if not (train.save_steps and self.step % train.save_steps == 0):
             self.save()
         by_kind = self.skipped_samples()
@@ -430,7 +441,7 @@ class Trainer:
             logger.warning("skipped %d bad samples: %s", sum(by_kind.values()), json.dumps(by_kind))
         metrics.log({"step": self.step, "skipped_samples": sum(by_kind.values()), "skipped_by_kind": by_kind,
                      "skipped_nonfinite": self.skipped_nonfinite,
-                     "placeholders_added": self.dataset.records.added_placeholders, "peak_rss_gib": peak_gib})
+                     "placeholders_added": self.dataset.records.added_placeholders, **peaks})
         metrics.close()
         self.loader.close()
         barrier()
@@ -448,17 +459,20 @@ class Trainer:
         unique = {tuple(entry) for entries in gathered for entry in entries}
         return dict(Counter(kind for _, _, kind in unique))
 
-    def report_peak_rss(self) -> float:
-        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt; on a GPU
-        also the device's peak allocated memory, which is what the planner's per-rank figure models there."""
+    def report_peak_memory(self) -> dict[str, float | int]:
+        """This rank's peak resident memory so far (start-up and steps) and the allocator's peak allocated bytes
+        during the steps (the CUDA device's on a GPU, Paddle's host allocator on CPU: `network.device`), appended
+        to memory_rank{r}.txt; the second is what the planner's per-rank step total models. Returns both for
+        metrics.jsonl."""
         peak_gib = peak_rss_bytes() / 2**30
+        allocated = peak_allocated_bytes()
         with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
             f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
-            if on_gpu() and paddle.is_compiled_with_cuda():  # a simulated GPU has no device allocator
-                device_gib = paddle.device.cuda.max_memory_allocated() / 2**30
-                f.write(f"peak device memory allocated after {self.step} steps: {device_gib:.3f} GiB\n")
-        logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
-        return round(peak_gib, 3)
+            f.write(f"peak {allocator()} memory allocated after {self.step} steps: {allocated / 2**30:.3f} GiB "
+                    f"({allocated} bytes, during the steps)\n")
+        logger.info("peak RSS of rank %d: %.2f GiB; peak %s memory allocated during the steps: %.3f GiB", self.rank,
+                    peak_gib, allocator(), allocated / 2**30)
+        return {"peak_rss_gib": round(peak_gib, 3), "peak_allocated_bytes": allocated}
 
     def report_memory(self) -> None:
         report = memory_report(self.model, self.optimizer, self.degrees, trainable=self.trainable)

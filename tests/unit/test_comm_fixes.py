@@ -243,12 +243,31 @@ def test_n12_lora_zero3_starts_dense():
 def test_n12_gpu_memory_report_has_device_peak(tmp_path, monkeypatch):
     """N12: on a GPU, memory_rank*.txt reports the device's peak allocated memory beside host RSS."""
     from autoparallel.engine import trainer as trainer_mod
+    from network import device
 
-    monkeypatch.setattr(trainer_mod, "on_gpu", lambda: True)
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
     monkeypatch.setattr(paddle.device.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
     t = object.__new__(trainer_mod.Trainer)
     t.rank, t.step, t.output_dir = 0, 5, tmp_path
-    t.report_peak_rss()
+    assert t.report_peak_memory()["peak_allocated_bytes"] == 3 * 2**30
     lines = (tmp_path / "memory_rank0.txt").read_text().splitlines()
-    assert lines[0].startswith("peak RSS") and lines[1] == "peak device memory allocated after 5 steps: 3.000 GiB"
+    assert lines[0].startswith("peak RSS")
+    assert lines[1] == f"peak device memory allocated after 5 steps: 3.000 GiB ({3 * 2**30} bytes, during the steps)"
+
+
+def test_host_peak_allocated_is_the_steps_peak(tmp_path):
+    """On CPU the figure is Paddle's host allocator peak since the reset at the start of the steps: a tensor
+    freed before the reset does not count, one alive during the steps does, to the byte."""
+    from autoparallel.engine import trainer as trainer_mod
+    from network.device import allocated_bytes, reset_peak_allocated
+
+    before = paddle.zeros([4096, 1024])  # 16 MiB, freed before the "steps"
+    del before
+    reset_peak_allocated()
+    base = allocated_bytes()
+    step = paddle.zeros([1024, 1024])  # 4 MiB during the "steps"
+    del step
+    t = object.__new__(trainer_mod.Trainer)
+    t.rank, t.step, t.output_dir = 1, 2, tmp_path
+    assert t.report_peak_memory()["peak_allocated_bytes"] == base + 4 * 2**20
+    assert f"({base + 4 * 2**20} bytes, during the steps)" in (tmp_path / "memory_rank1.txt").read_text()
