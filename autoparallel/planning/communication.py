@@ -168,6 +168,24 @@ def communication(setup: PlanSetup, cpu: bool = False, stage: int | None = None)
     return out
 
 
+def decode_communication(setup: PlanSetup, batch: int = 1) -> list[Collective]:
+    """The collectives of one generated token (a decode step over the KV cache: [batch, 1] new positions) on one
+    rank under tensor parallel (launch/infer.py, `eval`): the vocab-parallel embedding and every rowwise
+    projection (o_proj, down_proj) end in a Partial [batch, 1, H] that is all-reduced, and the head's
+    vocab-split logits are all-gathered (`TensorParallelModel`: sampling reads them whole on every rank).
+    `calls` here count per token, not per optimizer step."""
+    config, d = setup.config, setup.degrees
+    if d.mp == 1:
+        return []
+    e = DTYPE_BYTES[setup.dtype]
+    row = batch * config.hidden_size * e
+    return [Collective("mp", "all_reduce", "decode: vocab-parallel embedding", 1, row),
+            Collective("mp", "all_reduce", "decode: o_proj + down_proj outputs", 2 * config.num_hidden_layers, row,
+                       "2 per layer"),
+            Collective("mp", "all_gather", "decode: vocab-split logits", 1, batch * config.vocab_size * e,
+                       f"[{batch}, {config.vocab_size}] for sampling on every rank")]
+
+
 def group_size(collective: Collective, setup: PlanSetup) -> int:
     """Ranks taking part in `collective`: its mesh axis, or every rank for the pipeline's scalar reductions."""
     d = setup.degrees
