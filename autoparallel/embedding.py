@@ -90,6 +90,21 @@ def lookup(weight: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
     return _VocabParallelLookup.apply(weight, ids, axis)
 
 
+def vocab_parallel_layer(layer: paddle.nn.Embedding) -> None:
+    """The model's own calls of `layer` (`embed_multimodal`: generation in infer, eval and the trainer's
+    generation metrics) through `lookup` too, else every generated token would all-gather the whole table: ids
+    that are not dist tensors (generation's) are taken as this rank's copy of replicated ids on the weight's
+    mesh, which they are (every rank decodes the same tokens)."""
+    def forward(ids: paddle.Tensor) -> paddle.Tensor:
+        weight = layer.weight
+        if weight.is_dist() and not ids.is_dist():
+            mesh = weight.process_mesh
+            ids = dtensor_from_local(ids, mesh, [dist.Replicate()] * len(mesh.shape))
+        return lookup(weight, ids)
+
+    layer.forward = forward
+
+
 def embedding_uses(model: paddle.nn.Layer) -> tuple[paddle.Tensor, tuple[paddle.Tensor, bool]]:
     """(the weight to look tokens up in, the head's (weight, transposed) of `model.lm_head_weight`): with a tied
     head, the two outputs of one node, so the weight gets one summed gradient (reduced once)."""

@@ -1,13 +1,19 @@
 """The communication ledger (autoparallel/comm_ledger.py) against an independent count (issue 29), and what it
-measures: ZeRO-1's reduce-scatter to the optimizer shard (N11), a tied embedding's gradient reduced once (N13) and
-the vocab-parallel embedding lookup (N14, autoparallel/embedding.py)."""
+measures: ZeRO-1's reduce-scatter to the optimizer shard (N11), a tied embedding's gradient reduced once (N13),
+the vocab-parallel embedding lookup (N14, autoparallel/embedding.py), in training and in decoding, and the
+colwise projections' input gradients reduced once per block (N15): mp2 moves what the planner plans."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from autoparallel.planning.communication import communication, decode_communication, planned_sent_by_kind
+from autoparallel.planning.memory import PlanSetup, Workload
+from autoparallel.planning.setup import step_workload
 from dist_utils import run_workers_ok
+from parallel_cases import micro_batches, tiny_config
+from placements.degrees import ParallelDegrees
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "comm_worker.py"
 
@@ -62,3 +68,34 @@ def test_n14_mp2_embedding_lookup_gathers_no_table(launched):
         for record in mp2["records"]:
             assert record["sent"] < 0.05 * mp2["table_bytes"], (rank, record)
         assert mp2["losses"] == pytest.approx(result["dp2_tied"]["losses"], rel=1e-6)
+
+
+def test_n15_mp2_sends_the_planned_bytes(launched):
+    """N15: mp2 sends per step what the planner's mp collectives give for these very batches (padded length and
+    loss positions of each micro-batch), within 10%: q/k/v and gate/up reduce their input gradient once per
+    block. Before, Paddle all-reduced each projection's Partial input gradient (1.7x the plan on the bench)."""
+    config = tiny_config()
+    setup = PlanSetup(config, ParallelDegrees(tensor_parallel_degree=2), Workload(batch=1, seq_len=1))
+    for rank, result in launched.items():
+        for step, record in zip(micro_batches(config), result["mp2_tied"]["records"]):
+            planned = 0
+            for batch in step:
+                ids, labels = batch["input_ids"], batch["labels"]
+                positions = max(1, int((labels[:, 1:] != -100).sum()))
+                # The mp collectives do not depend on the patches.
+                workload = step_workload(Workload(batch=ids.shape[0], seq_len=1), ids.shape[1], 0, positions)
+                micro = PlanSetup(config, setup.degrees, workload)
+                planned += sum(planned_sent_by_kind(communication(micro, cpu=True), micro).values())
+            assert 0.9 * planned <= record["sent"] <= 1.1 * planned, (rank, planned, record)
+
+
+def test_n14_mp2_decoding_sends_the_planned_bytes_per_token(launched):
+    """N14 in decoding: a generated token under mp2 costs what `decode_communication` plans (the embedding and
+    the rowwise all-reduces of [1, 1, H], the logits gathered), within 10%, not a gather of the vocab-split table
+    (the model's own embedding call went through Paddle's rule: half the table per rank and token)."""
+    config = tiny_config()
+    setup = PlanSetup(config, ParallelDegrees(tensor_parallel_degree=2), Workload(batch=1, seq_len=1))
+    planned = sum(planned_sent_by_kind(decode_communication(setup), setup).values())
+    for rank, result in launched.items():
+        steps = result["mp2_tied"]["decode_per_token"]
+        assert steps and all(0.9 * planned <= s <= 1.1 * planned for s in steps), (rank, planned, steps)

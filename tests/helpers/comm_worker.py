@@ -2,20 +2,24 @@
 ledger over 2 ranks (same data, same initial weights): dp2 and ZeRO-1 with an untied head, dp2 and mp2 with the
 preset's tied head; rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
 losses, the bytes of its trainable gradients (counted from the parameters), the bytes of the whole embedding
-table and a checksum of the weights."""
+table and a checksum of the weights; after mp2's training, the bytes it sent per token of a greedy decode on
+that model (as infer runs it)."""
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import paddle.distributed as dist
 
 from autoparallel import cpu_compat
 from autoparallel.batch import shard_batch
 from autoparallel.comm_ledger import Ledger
+from autoparallel.engine.evaluation import TensorParallelModel
 from autoparallel.mesh import build_mesh, mesh_coordinate
 from autoparallel.parallelize import parallelize
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
+from network.generation import GenerationConfig, generate
 from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, tiny_config
 from placements.degrees import ParallelDegrees
 
@@ -24,6 +28,21 @@ LAYOUTS = {"dp2": (dict(data_parallel_degree=2), False),
            "zero1": (dict(sharding_parallel_degree=2, sharding_stage=1), False),
            "dp2_tied": (dict(data_parallel_degree=2), True),
            "mp2_tied": (dict(tensor_parallel_degree=2), True)}
+
+
+DECODE_TOKENS = 6
+
+
+def decode_bytes(model, ledger: Ledger) -> list[int]:
+    """Bytes sent per decode step of DECODE_TOKENS greedy tokens from a 16-token prompt (the first token, from the
+    prefill's logits, left out): the ledger read at every new token."""
+    model.eval()
+    marks = []
+    ids = np.arange(100, 116, dtype=np.int64)[None]
+    generate(TensorParallelModel(model), ids, np.ones_like(ids),
+             generation_config=GenerationConfig(max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS),
+             streamer=lambda tokens: marks.append(ledger.totals()[0]))
+    return np.diff(marks)[1:].tolist()
 
 
 def main() -> None:
@@ -53,6 +72,8 @@ def main() -> None:
         checksum = sum(float(p._local_value().astype("float64").abs().sum()) for p in grads)
         result[name] = {"records": records, "losses": losses, "grad_bytes": grad_bytes, "tensors": len(grads),
                         "checksum": checksum, "table_bytes": config.vocab_size * config.hidden_size * 4}
+        if degrees.mp > 1:
+            result[name]["decode_per_token"] = decode_bytes(model, ledger)
     write_result(args.out, dist.get_rank(), result)
     dist.barrier()
 
