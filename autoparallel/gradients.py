@@ -71,9 +71,10 @@ def _view(tensor: paddle.Tensor) -> paddle.Tensor:
 
 class _SharedUses(PyLayer):
     """`uses` views of one tensor; backward: the sum of their gradients, added locally (Partial gradients sum to
-    a Partial one without communication; one placed otherwise is first resharded to the first one's placement)
-    and in place into the first (autograd hands each gradient to this node alone): for the tied embedding a
-    vocabulary-sized tensor fewer at the step's peak."""
+    a Partial one without communication; the others are first resharded to a Partial one's placements, which
+    for a Replicate gradient is local, not the other way round, which would all-reduce) and in place (autograd
+    hands each gradient to this node alone): for the tied embedding a vocabulary-sized tensor fewer at the
+    step's peak."""
 
     @staticmethod
     def forward(ctx, tensor: paddle.Tensor, uses: int) -> tuple[paddle.Tensor, ...]:
@@ -84,13 +85,16 @@ class _SharedUses(PyLayer):
         grads = [g for g in grads if g is not None]
         if not grads:
             return None
-        first = grads[0]
-        if not first.is_dist():
+        if not grads[0].is_dist():
+            first = grads[0]
             for g in grads[1:]:
                 first.add_(g)
             return first
+        first = next((g for g in grads if any(p.is_partial() for p in g.placements)), grads[0])
         local = first._local_value()
-        for g in grads[1:]:
+        for g in grads:
+            if g is first:
+                continue
             if g.placements != first.placements:
                 g = dist.reshard(g, first.process_mesh, first.placements)
             local.add_(g._local_value())
@@ -123,10 +127,30 @@ class _InputGroup:
         return pre_hook
 
 
+class _AdapterInput:
+    """Forward pre-hooks splitting a LoRALinear's input between its base matmul and its adapter path (which
+    starts at the `lora_dropout` sublayer, called with the same tensor)."""
+
+    def __init__(self):
+        self.base, self.adapter = None, None
+
+    def layer_hook(self, layer, inputs):
+        self.base, self.adapter = shared_uses(inputs[0], 2)
+        return (self.base, *inputs[1:])
+
+    def dropout_hook(self, layer, inputs):
+        if inputs[0] is not self.base:
+            return None
+        adapter, self.base, self.adapter = self.adapter, None, None
+        return (adapter, *inputs[1:])
+
+
 def share_sibling_inputs(model: paddle.nn.Layer, keys: Sequence[str]) -> list:
     """N15: the layers matching `keys` (plan keys, "*" = one name part) that are children of one parent (in call
     order within it, as the model's forward calls them: q, k, v; gate, up) get one `shared_uses` node for their
-    common input. Returns the hook handles."""
+    common input; a LoRA layer among them (paddlenlp's LoRALinear: base matmul and adapter path on the same
+    input) one more for its two uses, so its base's Partial gradient is not reduced on its own either.
+    Returns the hook handles."""
     patterns = [re.compile(re.escape(k).replace(r"\*", r"[^.]+")) for k in keys]
     groups: dict[str, list[paddle.nn.Layer]] = {}
     for name, layer in model.named_sublayers():
@@ -137,4 +161,12 @@ def share_sibling_inputs(model: paddle.nn.Layer, keys: Sequence[str]) -> list:
         if len(layers) > 1:
             group = _InputGroup(len(layers))
             handles += [layer.register_forward_pre_hook(group.hook(i)) for i, layer in enumerate(layers)]
+        for layer in layers:  # after the group's hook: the adapter split takes this layer's view
+            if not hasattr(layer, "lora_dropout"):
+                continue
+            if not isinstance(layer.lora_dropout, paddle.nn.Layer):
+                layer.lora_dropout = paddle.nn.Identity()  # paddlenlp's `lambda x: x` at dropout 0, made hookable
+            split = _AdapterInput()
+            handles += [layer.register_forward_pre_hook(split.layer_hook),
+                        layer.lora_dropout.register_forward_pre_hook(split.dropout_hook)]
     return handles

@@ -2,7 +2,7 @@
 ledger over 2 ranks (same data, same initial weights): dp2 and ZeRO-1 with an untied head, dp2 and mp2 with the
 preset's tied head; rank r writes result.{r}.json with, per layout, its measured per-step ledger records, the
 losses, the bytes of its trainable gradients (counted from the parameters), the bytes of the whole embedding
-table and a checksum of the weights; after mp2's training, the bytes it sent per token of a greedy decode on
+table and a checksum of the weights (mp2 also with LoRA adapters on every decoder Linear); after mp2's training, the bytes it sent per token of a greedy decode on
 that model (as infer runs it)."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from autoparallel.parallelize import parallelize
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from network.generation import GenerationConfig, generate
+from network.lora import LoraArgs, apply_lora
 from parallel_cases import CLIP, build_model, build_optimizer, micro_batches, tiny_config
 from placements.degrees import ParallelDegrees
 
@@ -27,7 +28,10 @@ from placements.degrees import ParallelDegrees
 LAYOUTS = {"dp2": (dict(data_parallel_degree=2), False),
            "zero1": (dict(sharding_parallel_degree=2, sharding_stage=1), False),
            "dp2_tied": (dict(data_parallel_degree=2), True),
-           "mp2_tied": (dict(tensor_parallel_degree=2), True)}
+           "mp2_tied": (dict(tensor_parallel_degree=2), True),
+           "mp2_lora": (dict(tensor_parallel_degree=2), True)}
+LORA = LoraArgs(lora_rank=4, lora_alpha=8, lora_target_modules=[
+    f"model.layers.*{m}.*" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")])
 
 
 DECODE_TOKENS = 6
@@ -59,6 +63,8 @@ def main() -> None:
         degrees = ParallelDegrees(**kw)
         mesh = build_mesh(degrees, config)
         model = build_model(config)
+        if "lora" in name:
+            apply_lora(model, LORA)
         model, optimizer = parallelize(model, build_optimizer(model), mesh, degrees)
         grads = [p for p in model.parameters() if not p.stop_gradient]
         grad_bytes = sum(int(p._local_value().numel()) * p._local_value().element_size() for p in grads)
@@ -72,7 +78,7 @@ def main() -> None:
         checksum = sum(float(p._local_value().astype("float64").abs().sum()) for p in grads)
         result[name] = {"records": records, "losses": losses, "grad_bytes": grad_bytes, "tensors": len(grads),
                         "checksum": checksum, "table_bytes": config.vocab_size * config.hidden_size * 4}
-        if degrees.mp > 1:
+        if name == "mp2_tied":
             result[name]["decode_per_token"] = decode_bytes(model, ledger)
     write_result(args.out, dist.get_rank(), result)
     dist.barrier()
