@@ -30,7 +30,8 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
   (replayed by recompute) and four backward, each moving this rank's [b, S/cp, heads x head_dim] piece. On CPU
   (gloo) an all-to-all is an all-gather + local slice (cp x the bytes received). KV heads fewer than cp per
   mp rank are repeated before their exchange (cp / their count copies each). The final hidden states are
-  all-gathered for the head; trainable gradients (each rank's tokens) are all-reduced over "cp".
+  all-gathered for the head; the trainable gradients of the decoder layers and final norm (each rank's tokens)
+  are all-reduced over "cp" (the embedding, vision tower and head run on the whole sequence on every cp rank).
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
   middle stage does both sides. A tied head exchanges the embedding copies' gradients between the first and
@@ -63,17 +64,24 @@ class Collective:
         return self.calls * self.bytes_per_call
 
 
-def _trainable_local(setup: PlanSetup, stage: int) -> list[int]:
-    """mp-local bytes of each trainable tensor of pipeline `stage`: what the dp gradient collectives move."""
+def _trainable_local(setup: PlanSetup, stage: int, prefixes: tuple[str, ...] = ("",)) -> list[int]:
+    """mp-local bytes of each trainable tensor of pipeline `stage` (whose name starts with one of `prefixes`):
+    what the dp gradient collectives move."""
     config, d, size, split = setup.config, setup.degrees, DTYPE_BYTES[setup.dtype], setup.stage_split()
     shapes = parameter_shapes(config)
     if setup.lora:
         return [numel(adapter_layout(name, shape, config, d.dp, d.mp, 0).local_shape) * size
                 for name, shape in adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank).items()
-                if stage in parameter_stages(name, config, split)]
+                if stage in parameter_stages(name, config, split) and name.startswith(prefixes)]
     layouts = (layout(name, shape, config, d.dp, d.mp, 0, setup.trainable) for name, shape in shapes.items()
-               if stage in parameter_stages(name, config, split))
+               if stage in parameter_stages(name, config, split) and name.startswith(prefixes))
     return [numel(lay.local_shape) * size for lay in layouts if lay.grad_local_shape is not None]
+
+
+# Parameters that run on this rank's sequence slice under context parallel (autoparallel/context_parallel.py):
+# the decoder layers and the final norm. The embedding, vision tower and head run on the whole sequence on every
+# cp rank (the lookup before the scatter, the head after the gather): their gradients are complete there.
+CP_SPLIT_PARAMETERS = ("model.layers.", "model.norm.")
 
 
 def _mean(values: list[int]) -> int:
@@ -222,12 +230,12 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
     op, note = ("all_gather", "all-to-all done as all-gather + slice (gloo)") if cpu else ("all_to_all", "")
     kv = w.kv * (d.cp // math.gcd(w.kv // setup.config.head_dim, d.cp))  # repeated KV heads (GQA)
     exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: the mean per call
-    full = _trainable_local(setup, stage)
+    full = _trainable_local(setup, stage, CP_SPLIT_PARAMETERS)
     return [
         Collective("cp", op, "forward: Ulysses q/k/v -> heads, attention output -> sequence",
                    micro * 4 * layers * replays, exchanged, note),
         Collective("cp", op, "backward: the same four exchanges reversed", micro * 4 * layers, exchanged, note),
         Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
-        Collective("cp", "all_reduce", "gradients (each rank's tokens)", len(full), _mean(full),
-                   f"{len(full)} trainable tensors"),
+        Collective("cp", "all_reduce", "gradients of the sequence-split part (each rank's tokens)", len(full),
+                   _mean(full), f"{len(full)} trainable tensors of the decoder layers and final norm"),
     ]
