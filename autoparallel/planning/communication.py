@@ -227,15 +227,17 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
     """The "cp" collectives of one step (see the module docstring)."""
     d, wl, e = setup.degrees, setup.workload, DTYPE_BYTES[setup.dtype]
     w, micro, tokens = local_widths(setup.config, d.mp), wl.gradient_accumulation_steps, wl.tokens // d.cp
-    op, note = ("all_gather", "all-to-all done as all-gather + slice (gloo)") if cpu else ("all_to_all", "")
     kv = w.kv * (d.cp // math.gcd(w.kv // setup.config.head_dim, d.cp))  # repeated KV heads (GQA)
-    exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: the mean per call
+    exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: this rank's piece, per call
+    # An all-gather's payload is the gathered tensor: cp pieces.
+    op, note, exchanged = (("all_gather", "all-to-all done as all-gather + slice (gloo)", d.cp * exchanged) if cpu
+                           else ("all_to_all", "", exchanged))
     full = _trainable_local(setup, stage, CP_SPLIT_PARAMETERS)
     return [
         Collective("cp", op, "forward: Ulysses q/k/v -> heads, attention output -> sequence",
                    micro * 4 * layers * replays, exchanged, note),
         Collective("cp", op, "backward: the same four exchanges reversed", micro * 4 * layers, exchanged, note),
-        Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
+        Collective("cp", "all_gather", "forward: final hidden states for the head", micro, wl.tokens * w.h * e),
         Collective("cp", "all_reduce", "gradients of the sequence-split part (each rank's tokens)", len(full),
                    _mean(full), f"{len(full)} trainable tensors of the decoder layers and final norm"),
     ]
