@@ -86,9 +86,11 @@ def run_layout(name: str, meta: str, root: Path) -> dict:
     sent = sum(r["comm_bytes"] for r in steps) / len(steps)
     workaround = sum(w["sent"] for r in steps for w in r["comm"].get("workaround", {}).values()) / len(steps)
     other = sum(r["comm"]["kinds"]["other"]["sent"] for r in steps) / len(steps)
+    by_kind = {k: sum(r["comm"]["kinds"].get(k, {}).get("sent", 0) for r in steps) / len(steps)
+               for k in steps[0]["comm"]["kinds"]}
     last = [r for r in records if "peak_allocated_bytes" in r][-1]
     return {"layout": name, "sent": sent, "workaround": workaround, "gpu_equivalent": sent - workaround / 2,
-            "other": other, "peak_rss": last["peak_rss_gib"] * 2**30, "peak_allocated": last["peak_allocated_bytes"],
+            "other": other, "by_kind": by_kind, "peak_rss": last["peak_rss_gib"] * 2**30, "peak_allocated": last["peak_allocated_bytes"],
             **planned(out, nproc, all_steps)}
 
 
