@@ -75,6 +75,7 @@ class Workload:
     recompute: bool = False
     gradient_accumulation_steps: int = 1
     vit_recompute: bool = False  # a trainable ViT's blocks recomputed in backward
+    rank_patches: int | None = None  # this rank's patches as a step recorded them, instead of the image count
 
     @property
     def tokens(self) -> int:
@@ -82,6 +83,8 @@ class Workload:
 
     @property
     def patches(self) -> int:
+        if self.rank_patches is not None:
+            return self.rank_patches
         t, h, w = self.image_grid
         return self.batch * self.images_per_sample * t * h * w
 

@@ -119,11 +119,7 @@ def plan_run(cfg: RunConfig, options: PlanOptions) -> Planned:
 def step_workload(workload: Workload, seq_len: int, patches: int, loss_positions: int) -> Workload:
     """`workload` as one step actually ran it (the trainer's per-step `seq_len`, `patches`, `loss_positions` in
     metrics.jsonl), where the planned one assumes every sample fills the length it plans and the largest image:
-    the padded sequence length, this rank's patches (as one image of patches/batch per sample: the planner's
-    terms use only their total) and the loss positions."""
-    b = workload.batch
-    if patches % b:
-        raise ValueError(f"{patches} patches on this rank do not split into {b} equal images per sample")
+    the padded sequence length, this rank's patches and the loss positions."""
     # The planner takes ceil(fraction x tokens) positions: half a position below the count lands on it exactly.
-    return dataclasses.replace(workload, seq_len=seq_len, image_grid=(1, patches // b, 1), images_per_sample=1,
-                               supervised_fraction=(loss_positions - 0.5) / (b * seq_len))
+    return dataclasses.replace(workload, seq_len=seq_len, rank_patches=patches,
+                               supervised_fraction=(loss_positions - 0.5) / (workload.batch * seq_len))

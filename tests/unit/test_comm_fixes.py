@@ -301,11 +301,10 @@ def test_step_workload_plans_the_recorded_shapes():
     from autoparallel.planning.memory import Workload
     from autoparallel.planning.setup import step_workload
 
-    for seq, patches, positions in ((48, 80, 4), (40, 32, 7), (128, 0, 1), (96, 2 * 1296, 61)):
-        wl = step_workload(Workload(batch=2, seq_len=4096, image_grid=(1, 36, 36)), seq, patches, positions)
+    for batch, seq, patches, positions in ((2, 48, 80, 4), (2, 40, 32, 7), (2, 128, 0, 1), (3, 96, 2 * 1296, 61),
+                                           (3, 40, 100, 13)):
+        wl = step_workload(Workload(batch=batch, seq_len=4096, image_grid=(1, 36, 36)), seq, patches, positions)
         assert (wl.seq_len, wl.patches, wl.supervised) == (seq, patches, positions)
-    with pytest.raises(ValueError, match="3 patches on this rank do not split into 2"):
-        step_workload(Workload(batch=2, seq_len=8), 8, 3, 1)
 
 
 def test_decode_communication_per_token():
