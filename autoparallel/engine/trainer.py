@@ -43,7 +43,7 @@ from autoparallel.parallelize import parallelize
 from autoparallel.pipeline import Stage, build_stage_model, make_stage, parallelize_stage
 from autoparallel.planning.communication import communication, planned_sent_by_kind
 from autoparallel.planning.render import render_plan_table, render_report
-from autoparallel.planning.setup import PlanOptions, plan_run
+from autoparallel.planning.setup import PlanOptions, plan_run, step_workload
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
@@ -226,15 +226,22 @@ class Trainer:
         return (f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{render_plan_table(planned.setup)}\n\n"
                 f"{profile.note()}\n{render_report(planned, collectives, options)}\n")
 
-    def comm_summary(self, measured: list[StepComm]) -> str:
+    def comm_summary(self, measured: list[StepComm], shapes: list[dict[str, int]]) -> str:
         """This rank's measured bytes per step against the planner's ideal for its pipeline stage, on the CPU
-        (reduce-scatters as all-reduces) and the GPU plan. The first step (lazy optimizer state, group set-up)
-        is left out when there are more."""
-        planned = plan_run(self.cfg, PlanOptions(device="cpu", nproc_per_node=self.world))
+        (reduce-scatters as all-reduces) and the GPU plan, each step planned as it ran (`step_shapes`: its
+        padded length and loss positions, not max_seq_length). The first step (lazy optimizer state, group
+        set-up) is left out when there are more."""
+        base = plan_run(self.cfg, PlanOptions(device="cpu", nproc_per_node=self.world)).setup
         stage = self.stage.index if self.stage is not None else None
-        by_device = {cpu: planned_sent_by_kind(communication(planned.setup, cpu=cpu, stage=stage), planned.setup)
-                     for cpu in (True, False)}
-        return render_comm_summary(measured[1:] or measured, by_device[True], by_device[False])
+        kept = slice(1, None) if len(measured) > 1 else slice(None)
+        setups = [dataclasses.replace(base, workload=step_workload(base.workload, **s)) for s in shapes[kept]]
+        by_device = {}
+        for cpu in (True, False):
+            by_device[cpu] = Counter()
+            for setup in setups:
+                by_device[cpu].update(planned_sent_by_kind(communication(setup, cpu=cpu, stage=stage), setup))
+            by_device[cpu] = {kind: sent / max(len(setups), 1) for kind, sent in by_device[cpu].items()}
+        return render_comm_summary(measured[kept], by_device[True], by_device[False])
 
     def autocast(self):
         """bf16 O2 around every forward (pipeline stages included); the embedding lookup white-listed (N9, see
@@ -394,6 +401,7 @@ class Trainer:
         batches = self.micro_batches()
         self.model.train()
         measured: list[StepComm] = []
+        shapes: list[dict[str, int]] = []
         reset_peak_allocated()  # the steps' peak: what the planner's step total models
         while self.step < self.total_steps:
             arm_watchdog(train.step_timeout)  # covers this step with its evaluation and checkpoint save
@@ -408,8 +416,9 @@ class Trainer:
             faults.maybe_fail(self.rank, self.step, "train")
             elapsed = time.time() - started
             tokens = sum(int(scalar(b.attention_mask.sum())) for b in sharded)
+            shapes.append(step_shapes(sharded))
             record |= {"step": self.step, "tokens": tokens, "skipped_nonfinite": self.skipped_nonfinite,
-                       **step_shapes(sharded),
+                       **shapes[-1],
                        "samples": train.per_device_train_batch_size * self.degrees.dp * len(raw),
                        "step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "epoch": self.loader.state_dict()["epoch"]}
@@ -432,7 +441,7 @@ class Trainer:
                 break
         arm_watchdog(train.step_timeout)
         if self.rank == 0:
-            logger.info("%s", self.comm_summary(measured))
+            logger.info("%s", self.comm_summary(measured, shapes))
         peaks = self.report_peak_memory()  # before the final save: what the planner's start-up/step peaks model
         if not (train.save_steps and self.step % train.save_steps == 0):
             self.save()
