@@ -3,7 +3,8 @@
 - Tied head (N13). The embedding lookup and a tied head both read `embed_tokens.weight`; each yields a gradient
   Partial over "dp", and Paddle 3.3.1's gradient accumulation on the leaf all-reduces each before summing, so
   the weight was reduced twice. `embedding_uses` hands the two uses the two outputs of one identity node
-  (`_TiedUses`): its backward adds the two Partial gradients locally and the leaf gets one, reduced once.
+  (`autoparallel.gradients.shared_uses`): its backward adds the two Partial gradients locally and the leaf
+  gets one, reduced once.
 - Vocab-parallel lookup (N14). On a weight split on the vocab (Shard(0) over "mp") Paddle's embedding SPMD rule
   all-gathers the whole table every micro-step. `lookup` lets each rank read its own rows instead (ids outside
   its range give zeros) and sums the partial embeddings over "mp": an all-reduce of [b, S, H], as a Megatron
@@ -19,37 +20,8 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 from paddle.distributed.auto_parallel.api import dtensor_from_local
 
+from autoparallel.gradients import shared_uses
 from autoparallel.mesh import mesh_coordinate
-
-
-def _view(tensor: paddle.Tensor) -> paddle.Tensor:
-    """`tensor`'s storage under a new autograd identity (returning the input itself from a PyLayer, even marked
-    not inplace, leaves the outputs without a gradient path). A dist tensor's view is taken of its local piece:
-    `view`'s dist rule would all-gather a split one."""
-    if not tensor.is_dist():
-        return tensor.view(tensor.shape)
-    local = tensor._local_value()
-    return dtensor_from_local(local.view(local.shape), tensor.process_mesh, tensor.placements)
-
-
-class _TiedUses(PyLayer):
-    """Two uses of one tensor; backward: the sum of their gradients, added locally when both are placed alike
-    (two Partial gradients sum to a Partial one without communication)."""
-
-    @staticmethod
-    def forward(ctx, weight: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        return _view(weight), _view(weight)
-
-    @staticmethod
-    def backward(ctx, first: paddle.Tensor | None, second: paddle.Tensor | None) -> paddle.Tensor | None:
-        if first is None or second is None:
-            return second if first is None else first
-        if not first.is_dist():
-            return first + second
-        if first.placements != second.placements:
-            second = dist.reshard(second, first.process_mesh, first.placements)
-        return dtensor_from_local(first._local_value() + second._local_value(), first.process_mesh,
-                                  first.placements)
 
 
 def _vocab_axis(weight: paddle.Tensor, ids: paddle.Tensor) -> int | None:
@@ -106,7 +78,7 @@ class _VocabParallelLookup(PyLayer):
         local = grad._local_value() * keep.astype(grad.dtype)
         width = local.shape[-1]
         table = paddle.zeros([ctx.rows, width], local.dtype)
-        table = paddle.index_add(table, safe.reshape([-1]), 0, local.reshape([-1, width]))
+        table.index_add_(safe.reshape([-1]), 0, local.reshape([-1, width]))  # in place: one table, not two
         return dtensor_from_local(table, ctx.mesh, ctx.grad_placements), None
 
 
@@ -118,11 +90,26 @@ def lookup(weight: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
     return _VocabParallelLookup.apply(weight, ids, axis)
 
 
+def vocab_parallel_layer(layer: paddle.nn.Embedding) -> None:
+    """The model's own calls of `layer` (`embed_multimodal`: generation in infer, eval and the trainer's
+    generation metrics) through `lookup` too, else every generated token would all-gather the whole table: ids
+    that are not dist tensors (generation's) are taken as this rank's copy of replicated ids on the weight's
+    mesh, which they are (every rank decodes the same tokens)."""
+    def forward(ids: paddle.Tensor) -> paddle.Tensor:
+        weight = layer.weight
+        if weight.is_dist() and not ids.is_dist():
+            mesh = weight.process_mesh
+            ids = dtensor_from_local(ids, mesh, [dist.Replicate()] * len(mesh.shape))
+        return lookup(weight, ids)
+
+    layer.forward = forward
+
+
 def embedding_uses(model: paddle.nn.Layer) -> tuple[paddle.Tensor, tuple[paddle.Tensor, bool]]:
     """(the weight to look tokens up in, the head's (weight, transposed) of `model.lm_head_weight`): with a tied
     head, the two outputs of one node, so the weight gets one summed gradient (reduced once)."""
     weight = model.model.embed_tokens.weight
     if not model.config.tie_word_embeddings:
         return weight, model.lm_head_weight()
-    first, second = _TiedUses.apply(weight)
+    first, second = shared_uses(weight, 2)
     return first, (second, True)

@@ -1,13 +1,22 @@
 """Gradients between backward and the optimizer step, shared by the train step and the pipeline: which tensor is a
 parameter's gradient, reducing Partial gradients once (to the ZeRO-1 shard where there is one), and the sum
-of squares the global norm is taken from."""
+of squares the global norm is taken from.
+
+Also where several uses of one tensor meet in backward (`shared_uses`): Paddle 3.3.1's gradient accumulation
+reduces each use's Partial gradient before adding them, one all-reduce per use where one would do (N13: the
+tied embedding, two uses; N15: the colwise projections reading one input, q/k/v and gate/up, three and two
+per decoder layer under tensor parallel). Giving every use its own output of one identity node makes that
+node's backward the place they meet: it adds them locally, and one Partial gradient goes on, reduced once."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import re
+
 import paddle
 import paddle.distributed as dist
-from paddle.distributed.auto_parallel.api import ShardingStage1
+from paddle.autograd import PyLayer
+from paddle.distributed.auto_parallel.api import ShardingStage1, dtensor_from_local
 from paddle.distributed.auto_parallel.sharding import get_placement_with_sharding
 
 
@@ -48,3 +57,116 @@ def sum_of_squares(params: Sequence[paddle.Tensor]) -> paddle.Tensor | None:
             square = paddle.square(grad.astype("float32")).sum()  # `** 2` is ~10x slower on CPU
             total = square if total is None else total + square
     return total
+
+
+def _view(tensor: paddle.Tensor) -> paddle.Tensor:
+    """`tensor`'s storage under a new autograd identity (returning the input itself from a PyLayer, even marked
+    not inplace, leaves the outputs without a gradient path). A dist tensor's view is taken of its local piece:
+    `view`'s dist rule would all-gather a split one."""
+    if not tensor.is_dist():
+        return tensor.view(tensor.shape)
+    local = tensor._local_value()
+    return dtensor_from_local(local.view(local.shape), tensor.process_mesh, tensor.placements)
+
+
+class _SharedUses(PyLayer):
+    """`uses` views of one tensor; backward: the sum of their gradients, added locally (Partial gradients sum to
+    a Partial one without communication; the others are first resharded to a Partial one's placements, which
+    for a Replicate gradient is local, not the other way round, which would all-reduce) and in place (autograd
+    hands each gradient to this node alone): for the tied embedding a vocabulary-sized tensor fewer at the
+    step's peak."""
+
+    @staticmethod
+    def forward(ctx, tensor: paddle.Tensor, uses: int) -> tuple[paddle.Tensor, ...]:
+        return tuple(_view(tensor) for _ in range(uses))
+
+    @staticmethod
+    def backward(ctx, *grads: paddle.Tensor | None) -> paddle.Tensor | None:
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return None
+        if not grads[0].is_dist():
+            first = grads[0]
+            for g in grads[1:]:
+                first.add_(g)
+            return first
+        first = next((g for g in grads if any(p.is_partial() for p in g.placements)), grads[0])
+        local = first._local_value()
+        for g in grads:
+            if g is first:
+                continue
+            if g.placements != first.placements:
+                g = dist.reshard(g, first.process_mesh, first.placements)
+            local.add_(g._local_value())
+        return dtensor_from_local(local, first.process_mesh, first.placements)
+
+
+def shared_uses(tensor: paddle.Tensor, uses: int) -> tuple[paddle.Tensor, ...]:
+    """One view of `tensor` per use, whose gradients are summed before they reach it (see the module docstring)."""
+    return _SharedUses.apply(tensor, uses)
+
+
+class _InputGroup:
+    """Forward pre-hooks of sibling layers reading one input (q/k/v_proj of an attention block): the first layer
+    called makes `shared_uses` views of its input, each sibling called with that same tensor takes the next."""
+
+    def __init__(self, size: int):
+        self.size, self.source, self.views = size, None, ()
+
+    def hook(self, index: int):
+        def pre_hook(layer, inputs):
+            x = inputs[0]
+            if index == 0:
+                self.source, self.views = x, shared_uses(x, self.size)
+            elif x is not self.source:
+                return None  # not the shared input: this layer's gradient was never going to meet the others
+            view = self.views[index]
+            if index == self.size - 1:
+                self.source, self.views = None, ()
+            return (view, *inputs[1:])
+        return pre_hook
+
+
+class _AdapterInput:
+    """Forward pre-hooks splitting a LoRALinear's input between its base matmul and its adapter path (which
+    starts at the `lora_dropout` sublayer, called with the same tensor)."""
+
+    def __init__(self):
+        self.base, self.adapter = None, None
+
+    def layer_hook(self, layer, inputs):
+        self.base, self.adapter = shared_uses(inputs[0], 2)
+        return (self.base, *inputs[1:])
+
+    def dropout_hook(self, layer, inputs):
+        if inputs[0] is not self.base:
+            return None
+        adapter, self.base, self.adapter = self.adapter, None, None
+        return (adapter, *inputs[1:])
+
+
+def share_sibling_inputs(model: paddle.nn.Layer, keys: Sequence[str]) -> list:
+    """N15: the layers matching `keys` (plan keys, "*" = one name part) that are children of one parent (in call
+    order within it, as the model's forward calls them: q, k, v; gate, up) get one `shared_uses` node for their
+    common input; a LoRA layer among them (paddlenlp's LoRALinear: base matmul and adapter path on the same
+    input) one more for its two uses, so its base's Partial gradient is not reduced on its own either.
+    Returns the hook handles."""
+    patterns = [re.compile(re.escape(k).replace(r"\*", r"[^.]+")) for k in keys]
+    groups: dict[str, list[paddle.nn.Layer]] = {}
+    for name, layer in model.named_sublayers():
+        if any(p.fullmatch(name) for p in patterns):
+            groups.setdefault(name.rpartition(".")[0], []).append(layer)
+    handles = []
+    for layers in groups.values():
+        if len(layers) > 1:
+            group = _InputGroup(len(layers))
+            handles += [layer.register_forward_pre_hook(group.hook(i)) for i, layer in enumerate(layers)]
+        for layer in layers:  # after the group's hook: the adapter split takes this layer's view
+            if not hasattr(layer, "lora_dropout"):
+                continue
+            if not isinstance(layer.lora_dropout, paddle.nn.Layer):
+                layer.lora_dropout = paddle.nn.Identity()  # paddlenlp's `lambda x: x` at dropout 0, made hookable
+            split = _AdapterInput()
+            handles += [layer.register_forward_pre_hook(split.layer_hook),
+                        layer.lora_dropout.register_forward_pre_hook(split.dropout_hook)]
+    return handles

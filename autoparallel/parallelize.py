@@ -18,6 +18,8 @@ from paddle.distributed.auto_parallel.intermediate.parallel_base import Parallel
 
 from autoparallel import cpu_compat
 from autoparallel.context_parallel import apply_context_parallel
+from autoparallel.embedding import vocab_parallel_layer
+from autoparallel.gradients import share_sibling_inputs
 from network.config import Qwen2VLConfig
 from network.log import logger
 from placements.degrees import ParallelDegrees
@@ -99,6 +101,11 @@ def parallelize(
     config = parallelize_config(model.config, degrees.mp, degrees.sharding_stage)
     with _frozen_vision_detached(model, trainable), _optimizer_trainable_only():
         model, optimizer = dist.parallelize(model, optimizer, mesh=mesh, config=config)
+    if degrees.mp > 1:
+        vocab_parallel_layer(model.model.embed_tokens)
+        # N15: q/k/v (gate/up) input gradients summed before one mp all-reduce, not one each
+        share_sibling_inputs(model, [k for k, style in tensor_parallel_plan(model.config, degrees.mp).items()
+                                     if style == COLWISE])
     if degrees.cp > 1:
         apply_context_parallel(model, mesh, model.config.head_dim)
     if degrees.sharding_stage == 3 and cpu_compat.runs_on_cpu():

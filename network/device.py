@@ -86,3 +86,33 @@ def check_device_resident(name: str, value: paddle.Tensor) -> None:
     if local._is_initialized() and local.data_ptr() in _host_tensors:
         raise HostResidentError(f"simulated GPU: weight '{name}' would live in host memory on a GPU build "
                                 f"(created from a numpy array by DLPack zero-copy on the CPU place)")
+
+
+# ---- allocator counters -----------------------------------------------------------------------------------
+# Exact byte counters of the allocator that holds the tensors: the CUDA device's on a GPU, else Paddle's host
+# allocator (the CPU build, and the simulated GPU whose tensors stay on the host). What the planner's per-rank
+# figures model: live tensors only, without the allocator's caching, the Python heap or the runtime that RSS holds.
+def allocator() -> str:
+    """"device" (CUDA) or "host": whose counters `allocated_bytes` and `peak_allocated_bytes` read."""
+    return "device" if not _simulating and on_gpu() else "host"
+
+
+def allocated_bytes() -> int:
+    if allocator() == "device":
+        return paddle.device.cuda.memory_allocated()
+    return paddle.base.core.host_memory_stat_current_value("Allocated", 0)
+
+
+def peak_allocated_bytes() -> int:
+    """The most allocated at once since the last `reset_peak_allocated` (or the process start)."""
+    if allocator() == "device":
+        return paddle.device.cuda.max_memory_allocated()
+    return paddle.base.core.host_memory_stat_peak_value("Allocated", 0)
+
+
+def reset_peak_allocated() -> None:
+    """Restart the peak from what is allocated now."""
+    if allocator() == "device":
+        paddle.device.cuda.reset_max_memory_allocated()
+    else:
+        paddle.base.core.host_memory_stat_reset_peak_value("Allocated", 0)

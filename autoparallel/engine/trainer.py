@@ -43,12 +43,12 @@ from autoparallel.parallelize import parallelize
 from autoparallel.pipeline import Stage, build_stage_model, make_stage, parallelize_stage
 from autoparallel.planning.communication import communication, planned_sent_by_kind
 from autoparallel.planning.render import render_plan_table, render_report
-from autoparallel.planning.setup import PlanOptions, plan_run
+from autoparallel.planning.setup import PlanOptions, plan_run, step_workload
 from autoparallel.sequence_parallel import apply_sequence_parallel
 from autoparallel.sharded_load import allocate_for_resume, lazy_parameters, load_sharded, needs_dense_load
 from autoparallel.step import scalar, train_step
 from network.config import PRESETS
-from network.device import on_gpu
+from network.device import allocator, peak_allocated_bytes, reset_peak_allocated
 from network.hub import resolve_model_dir
 from network.log import logger
 from network.process_memory import peak_rss_bytes
@@ -56,6 +56,15 @@ from network.processor import Qwen2VLProcessor
 from network.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from network.rope_index import video_tokens_per_second
 from placements.qwen2_vl import Trainable
+
+
+def step_shapes(batches: list[ShardedBatch]) -> dict[str, int]:
+    """What a step computed on this rank, as the planner's workload counts it (its longest micro-batch): the
+    padded sequence length, this rank's image/video patches and the loss positions (supervised tokens, padded
+    to the most on any dp rank)."""
+    return {"seq_len": max(int(b.input_ids.shape[1]) for b in batches),
+            "patches": max(0 if b.pixel_values is None else int(b.pixel_values.shape[0]) for b in batches),
+            "loss_positions": max(int(b.loss_index.shape[1]) for b in batches)}
 
 
 class NonFiniteError(RuntimeError):
@@ -217,15 +226,22 @@ class Trainer:
         return (f"mesh {self.mesh.dim_names} {self.mesh.shape}\n{render_plan_table(planned.setup)}\n\n"
                 f"{profile.note()}\n{render_report(planned, collectives, options)}\n")
 
-    def comm_summary(self, measured: list[StepComm]) -> str:
+    def comm_summary(self, measured: list[StepComm], shapes: list[dict[str, int]]) -> str:
         """This rank's measured bytes per step against the planner's ideal for its pipeline stage, on the CPU
-        (reduce-scatters as all-reduces) and the GPU plan. The first step (lazy optimizer state, group set-up)
-        is left out when there are more."""
-        planned = plan_run(self.cfg, PlanOptions(device="cpu", nproc_per_node=self.world))
+        (reduce-scatters as all-reduces) and the GPU plan, each step planned as it ran (`step_shapes`: its
+        padded length and loss positions, not max_seq_length). The first step (lazy optimizer state, group
+        set-up) is left out when there are more."""
+        base = plan_run(self.cfg, PlanOptions(device="cpu", nproc_per_node=self.world)).setup
         stage = self.stage.index if self.stage is not None else None
-        by_device = {cpu: planned_sent_by_kind(communication(planned.setup, cpu=cpu, stage=stage), planned.setup)
-                     for cpu in (True, False)}
-        return render_comm_summary(measured[1:] or measured, by_device[True], by_device[False])
+        kept = slice(1, None) if len(measured) > 1 else slice(None)
+        setups = [dataclasses.replace(base, workload=step_workload(base.workload, **s)) for s in shapes[kept]]
+        by_device = {}
+        for cpu in (True, False):
+            by_device[cpu] = Counter()
+            for setup in setups:
+                by_device[cpu].update(planned_sent_by_kind(communication(setup, cpu=cpu, stage=stage), setup))
+            by_device[cpu] = {kind: sent / max(len(setups), 1) for kind, sent in by_device[cpu].items()}
+        return render_comm_summary(measured[kept], by_device[True], by_device[False])
 
     def autocast(self):
         """bf16 O2 around every forward (pipeline stages included); the embedding lookup white-listed (N9, see
@@ -385,6 +401,8 @@ class Trainer:
         batches = self.micro_batches()
         self.model.train()
         measured: list[StepComm] = []
+        shapes: list[dict[str, int]] = []
+        reset_peak_allocated()  # the steps' peak: what the planner's step total models
         while self.step < self.total_steps:
             arm_watchdog(train.step_timeout)  # covers this step with its evaluation and checkpoint save
             started = time.time()
@@ -398,7 +416,9 @@ class Trainer:
             faults.maybe_fail(self.rank, self.step, "train")
             elapsed = time.time() - started
             tokens = sum(int(scalar(b.attention_mask.sum())) for b in sharded)
+            shapes.append(step_shapes(sharded))
             record |= {"step": self.step, "tokens": tokens, "skipped_nonfinite": self.skipped_nonfinite,
+                       **shapes[-1],
                        "samples": train.per_device_train_batch_size * self.degrees.dp * len(raw),
                        "step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "epoch": self.loader.state_dict()["epoch"]}
@@ -421,8 +441,8 @@ class Trainer:
                 break
         arm_watchdog(train.step_timeout)
         if self.rank == 0:
-            logger.info("%s", self.comm_summary(measured))
-        peak_gib = self.report_peak_rss()  # before the final save: what the planner's start-up/step peaks model
+            logger.info("%s", self.comm_summary(measured, shapes))
+        peaks = self.report_peak_memory()  # before the final save: what the planner's start-up/step peaks model
         if not (train.save_steps and self.step % train.save_steps == 0):
             self.save()
         by_kind = self.skipped_samples()
@@ -430,7 +450,7 @@ class Trainer:
             logger.warning("skipped %d bad samples: %s", sum(by_kind.values()), json.dumps(by_kind))
         metrics.log({"step": self.step, "skipped_samples": sum(by_kind.values()), "skipped_by_kind": by_kind,
                      "skipped_nonfinite": self.skipped_nonfinite,
-                     "placeholders_added": self.dataset.records.added_placeholders, "peak_rss_gib": peak_gib})
+                     "placeholders_added": self.dataset.records.added_placeholders, **peaks})
         metrics.close()
         self.loader.close()
         barrier()
@@ -448,17 +468,20 @@ class Trainer:
         unique = {tuple(entry) for entries in gathered for entry in entries}
         return dict(Counter(kind for _, _, kind in unique))
 
-    def report_peak_rss(self) -> float:
-        """This rank's peak resident memory so far (start-up and steps), appended to memory_rank{r}.txt; on a GPU
-        also the device's peak allocated memory, which is what the planner's per-rank figure models there."""
+    def report_peak_memory(self) -> dict[str, float | int]:
+        """This rank's peak resident memory so far (start-up and steps) and the allocator's peak allocated bytes
+        during the steps (the CUDA device's on a GPU, Paddle's host allocator on CPU: `network.device`), appended
+        to memory_rank{r}.txt; the second is what the planner's per-rank step total models. Returns both for
+        metrics.jsonl."""
         peak_gib = peak_rss_bytes() / 2**30
+        allocated = peak_allocated_bytes()
         with open(self.output_dir / f"memory_rank{self.rank}.txt", "a") as f:
             f.write(f"peak RSS of this rank's process (VmHWM) after {self.step} steps: {peak_gib:.3f} GiB\n")
-            if on_gpu() and paddle.is_compiled_with_cuda():  # a simulated GPU has no device allocator
-                device_gib = paddle.device.cuda.max_memory_allocated() / 2**30
-                f.write(f"peak device memory allocated after {self.step} steps: {device_gib:.3f} GiB\n")
-        logger.info("peak RSS of rank %d: %.2f GiB", self.rank, peak_gib)
-        return round(peak_gib, 3)
+            f.write(f"peak {allocator()} memory allocated after {self.step} steps: {allocated / 2**30:.3f} GiB "
+                    f"({allocated} bytes, during the steps)\n")
+        logger.info("peak RSS of rank %d: %.2f GiB; peak %s memory allocated during the steps: %.3f GiB", self.rank,
+                    peak_gib, allocator(), allocated / 2**30)
+        return {"peak_rss_gib": round(peak_gib, 3), "peak_allocated_bytes": allocated}
 
     def report_memory(self) -> None:
         report = memory_report(self.model, self.optimizer, self.degrees, trainable=self.trainable)

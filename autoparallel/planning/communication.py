@@ -31,7 +31,8 @@ about 2(n-1)/n of that on each link, an all-gather/reduce-scatter (n-1)/n of the
   (gloo) the all-to-all is pairwise send/recv (cpu_compat), the same bytes. KV heads fewer than cp per
   mp rank are repeated before their exchange (cp / their count copies each). The final hidden states are
   all-gathered for the head, each rank runs the head on an equal share of the supervised rows, and their
-  gradients are all-gathered back; trainable gradients (each rank's tokens) are all-reduced over "cp".
+  gradients are all-gathered back; the gradients of the decoder layers, final norm and head (each rank's tokens
+  or rows) are all-reduced over "cp" (the embedding lookup and vision tower run whole on every cp rank).
 - "pp": per micro-batch, the stage output [b, S, H] (this rank's dp shard, replicated over mp) goes by
   send/recv to the same (dp, mp) coordinate of the next stage, and its gradient comes back the same size; a
   middle stage does both sides. A tied head exchanges the embedding copies' gradients between the first and
@@ -64,17 +65,27 @@ class Collective:
         return self.calls * self.bytes_per_call
 
 
-def _trainable_local(setup: PlanSetup, stage: int) -> list[int]:
-    """mp-local bytes of each trainable tensor of pipeline `stage`: what the dp gradient collectives move."""
+def _trainable_local(setup: PlanSetup, stage: int, prefixes: tuple[str, ...] = ("",)) -> list[int]:
+    """mp-local bytes of each trainable tensor of pipeline `stage` (whose name starts with one of `prefixes`):
+    what the dp gradient collectives move."""
     config, d, size, split = setup.config, setup.degrees, DTYPE_BYTES[setup.dtype], setup.stage_split()
     shapes = parameter_shapes(config)
     if setup.lora:
         return [numel(adapter_layout(name, shape, config, d.dp, d.mp, 0).local_shape) * size
                 for name, shape in adapter_shapes(shapes, list(setup.lora.targets), setup.lora.rank).items()
-                if stage in parameter_stages(name, config, split)]
+                if stage in parameter_stages(name, config, split) and name.startswith(prefixes)]
     layouts = (layout(name, shape, config, d.dp, d.mp, 0, setup.trainable) for name, shape in shapes.items()
-               if stage in parameter_stages(name, config, split))
+               if stage in parameter_stages(name, config, split) and name.startswith(prefixes))
     return [numel(lay.local_shape) * size for lay in layouts if lay.grad_local_shape is not None]
+
+
+def cp_reduced_parameters(config) -> tuple[str, ...]:
+    """Name prefixes of the parameters whose gradients context parallel all-reduces over "cp": the decoder layers
+    and final norm run on this rank's sequence slice, the head on its share of the supervised rows
+    (autoparallel/context_parallel.py). The embedding lookup and the vision tower run on the whole sequence on
+    every cp rank, so their gradients are complete there; a tied table gets the head's partial gradient, though."""
+    head = "model.embed_tokens." if config.tie_word_embeddings else "lm_head."
+    return "model.layers.", "model.norm.", head
 
 
 def _mean(values: list[int]) -> int:
@@ -169,6 +180,24 @@ def communication(setup: PlanSetup, cpu: bool = False, stage: int | None = None)
     return out
 
 
+def decode_communication(setup: PlanSetup, batch: int = 1) -> list[Collective]:
+    """The collectives of one generated token (a decode step over the KV cache: [batch, 1] new positions) on one
+    rank under tensor parallel (launch/infer.py, `eval`): the vocab-parallel embedding and every rowwise
+    projection (o_proj, down_proj) end in a Partial [batch, 1, H] that is all-reduced, and the head's
+    vocab-split logits are all-gathered (`TensorParallelModel`: sampling reads them whole on every rank).
+    `calls` here count per token, not per optimizer step."""
+    config, d = setup.config, setup.degrees
+    if d.mp == 1:
+        return []
+    e = DTYPE_BYTES[setup.dtype]
+    row = batch * config.hidden_size * e
+    return [Collective("mp", "all_reduce", "decode: vocab-parallel embedding", 1, row),
+            Collective("mp", "all_reduce", "decode: o_proj + down_proj outputs", 2 * config.num_hidden_layers, row,
+                       "2 per layer"),
+            Collective("mp", "all_gather", "decode: vocab-split logits", 1, batch * config.vocab_size * e,
+                       f"[{batch}, {config.vocab_size}] for sampling on every rank")]
+
+
 def group_size(collective: Collective, setup: PlanSetup) -> int:
     """Ranks taking part in `collective`: its mesh axis, or every rank for the pipeline's scalar reductions."""
     d = setup.degrees
@@ -204,16 +233,18 @@ def _context_parallel(setup: PlanSetup, cpu: bool, stage: int, layers: int, repl
     w, micro, tokens = local_widths(setup.config, d.mp), wl.gradient_accumulation_steps, wl.tokens // d.cp
     note = "pairwise send/recv (gloo)" if cpu else ""
     kv = w.kv * (d.cp // math.gcd(w.kv // setup.config.head_dim, d.cp))  # repeated KV heads (GQA)
-    exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: the mean per call
-    full = _trainable_local(setup, stage)
+    exchanged = tokens * (2 * w.q + 2 * kv) * e // 4  # q, k, v, attention output: this rank's piece, per call
+    full = _trainable_local(setup, stage, cp_reduced_parameters(setup.config))
+    rows = math.ceil(wl.supervised / d.cp)  # this rank's share of the supervised rows
+    # An all-gather's payload is the gathered tensor.
     return [
         Collective("cp", "all_to_all", "forward: Ulysses q/k/v -> heads, attention output -> sequence",
                    micro * 4 * layers * replays, exchanged, note),
         Collective("cp", "all_to_all", "backward: the same four exchanges reversed", micro * 4 * layers, exchanged,
                    note),
-        Collective("cp", "all_gather", "forward: final hidden states for the head", micro, tokens * w.h * e),
+        Collective("cp", "all_gather", "forward: final hidden states for the head", micro, wl.tokens * w.h * e),
         Collective("cp", "all_gather", "backward: the head rows' hidden-state gradients", micro,
-                   math.ceil(wl.supervised / d.cp) * w.h * e, "each rank's share of the supervised rows"),
-        Collective("cp", "all_reduce", "gradients (each rank's tokens)", len(full), _mean(full),
-                   f"{len(full)} trainable tensors"),
+                   d.cp * rows * w.h * e, "each rank's share of the supervised rows"),
+        Collective("cp", "all_reduce", "gradients of the sequence- and row-split parts", len(full), _mean(full),
+                   f"{len(full)} trainable tensors of the decoder layers, final norm and head"),
     ]

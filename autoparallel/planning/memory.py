@@ -75,6 +75,7 @@ class Workload:
     recompute: bool = False
     gradient_accumulation_steps: int = 1
     vit_recompute: bool = False  # a trainable ViT's blocks recomputed in backward
+    rank_patches: int | None = None  # this rank's patches as a step recorded them, instead of the image count
 
     @property
     def tokens(self) -> int:
@@ -82,6 +83,8 @@ class Workload:
 
     @property
     def patches(self) -> int:
+        if self.rank_patches is not None:
+            return self.rank_patches
         t, h, w = self.image_grid
         return self.batch * self.images_per_sample * t * h * w
 
@@ -136,6 +139,10 @@ class StateMemory:
     grad: int = 0
     optimizer: int = 0
     largest_grad: int = 0  # one local gradient: the most the optimizer update allocates (measured under mp)
+    # The first optimizer step creates each tensor's AdamW moments at its global shape and only then shards them
+    # (Paddle 3.3.1 `_add_accumulator`, then `_shard_accumulator`): the largest such tensor's two whole moments
+    # and one cut shard at once, less its own two shards the state already counts.
+    moment_creation: int = 0
     terms: list[Term] = field(default_factory=list)
 
     @property
@@ -228,8 +235,10 @@ def state_memory(setup: PlanSetup, stage: int | None = None) -> StateMemory:
         return sum(getattr(r, attr) for r in rows if kind is None or r.kind == kind)
 
     largest = max((r.grad_bytes // r.count for r in rows if r.kind == "trainable"), default=0)
+    creation = max((MOMENT_BYTES * numel(r.layout.shape) - MOMENT_BYTES // 2 * numel(r.layout.state_local_shape)
+                    for r in rows if r.kind == "trainable"), default=0)
     mem = StateMemory(stage=stage, param=total("param_bytes"), grad=total("grad_bytes"),
-                      optimizer=total("optimizer_bytes"), largest_grad=largest)
+                      optimizer=total("optimizer_bytes"), largest_grad=largest, moment_creation=creation)
     master = total("master_bytes")
     mem.terms = [
         *([Term("frozen ViT (dense, every rank)", total("param_bytes", "vit"), "no gradient, no optimizer state")]
@@ -345,16 +354,25 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
     merger = 0
     if first and (trained.merger or trained.vit):
         merger = 4 * p * v.embed_dim * e  # LayerNorm input, both Linear inputs, GELU input (run as dist ops)
-    # Loss head on the K supervised positions only: vocab-split logits, CE in fp32. Kept for backward: the
-    # shifted logits, exp, one-hot target mask (fp32 [K, V/mp] each) and the picked hidden states.
-    head_saved = 3 * k * w.vocab * 4 + k * w.h * e if last else 0
-    head_forward = k * w.vocab * (e + (4 if e < 4 else 0) + 1 + 4)  # logits, fp32 copy, bool and float masks
-    # CE gradients; the chunk's weight gradient, its fp32 copy (half precision) and, over several chunks, the
-    # fp32 accumulator of the chunked loss (network/loss.py sums the chunks' [V/mp, H] weight gradients in fp32;
-    # chunks sized from this rank's shapes, as autoparallel/forward.py does).
-    chunks = math.ceil(k / rows_per_chunk([1, k, w.h], [w.vocab, w.h], transpose_weight=True)) if k else 0
-    head_grad = w.vocab * w.h * (e + (4 if e < 4 else 0) + (4 if chunks > 1 else 0))
-    head_backward = 3 * k * w.vocab * 4 + head_grad
+    # Loss head on the K supervised positions only, vocab-split, fused with CE and chunked (network/loss.py;
+    # chunks sized from this rank's shapes, as autoparallel/forward.py does). Its forward computes the gradients
+    # too: what it keeps for backward is the hidden-state gradient [K, H] and, when the head trains (not under
+    # LoRA), the weight gradient [V/mp, H]; no logits.
+    head_trains = last and setup.trainable.llm and not setup.lora
+    table = w.vocab * w.h * e  # one local [V/mp, H] weight gradient (head or embedding)
+    rows = rows_per_chunk([1, k, w.h], [w.vocab, w.h], transpose_weight=True) if k else 0
+    chunks = math.ceil(k / rows) if k else 0
+    head_saved = k * w.h * e + (table if head_trains else 0) if last else 0
+    # One chunk's [rows, V/mp] blocks at once (autoparallel/forward.py `_chunk_statistics`): fp32 logits, float
+    # one-hot, shifted logits, exp and two gradient temporaries (+ the half-precision logits and gradient); the
+    # weight gradient's fp32 copy (half precision) and fp32 accumulator (several chunks) beside the kept one.
+    head_forward = min(k, rows) * w.vocab * (6 * 4 + (2 * e if e < 4 else 0))
+    if head_trains:
+        head_forward += w.vocab * w.h * ((4 if e < 4 else 0) + (4 if chunks > 1 else 0))
+    head_backward = head_saved  # its backward scales both by the incoming (dist) gradient: copies
+    # A tied head's weight gradient waits for the embedding lookup's (autoparallel.gradients.shared_uses adds
+    # the lookup's into it): through the decoder's backward, and beside the lookup's [V/mp, H] at the end.
+    tied_wait = table if head_trains and first and config.tie_word_embeddings else 0
     # A non-last stage keeps each micro-batch's output (sent on) until its gradient comes back.
     boundary = t * w.h * residual if setup.pp > 1 and not last else 0
 
@@ -413,8 +431,11 @@ def activation_estimate(setup: PlanSetup, stage: int | None = None) -> Activatio
                 "pixels + one ViT block + embedding merge" + (f", {alive - 1} micro-batches kept" if alive > 1 else
                                                                ""))] if first else []),
         *([Term("loss forward", kept + head_forward), Term("loss backward", kept + head_backward)] if last else []),
-        Term("decoder backward", kept - head_saved + recomputed + layer_workspace + boundary,
+        Term("decoder backward", kept - head_saved + tied_wait + recomputed + layer_workspace + boundary,
              "one layer's gradient workspace" + (", the received output gradient" if boundary else "")),
+        *([Term("embedding backward", kept - one + batch + tied_wait + table + t * w.h * e,
+                "the lookup's [V/mp, H] weight gradient" + (" beside the tied head's" if tied_wait else ""))]
+          if first and setup.trainable.llm and not setup.lora else []),
     ]
     return ActivationEstimate(saved=saved, phases=phases, stage=stage, micro_batches_alive=alive)
 
@@ -474,9 +495,10 @@ class MemoryPlan:
 
     @property
     def step_peak(self) -> int:
-        """Largest increase above the state: a micro-step's activations, or the optimizer update (measured on
-        CPU: a few hundred bytes at mp 1, one local gradient-sized temporary under mp)."""
-        return max(self.activations.peak, self.state.largest_grad)
+        """Largest increase above the state: a micro-step's activations, the optimizer update (measured on
+        CPU: a few hundred bytes at mp 1, one local gradient-sized temporary under mp) or the first step's
+        creation of the AdamW moments."""
+        return max(self.activations.peak, self.state.largest_grad, self.state.moment_creation)
 
     @property
     def step_total(self) -> int:

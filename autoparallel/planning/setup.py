@@ -114,3 +114,12 @@ def plan_run(cfg: RunConfig, options: PlanOptions) -> Planned:
     reserve = options.reserve_gb if options.reserve_gb is not None else (1.0 if options.device == "gpu" else 0.0)
     stages = stage_memory_plans(setup, int(reserve * GiB))
     return Planned(cfg, setup, max(stages, key=lambda m: m.total), image_note, problems, stages)
+
+
+def step_workload(workload: Workload, seq_len: int, patches: int, loss_positions: int) -> Workload:
+    """`workload` as one step actually ran it (the trainer's per-step `seq_len`, `patches`, `loss_positions` in
+    metrics.jsonl), where the planned one assumes every sample fills the length it plans and the largest image:
+    the padded sequence length, this rank's patches and the loss positions."""
+    # The planner takes ceil(fraction x tokens) positions: half a position below the count lands on it exactly.
+    return dataclasses.replace(workload, seq_len=seq_len, rank_patches=patches,
+                               supervised_fraction=(loss_positions - 0.5) / (workload.batch * seq_len))

@@ -3,7 +3,7 @@ steps, `memory_report`; the tiny model's plain layouts in tests/dist/test_parall
 communication counts, and the fit advice re-planned.
 
 Activation measurement (tests/helpers/planner_worker.py): Paddle's host allocator keeps exact counters
-(`core.host_memory_stat_{current,peak}_value("Allocated", 0)`, peak resettable). After two warm-up steps
+(`network.device.allocated_bytes` / `peak_allocated_bytes`, peak resettable; the trainer reports the same peak). After two warm-up steps
 (gradients and AdamW states exist, `clear_grad` keeps the buffers), the peak is reset and the increase over
 the bytes allocated before the forward is read after the backward: that is the step's activations and
 temporaries, without the allocator's caching or the Python heap that RSS would include.

@@ -17,7 +17,6 @@ import time
 import numpy as np
 import paddle.distributed as dist
 import psutil
-from paddle.base import core
 
 from autoparallel.engine.trainer import apply_recompute
 from network.lora import LoraArgs, apply_lora
@@ -30,6 +29,7 @@ from autoparallel.forward import forward_loss
 from autoparallel.step import train_step
 from dist_utils import worker_entry, write_result
 from network.config import Qwen2VLConfig
+from network.device import allocated_bytes, peak_allocated_bytes, reset_peak_allocated
 from network.rope_index import get_rope_index_for_config
 from parallel_cases import build_model, build_optimizer, micro_batches, tiny_config
 
@@ -131,14 +131,6 @@ class RssPeak:
         return self.peak - self.start
 
 
-def _allocated() -> int:
-    return core.host_memory_stat_current_value("Allocated", 0)
-
-
-def _peak_since_reset() -> int:
-    return core.host_memory_stat_peak_value("Allocated", 0)
-
-
 def measure_point(spec: str) -> dict:
     model_name, b, s, side, *flags = spec.split(":")
     config = MODELS[model_name]()
@@ -152,15 +144,15 @@ def measure_point(spec: str) -> dict:
     for _ in range(2):  # the first step allocates gradients and AdamW states; the second settles caches
         train_step(model, optimizer, [batch])
     normalizer = float(supervised_tokens([batch]))
-    core.host_memory_stat_reset_peak_value("Allocated", 0)
-    before = _allocated()
+    reset_peak_allocated()
+    before = allocated_bytes()
     with RssPeak() as rss:
         forward_loss(model, batch, normalizer).backward()
-    fwd_bwd = _peak_since_reset() - before
-    core.host_memory_stat_reset_peak_value("Allocated", 0)
-    before_update = _allocated()
+    fwd_bwd = peak_allocated_bytes() - before
+    reset_peak_allocated()
+    before_update = allocated_bytes()
     optimizer.step()
-    update = _peak_since_reset() - before_update
+    update = peak_allocated_bytes() - before_update
     optimizer.clear_grad()
     return {"activations": fwd_bwd, "optimizer_step": update, "rss_activations": rss.increase,
             "leftover": before_update - before}

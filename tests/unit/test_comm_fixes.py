@@ -205,17 +205,24 @@ def test_n12_flash_decoder_layer_has_no_mask_nor_repeated_kv():
     assert rest1 == qkv + t * w.q * e + 4 * t * w.ffn * e + w.heads * t * 4
 
 
-def test_n12_loss_backward_counts_the_fp32_head_gradient_accumulator():
-    """N12/N8: over several chunks the loss sums [V/mp, H] weight gradients in an fp32 accumulator, beside the
-    chunk's bf16 gradient and its fp32 copy: 10 bytes per head weight element under bf16 (old main: 2)."""
+def test_n12_loss_forward_counts_the_fp32_head_gradient_accumulator():
+    """N12/N8: the fused loss computes its gradients in its forward; over several chunks it sums the [V/mp, H]
+    weight gradients in an fp32 accumulator beside the chunk's fp32 copy of its bf16 gradient, and keeps the bf16
+    result (with the [K, H] hidden gradient, no logits) for the backward: 10 bytes per head weight element
+    under bf16 (old main: 2), next to one chunk's [rows, V] blocks."""
     from autoparallel.planning.memory import activation_estimate, local_widths
+    from network.loss_chunks import rows_per_chunk
 
     setup = _setup(seq=8192)  # 2048 supervised rows x 151936 fp32 logits: several chunks
     est = activation_estimate(setup)
     phases = {p.name: p.bytes for p in est.phases}
     kept = sum(x.bytes for x in est.saved)
+    head = next(x.bytes for x in est.saved if x.name.startswith("loss head"))
     w, k = local_widths(setup.config, 1), setup.workload.supervised
-    assert phases["loss backward"] - kept == 3 * k * w.vocab * 4 + w.vocab * w.h * 10
+    rows = rows_per_chunk([1, k, w.h], [w.vocab, w.h], transpose_weight=True)
+    assert rows < k
+    assert head == k * w.h * 2 + w.vocab * w.h * 2
+    assert phases["loss forward"] - kept == rows * w.vocab * (6 * 4 + 2 * 2) + w.vocab * w.h * 8
 
 
 def test_n12_trainable_vit_on_flash_keeps_one_patch_mask():
@@ -243,12 +250,95 @@ def test_n12_lora_zero3_starts_dense():
 def test_n12_gpu_memory_report_has_device_peak(tmp_path, monkeypatch):
     """N12: on a GPU, memory_rank*.txt reports the device's peak allocated memory beside host RSS."""
     from autoparallel.engine import trainer as trainer_mod
+    from network import device
 
-    monkeypatch.setattr(trainer_mod, "on_gpu", lambda: True)
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
     monkeypatch.setattr(paddle.device.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
     t = object.__new__(trainer_mod.Trainer)
     t.rank, t.step, t.output_dir = 0, 5, tmp_path
-    t.report_peak_rss()
+    assert t.report_peak_memory()["peak_allocated_bytes"] == 3 * 2**30
     lines = (tmp_path / "memory_rank0.txt").read_text().splitlines()
-    assert lines[0].startswith("peak RSS") and lines[1] == "peak device memory allocated after 5 steps: 3.000 GiB"
+    assert lines[0].startswith("peak RSS")
+    assert lines[1] == f"peak device memory allocated after 5 steps: 3.000 GiB ({3 * 2**30} bytes, during the steps)"
+
+
+def test_host_peak_allocated_is_the_steps_peak(tmp_path):
+    """On CPU the figure is Paddle's host allocator peak since the reset at the start of the steps: a tensor
+    freed before the reset does not count, one alive during the steps does, to the byte."""
+    from autoparallel.engine import trainer as trainer_mod
+    from network.device import allocated_bytes, reset_peak_allocated
+
+    before = paddle.zeros([4096, 1024])  # 16 MiB, freed before the "steps"
+    del before
+    reset_peak_allocated()
+    base = allocated_bytes()
+    step = paddle.zeros([1024, 1024])  # 4 MiB during the "steps"
+    del step
+    t = object.__new__(trainer_mod.Trainer)
+    t.rank, t.step, t.output_dir = 1, 2, tmp_path
+    assert t.report_peak_memory()["peak_allocated_bytes"] == base + 4 * 2**20
+    assert f"({base + 4 * 2**20} bytes, during the steps)" in (tmp_path / "memory_rank1.txt").read_text()
+
+
+def test_first_step_moment_creation_counts_whole_moments_of_a_split_tensor():
+    """Paddle creates AdamW's moments at the parameter's global shape, then shards them: under mp2 the tiny
+    preset's vocab-split embedding (the largest tensor) has its two whole fp32 moments and one shard alive, less
+    the two shards the state counts (bench_comm: 262.07 MiB measured, 262.84 planned on rank 0)."""
+    from autoparallel.planning.memory import PlanSetup, Workload, state_memory
+    from network.config import Qwen2VLConfig
+    from placements.degrees import ParallelDegrees
+
+    config = Qwen2VLConfig.preset("tiny")
+    table = config.vocab_size * config.hidden_size
+    mp2 = state_memory(PlanSetup(config, ParallelDegrees(tensor_parallel_degree=2), Workload(2, 48)))
+    dp2 = state_memory(PlanSetup(config, ParallelDegrees(data_parallel_degree=2), Workload(2, 48)))
+    assert mp2.moment_creation == 2 * 4 * table + 4 * table // 2 - 2 * 4 * table // 2
+    assert dp2.moment_creation == 4 * table  # unsplit: only the copy shard_tensor makes
+
+
+def test_step_workload_plans_the_recorded_shapes():
+    """The bench plans each step as the trainer recorded it: padded length, patches, loss positions exactly."""
+    from autoparallel.planning.memory import Workload
+    from autoparallel.planning.setup import step_workload
+
+    for batch, seq, patches, positions in ((2, 48, 80, 4), (2, 40, 32, 7), (2, 128, 0, 1), (3, 96, 2 * 1296, 61),
+                                           (3, 40, 100, 13)):
+        wl = step_workload(Workload(batch=batch, seq_len=4096, image_grid=(1, 36, 36)), seq, patches, positions)
+        assert (wl.seq_len, wl.patches, wl.supervised) == (seq, patches, positions)
+
+
+def test_decode_communication_per_token():
+    """A generated token under mp2: the embedding and two rowwise all-reduces per layer of [b, 1, H], the
+    vocab-split logits all-gathered; nothing without mp."""
+    from autoparallel.planning.communication import decode_communication, planned_sent_by_kind
+    from autoparallel.planning.memory import PlanSetup, Workload
+    from network.config import Qwen2VLConfig
+    from placements.degrees import ParallelDegrees
+
+    config = Qwen2VLConfig.preset("tiny")
+    setup = PlanSetup(config, ParallelDegrees(tensor_parallel_degree=2), Workload(1, 1))
+    sent = planned_sent_by_kind(decode_communication(setup, batch=3), setup)
+    h, v = config.hidden_size, config.vocab_size
+    assert sent == {"all_reduce": (1 + 2 * config.num_hidden_layers) * 3 * h * 4, "all_gather": 3 * v * 4 // 2}
+    assert decode_communication(PlanSetup(config, ParallelDegrees(), Workload(1, 1))) == []
+
+
+def test_context_parallel_plan_reduces_only_the_sequence_split_gradients():
+    """Under cp the embedding lookup runs before the scatter and the (tied) head after the gather, on the whole
+    sequence on every cp rank: their gradients are complete and not reduced over "cp" (bench_comm cp2 measured
+    1.48 MiB/step where the plan counted the whole 75 MiB table). Only the decoder layers' and final norm's are."""
+    import numpy as np
+
+    from autoparallel.planning.communication import communication
+    from autoparallel.planning.memory import PlanSetup, Workload
+    from network.config import Qwen2VLConfig
+    from placements.degrees import ParallelDegrees
+    from placements.qwen2_vl import parameter_shapes
+
+    config = Qwen2VLConfig.preset("tiny")
+    setup = PlanSetup(config, ParallelDegrees(context_parallel_degree=2), Workload(2, 48))
+    reduced = [c for c in communication(setup, cpu=True) if c.group == "cp" and c.op == "all_reduce"]
+    split = [int(np.prod(s)) * 4 for n, s in parameter_shapes(config).items()
+             if n.startswith(("model.layers.", "model.norm."))]
+    assert len(reduced) == 1 and reduced[0].calls == len(split)
+    assert reduced[0].bytes_per_call == sum(split) // len(split)
