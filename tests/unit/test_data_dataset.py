@@ -368,3 +368,23 @@ def test_batched_token_ids_equal_the_tokenizer_wrappers(processor):
     assert encode_texts(tok, texts) == want
     tok(texts[-2], add_special_tokens=False, truncation=True, max_length=5, split_special_tokens=True)
     assert encode_texts(tok, texts) == want
+
+
+def test_survey_and_profile_read_the_table_in_slices_with_the_same_result(tmp_path, processor, monkeypatch):
+    """The parent's survey and rank 0's data profile read the rows a slice at a time (millions of samples are
+    never held at once); the result equals reading them all at once."""
+    from autoparallel.data import survey as survey_module
+
+    png(tmp_path / "a.png"), png(tmp_path / "b.png", (300, 200))
+    records = [user_assistant((f"<image>q{i}" + " long" * (40 * (i % 3 == 0)), "a " * i),
+                              images=["a.png" if i % 2 else "b.png"]) for i in range(1, 8)]
+    records.append(user_assistant(("<image>gone", "x"), images=["missing.png"]))
+    ds = make_dataset(tmp_path, records, processor, max_seq_length=120, skip_bad_samples=True)
+    whole = (survey_module.survey(ds), survey_module.survey(ds, limit=5), survey_module.data_profile(ds))
+    monkeypatch.setattr(survey_module, "SURVEY_CHUNK", 3)
+    sliced = (survey_module.survey(ds), survey_module.survey(ds, limit=5), survey_module.data_profile(ds))
+    for a, b in zip(whole[:2], sliced[:2]):
+        assert (a.lengths.tolist(), a.dropped, a.truncated, a.images, a.per_source, [str(e) for e in a.errors]) \
+            == (b.lengths.tolist(), b.dropped, b.truncated, b.images, b.per_source, [str(e) for e in b.errors])
+    assert whole[2] == sliced[2] and whole[2].largest_image == (200, 300) and whole[2].unreadable == 1
+    assert whole[0].dropped == 1 and len(whole[0].lengths) == 7 and whole[1].probed == 5
