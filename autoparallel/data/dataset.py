@@ -230,19 +230,26 @@ class SFTDataset:
         return rows
 
     def _measure_in_parallel(self, records: np.ndarray) -> np.ndarray:
-        """`_measure_records` over forked processes, one per core, MEASURE_CHUNK records per task."""
+        """`_measure_records` over forked processes, one per core, MEASURE_CHUNK records per task, each task's rows
+        placed as they come (a list of them all would hold the table twice)."""
         global _MEASURING
         chunks = np.array_split(records, max(1, -(-len(records) // MEASURE_CHUNK)))
         processes = min(len(chunks), os.cpu_count() or 1)
+        rows = np.empty((len(records), len(LENGTH_COLUMNS)), np.int32)
+        starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
         if processes == 1:  # chunk by chunk all the same: a chunk's rendered samples are held at once
-            return np.concatenate([self._measure_records(chunk) for chunk in chunks])
+            for start, chunk in zip(starts, chunks):
+                rows[start:start + len(chunk)] = self._measure_records(chunk)
+            return rows
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer in forked processes
         _MEASURING = self
         try:
             with ProcessPoolExecutor(processes, multiprocessing.get_context("fork")) as pool:
-                return np.concatenate(list(pool.map(_measure_in_worker, chunks)))
+                for start, part in zip(starts, pool.map(_measure_in_worker, chunks)):
+                    rows[start:start + len(part)] = part
         finally:
             _MEASURING = None
+        return rows
 
     def _table_rows(self, samples: np.ndarray) -> np.ndarray:
         """Rows of the length table for sample indices (NOT_MEASURED where a source has no table)."""

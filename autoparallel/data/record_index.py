@@ -28,6 +28,7 @@ from autoparallel.data.schema import DataError
 
 INDEX_VERSION = 1
 _CHUNK = 8 << 20
+SPAN_SLICE = 1 << 16  # records whose spans `AnnotationIndex.records` reads at once
 
 
 @dataclass
@@ -51,10 +52,12 @@ class AnnotationIndex:
         return self._decode(i, start, self._bytes()[start:end])
 
     def records(self) -> Iterator[Any]:
-        """Every record in order, in one pass (validation)."""
+        """Every record in order, in one pass (validation). The spans are turned into Python numbers a slice at a
+        time: all at once they would cost the parent memory in proportion to the records."""
         data = self._bytes()
-        for i, (start, end) in enumerate(self.spans.tolist()):
-            yield self._decode(i, start, data[start:end])
+        for base in range(0, len(self.spans), SPAN_SLICE):
+            for i, (start, end) in enumerate(self.spans[base:base + SPAN_SLICE].tolist(), base):
+                yield self._decode(i, start, data[start:end])
 
     def _bytes(self) -> Union[mmap.mmap, bytes]:
         if self._data is None:

@@ -70,3 +70,11 @@ def test_line_spans_equal_splitting_the_file_line_by_line(tmp_path, monkeypatch)
             monkeypatch.setattr(record_index, "_CHUNK", chunk)
             spans = record_index._line_spans(str(path))
             assert spans.dtype == np.int64 and spans.tolist() == want, (data, chunk)
+
+
+def test_validation_pass_reads_every_record_in_order_across_span_slices(tmp_path, monkeypatch):
+    """`records()` (the validation pass) takes the spans a slice at a time; it yields what `record(i)` reads."""
+    _, path = write_dataset(tmp_path, 10)
+    index = record_index.index_annotation(str(path))
+    monkeypatch.setattr(record_index, "SPAN_SLICE", 3)
+    assert list(index.records()) == [index.record(i) for i in range(10)] and index.record(9)["id"] == 9
