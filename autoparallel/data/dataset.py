@@ -26,7 +26,8 @@ Truncation to `max_seq_length` (S = untruncated length, L = max_seq_length), whe
 `measure(i)` gives a sample's untruncated and final length, supervised-token count and media counts without
 decoding pixels (image headers via PIL, video container metadata); it runs the same rendering and truncation code
 as `sample(i)`. `index_lengths(build=True)` (the parent) measures every record once into a table beside the
-annotation index (record_index.save_lengths), keyed by the annotation's content and `length_setting()`; every
+annotation index (record_index.save_lengths), keyed by the annotation's content and `length_setting()`, in
+chunks of records whose distinct texts are tokenized in one call and whose media headers are each read once; every
 dataset reads an existing table at construction, so the ranks plan from it and measure only what it lacks.
 Media files edited in place after the table was built are not seen by it: a sample that then decodes to more
 tokens than its table row is treated as a bad sample by the loader.
@@ -40,7 +41,7 @@ import os
 import re
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -59,6 +60,7 @@ from autoparallel.data.record_index import load_lengths, save_lengths
 from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
 from network.rope_index import get_rope_index
+from network.tokenizer import encode_texts
 from network.video import IMAGE_EXTENSIONS, load_video, sample_frame_indices
 
 IGNORE_INDEX = -100
@@ -85,6 +87,10 @@ def _measure_in_worker(records: np.ndarray) -> np.ndarray:
     return _MEASURING._measure_records(records)
 
 
+# Segments of a rendered conversation (SFTDataset._layout), by how they are labelled: prompt text and template
+# tokens (supervised only with train_on_prompt), vision spans (never), an answer and its <|im_end|>, an answer
+# masked by mask_history, and the "\\n" that ends a turn (never: generation stops at <|im_end|>).
+_PROMPT, _VISION, _ANSWER, _HISTORY_ANSWER, _TURN_END = range(5)
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
@@ -124,6 +130,17 @@ def _video_frames_and_size(path: VideoRef, fps: float, max_frames: int) -> tuple
     if not rate:
         raise ValueError(f"{path!r}: the video stream declares no frame rate")
     return len(sample_frame_indices(total, float(rate), fps, VIDEO_MIN_FRAMES, max_frames)), height, width
+
+
+def _read_header(headers: Optional[dict[tuple, Any]], path: VideoRef, read: Any) -> Any:
+    """`read(path)`, memoised in `headers` by the file's (path, size, mtime) when given (frame lists are not)."""
+    if headers is None or isinstance(path, tuple):
+        return read(path)
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in headers:
+        headers[key] = read(path)
+    return headers[key]
 
 
 class SFTDataset:
@@ -170,7 +187,7 @@ class SFTDataset:
     def length_setting(self) -> str:
         """Everything besides the annotation's content that changes a record's measured row."""
         tok = self.processor.tokenizer
-        probe = np.asarray(self._encode(_TOKENIZER_PROBE), np.int64).tobytes()
+        probe = np.asarray(self._encode_texts([_TOKENIZER_PROBE])[0], np.int64).tobytes()
         c = self.config
         return repr((LENGTH_INDEX_VERSION, len(tok), hashlib.blake2b(probe, digest_size=8).hexdigest(), self.ids,
                      self.processor.image_processor, c.max_seq_length, c.system_prompt, c.supervises_prompt,
@@ -196,29 +213,43 @@ class SFTDataset:
 
     def _measure_records(self, records: np.ndarray) -> np.ndarray:
         """Rows of valid records (RecordStore numbering); NOT_MEASURED where measuring fails (measured again
-        when used, which raises the error)."""
+        when used, which raises the error). The rows `_measure` gives one by one, rendered in one batch."""
         rows = np.full((len(records), len(LENGTH_COLUMNS)), NOT_MEASURED, np.int32)
+        headers: dict[tuple, Any] = {}
+        probed = []
         for k, r in enumerate(records):
             try:
-                rows[k] = self._measure(self.records.record_conversation(int(r)))
+                conv = self.records.record_conversation(int(r))
+                probed.append((k, conv, self._probe_media(conv, headers)))
             except DataError:
                 pass
+        rendered = self._render_many([(conv, image_tokens, video_tokens)
+                                      for _, conv, (_, image_tokens, video_tokens) in probed])
+        for (k, conv, (sizes, _, _)), one in zip(probed, rendered):
+            rows[k] = self._row(conv, sizes, one)
         return rows
 
     def _measure_in_parallel(self, records: np.ndarray) -> np.ndarray:
-        """`_measure_records` over forked processes, one per core, MEASURE_CHUNK records per task."""
+        """`_measure_records` over forked processes, one per core, MEASURE_CHUNK records per task, each task's rows
+        placed as they come (a list of them all would hold the table twice)."""
         global _MEASURING
         chunks = np.array_split(records, max(1, -(-len(records) // MEASURE_CHUNK)))
         processes = min(len(chunks), os.cpu_count() or 1)
-        if processes == 1:
-            return self._measure_records(records)
+        rows = np.empty((len(records), len(LENGTH_COLUMNS)), np.int32)
+        starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
+        if processes == 1:  # chunk by chunk all the same: a chunk's rendered samples are held at once
+            for start, chunk in zip(starts, chunks):
+                rows[start:start + len(chunk)] = self._measure_records(chunk)
+            return rows
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer in forked processes
         _MEASURING = self
         try:
             with ProcessPoolExecutor(processes, multiprocessing.get_context("fork")) as pool:
-                return np.concatenate(list(pool.map(_measure_in_worker, chunks)))
+                for start, part in zip(starts, pool.map(_measure_in_worker, chunks)):
+                    rows[start:start + len(part)] = part
         finally:
             _MEASURING = None
+        return rows
 
     def _table_rows(self, samples: np.ndarray) -> np.ndarray:
         """Rows of the length table for sample indices (NOT_MEASURED where a source has no table)."""
@@ -240,37 +271,49 @@ class SFTDataset:
         return self.sample(i)
 
     # ---- tokens ------------------------------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        if not text:
-            return []
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         with self._tokenizer_lock:
-            return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return encode_texts(self.processor.tokenizer, texts)
 
     def render(self, conv: Conversation, image_tokens: list[int], video_tokens: list[int]
                ) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of a conversation whose i-th image/video expands to the given token counts,
         truncated by the module's rule (raises DataError kind="too long"). A last answer of None renders the
         generation prompt instead (no truncation)."""
-        ids, labels, spans_end, turn_ends = self._render(conv, image_tokens, video_tokens)
+        ids, labels, spans_end, turn_ends = self._render_many([(conv, image_tokens, video_tokens)])[0]
         return (ids, labels) if turn_ends is None else self._truncate(conv, ids, labels, spans_end, turn_ends)
 
-    def _render(self, conv: Conversation, image_tokens: list[int], video_tokens: list[int]
-                ) -> tuple[np.ndarray, np.ndarray, int, Optional[list[int]]]:
-        """Untruncated (input_ids, labels, end of the last vision span, turn ends; None for a generation
-        prompt)."""
+    def _render_many(self, items: list[tuple[Conversation, list[int], list[int]]]
+                     ) -> list[tuple[np.ndarray, np.ndarray, int, Optional[list[int]]]]:
+        """Untruncated (input_ids, labels, end of the last vision span, turn ends; None for a generation prompt)
+        of each (conversation, image tokens, video tokens), their distinct texts tokenized in one call (chat
+        templates repeat most of their text from record to record)."""
+        layouts = [self._layout(*item) for item in items]
+        texts = list({part: None for segments, _ in layouts for _, part in segments if isinstance(part, str)})
+        encoded = dict(zip(texts, self._encode_texts(texts)))
+        return [self._assemble(segments, generation, encoded) for segments, generation in layouts]
+
+    def _layout(self, conv: Conversation, image_tokens: list[int], video_tokens: list[int]
+                ) -> tuple[list[tuple[int, Union[str, list[int]]]], bool]:
+        """A conversation as (segment kind, text or token ids) in order, and whether it ends in a generation
+        prompt. Prompt text between two control tokens is one text (tokenized as the rendered template is)."""
         ids_ = self.ids
-        ids: list[int] = []
-        labels: list[int] = []
-        spans_end = 0  # end of the last vision span
-        turn_ends: list[int] = []
-        chunk: list[Any] = []  # prompt parts (str or token-id lists) waiting to be tokenized
+        segments: list[tuple[int, Union[str, list[int]]]] = []
+        text: list[str] = []  # prompt text waiting for the next control token
         images, videos = iter(image_tokens), iter(video_tokens)
 
-        def prompt(*parts: Any) -> None:
-            chunk.extend(parts)
+        def prompt(*parts: Union[str, list[int]]) -> None:
+            for part in parts:
+                if isinstance(part, str):
+                    text.append(part)
+                    continue
+                if any(text):
+                    segments.append((_PROMPT, "".join(text)))
+                text.clear()
+                segments.append((_VISION if part[0] == ids_["<|vision_start|>"] else _PROMPT, part))
 
-        def content(text: str) -> None:
-            for piece in _PLACEHOLDER_RE.split(text):
+        def content(value: str) -> None:
+            for piece in _PLACEHOLDER_RE.split(value):
                 if piece == IMAGE_PLACEHOLDER:
                     prompt([ids_["<|vision_start|>"]] + [ids_["<|image_pad|>"]] * next(images)
                            + [ids_["<|vision_end|>"]])
@@ -279,26 +322,6 @@ class SFTDataset:
                            + [ids_["<|vision_end|>"]])
                 else:
                     prompt(piece)
-
-        supervise_prompt = self.config.supervises_prompt
-
-        def flush() -> None:
-            nonlocal spans_end
-            text = ""
-            for part in chunk + [[]]:
-                if isinstance(part, str):
-                    text += part
-                    continue
-                encoded = self._encode(text)
-                ids.extend(encoded)
-                labels.extend(encoded if supervise_prompt else [IGNORE_INDEX] * len(encoded))
-                text = ""
-                vision = bool(part) and part[0] == ids_["<|vision_start|>"]
-                if vision:
-                    spans_end = len(ids) + len(part)
-                ids.extend(part)
-                labels.extend(part if supervise_prompt and not vision else [IGNORE_INDEX] * len(part))
-            chunk.clear()
 
         system = conv.system if conv.system is not None else self.config.system_prompt
         if system:
@@ -310,17 +333,34 @@ class SFTDataset:
             prompt([ids_["<|im_start|>"]], "user\n")
             content(user)
             prompt([ids_["<|im_end|>"]], "\n", [ids_["<|im_start|>"]], "assistant\n")
-            flush()
+            if any(text):
+                segments.append((_PROMPT, "".join(text)))
+            text.clear()
             if answer is None:  # generation prompt: ends with "<|im_start|>assistant\n"
-                return np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, None
-            answer_ids = self._encode(answer) + [ids_["<|im_end|>"]]
-            ids.extend(answer_ids)
-            masked = self.config.masks_history and turn < last_turn
-            labels.extend([IGNORE_INDEX] * len(answer_ids) if masked else answer_ids)
-            ids.extend(self._encode("\n"))
-            labels.append(IGNORE_INDEX)
-            turn_ends.append(len(ids))
-        return np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end, turn_ends
+                return segments, True
+            kind = _HISTORY_ANSWER if self.config.masks_history and turn < last_turn else _ANSWER
+            segments += [(kind, answer), (kind, [ids_["<|im_end|>"]]), (_TURN_END, "\n")]
+        return segments, False
+
+    def _assemble(self, segments: list[tuple[int, Union[str, list[int]]]], generation: bool,
+                  encoded: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray, int, Optional[list[int]]]:
+        """`_render_many`'s tuple of one layout, its texts' ids taken from `encoded`."""
+        ids: list[int] = []
+        labels: list[int] = []
+        spans_end = 0
+        turn_ends: list[int] = []
+        supervise_prompt = self.config.supervises_prompt
+        for kind, part in segments:
+            part = encoded[part] if isinstance(part, str) else part
+            if kind == _VISION:
+                spans_end = len(ids) + len(part)
+            supervised = kind == _ANSWER or (kind == _PROMPT and supervise_prompt)
+            ids.extend(part)
+            labels.extend(part if supervised else [IGNORE_INDEX] * len(part))
+            if kind == _TURN_END:
+                turn_ends.append(len(ids))
+        return (np.asarray(ids, np.int64), np.asarray(labels, np.int64), spans_end,
+                None if generation else turn_ends)
 
     def _truncate(self, conv: Conversation, ids: np.ndarray, labels: np.ndarray, spans_end: int,
                   turn_ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -344,20 +384,24 @@ class SFTDataset:
             return missing_media_error(conv, path)
         return DataError(conv.file, conv.index, f"unreadable media {path}: {e}", kind="unreadable media")
 
-    def _probe_media(self, conv: Conversation) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    def _probe_media(self, conv: Conversation, headers: Optional[dict[tuple, Any]] = None
+                     ) -> tuple[list[tuple[int, int]], list[int], list[int]]:
         """(original (height, width) of each image, tokens of each image, tokens of each video), from headers
-        only. The token counts are computed inside the guard: the processor refuses some sizes (aspect ratio)."""
+        only. The token counts are computed inside the guard: the processor refuses some sizes (aspect ratio).
+        `headers`: what files already probed gave, keyed by (path, size, mtime), filled in here (a length-table
+        build: many datasets ask several questions about one image or video)."""
         sizes, image_tokens, video_tokens = [], [], []
         ip = self.processor.image_processor
         for path in conv.images:
             try:
-                sizes.append(image_hw(path))
+                sizes.append(_read_header(headers, path, image_hw))
                 image_tokens.append(ip.num_image_tokens(*sizes[-1]))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
         for path in conv.videos:
             try:
-                frames, h, w = _video_frames_and_size(path, self.config.video_fps, self.config.video_maxlen)
+                frames, h, w = _read_header(headers, path, lambda p: _video_frames_and_size(
+                    p, self.config.video_fps, self.config.video_maxlen))
                 video_tokens.append(ip.num_video_tokens(frames, h, w))
             except (OSError, ValueError) as e:
                 raise self._media_error(conv, path, e) from None
@@ -372,7 +416,12 @@ class SFTDataset:
     def _measure(self, conv: Conversation) -> np.ndarray:
         """A conversation's LENGTH_COLUMNS row; raises DataError for unreadable or missing media."""
         sizes, image_tokens, video_tokens = self._probe_media(conv)
-        ids, labels, spans_end, turn_ends = self._render(conv, image_tokens, video_tokens)
+        return self._row(conv, sizes, self._render_many([(conv, image_tokens, video_tokens)])[0])
+
+    def _row(self, conv: Conversation, sizes: list[tuple[int, int]],
+             rendered: tuple[np.ndarray, np.ndarray, int, Optional[list[int]]]) -> np.ndarray:
+        """The LENGTH_COLUMNS row of a conversation from its image sizes and `_render_many` tuple."""
+        ids, labels, spans_end, turn_ends = rendered
         full = len(ids)
         try:
             ids, labels = self._truncate(conv, ids, labels, spans_end, turn_ends)

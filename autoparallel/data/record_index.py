@@ -28,6 +28,7 @@ from autoparallel.data.schema import DataError
 
 INDEX_VERSION = 1
 _CHUNK = 8 << 20
+SPAN_SLICE = 1 << 16  # records whose spans `AnnotationIndex.records` reads at once
 
 
 @dataclass
@@ -51,10 +52,12 @@ class AnnotationIndex:
         return self._decode(i, start, self._bytes()[start:end])
 
     def records(self) -> Iterator[Any]:
-        """Every record in order, in one pass (validation)."""
+        """Every record in order, in one pass (validation). The spans are turned into Python numbers a slice at a
+        time: all at once they would cost the parent memory in proportion to the records."""
         data = self._bytes()
-        for i, (start, end) in enumerate(self.spans.tolist()):
-            yield self._decode(i, start, data[start:end])
+        for base in range(0, len(self.spans), SPAN_SLICE):
+            for i, (start, end) in enumerate(self.spans[base:base + SPAN_SLICE].tolist(), base):
+                yield self._decode(i, start, data[start:end])
 
     def _bytes(self) -> Union[mmap.mmap, bytes]:
         if self._data is None:
@@ -108,27 +111,43 @@ def _save(array: np.ndarray, path: str) -> None:
     os.replace(tmp, path)  # atomic: ranks building the same index at once never read half of it
 
 
+_SPACE = np.zeros(256, bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True  # what bytes.strip() strips
+
+
 def _line_spans(path: str) -> np.ndarray:
-    """(start, end) of every non-blank line of a UTF-8 file (end excludes the newline; a BOM is skipped)."""
-    spans, offset, carry = [], 0, b""
+    """(start, end) of every non-blank line of a UTF-8 file (end excludes the newline; a BOM is skipped). Found
+    with numpy a chunk at a time: a Python object per line would cost the parent memory in proportion to the
+    records."""
+    starts, ends = [], []
+    line_start, line_has_text, offset = 0, False, 0  # the line running into the next chunk
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            data = carry + chunk
-            base = offset - len(carry)
-            start = 0
-            while (nl := data.find(b"\n", start)) >= 0:
-                if data[start:nl].strip():
-                    spans.append((base + start, base + nl))
-                start = nl + 1
-            carry = data[start:]
-            offset += len(chunk)
-    if carry.strip():
-        spans.append((offset - len(carry), offset))
-    if spans and spans[0][0] == 0:
+            data = np.frombuffer(chunk, np.uint8)
+            newlines = np.flatnonzero(data == 10)
+            pieces = np.concatenate([[0], newlines + 1])  # each piece ends with its newline but the last
+            pieces = pieces[pieces < len(data)]
+            has_text = np.logical_or.reduceat(~_SPACE[data], pieces) if len(pieces) else np.zeros(0, bool)
+            if len(newlines):
+                first = has_text[0] or line_has_text
+                text = np.concatenate([[first], has_text[1:len(newlines)]])
+                line_starts = np.concatenate([[line_start], offset + newlines[:-1] + 1])
+                starts.append(line_starts[text])
+                ends.append((offset + newlines)[text])
+                line_start, line_has_text = offset + int(newlines[-1]) + 1, False
+            if len(pieces) > len(newlines):  # text after the chunk's last newline
+                line_has_text = line_has_text or bool(has_text[-1])
+            offset += len(data)
+    if line_has_text:
+        starts.append(np.asarray([line_start]))
+        ends.append(np.asarray([offset]))
+    spans = np.stack([np.concatenate(starts or [np.zeros(0)]), np.concatenate(ends or [np.zeros(0)])], 1)
+    spans = spans.astype(np.int64)
+    if len(spans) and spans[0, 0] == 0:
         with open(path, "rb") as f:
             if f.read(3) == b"\xef\xbb\xbf":
-                spans[0] = (3, spans[0][1])
-    return np.asarray(spans, np.int64).reshape(-1, 2)
+                spans[0, 0] = 3
+    return spans
 
 
 def _is_utf8_jsonl(path: str) -> bool:

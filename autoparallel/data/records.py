@@ -404,9 +404,16 @@ def repeat_indices(num_records: int, repeat_time: float, seed: int, name: str) -
         return np.arange(total, dtype=np.int64)
     full = min(int(repeat_time), total // max(num_records, 1))
     extra = total - full * num_records
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    sampled = np.sort(rng.choice(num_records, size=extra, replace=False)) if extra else np.zeros(0, np.int64)
-    return np.concatenate([np.tile(np.arange(num_records), full), sampled]).astype(np.int64)
+    parts = [np.arange(num_records, dtype=np.int64)] * full
+    if extra:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        parts.append(np.sort(rng.choice(num_records, size=extra, replace=False)).astype(np.int64))
+    return _joined(parts)
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays end to end, without a copy of a lone one (a record array can hold millions of entries)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
 
 
 def held_out_records(num_records: int, val_size: float, seed: int, where: str) -> np.ndarray:
@@ -463,17 +470,17 @@ class RecordStore:
             self.added_placeholders += found.added_placeholders
             self.unread_keys.update(found.unread_keys)
             self.own_system += found.own_system
-            valid = np.flatnonzero(found.valid)
+            valid = np.flatnonzero(found.valid).astype(np.int64, copy=False)
             picks = repeat_indices(len(valid), source.repeat_time, seed, source.name)
-            per_sample.append(picks + self.num_records)
+            picks += self.num_records  # in place: a fresh array
+            per_sample.append(picks)
             record_sources.append(np.full(len(valid), s, np.int32))
-            record_offsets.append(valid.astype(np.int64))
+            record_offsets.append(valid)
             self.num_records += len(valid)
-        empty = np.zeros(0, np.int64)
-        self.sample_to_record = np.concatenate(per_sample) if per_sample else empty
+        self.sample_to_record = _joined(per_sample)
         # valid record r -> its source and its record index in that source's annotation file
-        self.record_sources = np.concatenate(record_sources) if record_sources else empty
-        self.record_lines = np.concatenate(record_offsets) if record_offsets else empty
+        self.record_sources = _joined(record_sources)
+        self.record_lines = _joined(record_offsets)
         self.held_out_ids = held_out_records(self.num_records, val_size, seed, self.meta_path)
         if len(self.held_out_ids):
             self.sample_to_record = self.sample_to_record[~np.isin(self.sample_to_record, self.held_out_ids)]

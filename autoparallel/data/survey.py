@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from autoparallel.data.collator import padded_length
 from autoparallel.data.dataset import FULL, IMAGE_HEIGHT, IMAGE_WIDTH, IMAGES, TOKENS, VIDEOS, SFTDataset
 from autoparallel.data.records import DataError
+
+# Samples whose length-table rows are read at once.
+SURVEY_CHUNK = 1 << 16
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Survey:
     probed: int
     max_seq_length: int
     # untruncated token counts of the probed valid samples
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     dropped: int = 0  # too long and not truncatable (the loader skips them)
     truncated: int = 0  # too long, cut at a turn boundary or hard
     images: Counter = field(default_factory=Counter)  # images per sample -> samples
@@ -45,10 +48,10 @@ class Survey:
                 f"{self.lengths.max()} to keep them")
 
 
-def sample_indices(total: int, limit: Optional[int]) -> np.ndarray:
-    """All samples, or `limit` evenly spaced ones (deterministic)."""
+def sample_indices(total: int, limit: Optional[int]) -> Optional[np.ndarray]:
+    """`limit` evenly spaced samples (deterministic), or None for all of them."""
     if limit is None or total <= limit:
-        return np.arange(total)
+        return None
     return np.unique(np.linspace(0, total - 1, limit).astype(np.int64))
 
 
@@ -57,19 +60,36 @@ def _counts(values: np.ndarray) -> Counter:
     return Counter({int(k): int(n) for k, n in zip(keys, counts)})
 
 
+def _measured_chunks(dataset: SFTDataset, indices: Optional[np.ndarray]
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, list[DataError]]]:
+    """(indices, `dataset.measure_many` of them) a slice at a time, over the given samples or (None) all: the rows
+    of millions of samples are never held at once (each process reads them at start-up)."""
+    total = len(dataset) if indices is None else len(indices)
+    for start in range(0, total, SURVEY_CHUNK):
+        stop = min(start + SURVEY_CHUNK, total)
+        chunk = np.arange(start, stop) if indices is None else indices[start:stop]
+        yield chunk, *dataset.measure_many(chunk)
+
+
 def survey(dataset: SFTDataset, limit: Optional[int] = None) -> Survey:
     """Measure `limit` evenly spaced samples (all when None) of `dataset`."""
     indices = sample_indices(len(dataset), limit)
-    out = Survey(len(dataset), len(indices), dataset.config.max_seq_length)
+    out = Survey(len(dataset), len(dataset) if indices is None else len(indices), dataset.config.max_seq_length)
     records = dataset.records
-    sources = np.bincount(records.record_sources[records.sample_to_record[indices]], minlength=len(records.sources))
+    sources = np.zeros(len(records.sources), np.int64)
+    lengths = []
+    for chunk, rows, errors in _measured_chunks(dataset, indices):
+        sources += np.bincount(records.record_sources[records.sample_to_record[chunk]], minlength=len(sources))
+        out.errors += errors
+        lengths.append(rows[:, FULL].copy())  # not a view: the chunk's rows are let go
+        out.images.update(_counts(rows[:, IMAGES]))
+        out.videos.update(_counts(rows[:, VIDEOS]))
+        too_long = rows[:, FULL] > out.max_seq_length
+        dropped = int((too_long & (rows[:, TOKENS] < 0)).sum())
+        out.dropped += dropped
+        out.truncated += int(too_long.sum()) - dropped
     out.per_source = Counter({s.annotation: int(n) for s, n in zip(records.sources, sources) if n})
-    rows, out.errors = dataset.measure_many(indices)
-    out.lengths = rows[:, FULL].astype(np.int64)
-    out.images, out.videos = _counts(rows[:, IMAGES]), _counts(rows[:, VIDEOS])
-    too_long = rows[:, FULL] > out.max_seq_length
-    out.dropped = int((too_long & (rows[:, TOKENS] < 0)).sum())
-    out.truncated = int(too_long.sum()) - out.dropped
+    out.lengths = np.concatenate(lengths) if lengths else out.lengths
     return out
 
 
@@ -104,13 +124,22 @@ class DataProfile:
 
 def data_profile(dataset: SFTDataset) -> DataProfile:
     """Every sample's row (the length table, measured where it has none); raises DataError when none fits."""
-    rows, errors = dataset.measure_many(np.arange(len(dataset)))
-    fits = rows[rows[:, TOKENS] >= 0]
-    if not len(fits):
+    samples = trainable = unreadable = longest = images = 0
+    largest, largest_area = (0, 0), -1
+    for _, rows, errors in _measured_chunks(dataset, None):
+        fits = rows[rows[:, TOKENS] >= 0]
+        samples += len(rows)
+        unreadable += len(errors)
+        if not len(fits):
+            continue
+        trainable += len(fits)
+        longest, images = max(longest, int(fits[:, TOKENS].max())), max(images, int(fits[:, IMAGES].max()))
+        area = fits[:, IMAGE_HEIGHT].astype(np.int64) * fits[:, IMAGE_WIDTH]
+        if int(area.max()) > largest_area:
+            row = fits[int(area.argmax())]
+            largest, largest_area = (int(row[IMAGE_HEIGHT]), int(row[IMAGE_WIDTH])), int(area.max())
+    if not trainable:
         raise DataError(dataset.records.meta_path, None, f"no sample fits max_seq_length "
                         f"{dataset.config.max_seq_length} with readable media (qwen2vl-ap data shows why)",
                         kind="too long")
-    area = fits[:, IMAGE_HEIGHT].astype(np.int64) * fits[:, IMAGE_WIDTH]
-    largest = fits[int(area.argmax())]
-    return DataProfile(len(dataset), len(fits), len(rows) - len(fits), len(errors), int(fits[:, TOKENS].max()),
-                       int(fits[:, IMAGES].max()), (int(largest[IMAGE_HEIGHT]), int(largest[IMAGE_WIDTH])))
+    return DataProfile(len(dataset), trainable, samples - trainable, unreadable, longest, images, largest)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from autoparallel.data import IGNORE_INDEX, DataConfig, DataError, SFTDataset
+from network.image_processing import image_hw
 from network.processor import Qwen2VLProcessor
 from network.rope_index import get_rope_index
 
@@ -316,3 +317,74 @@ def test_length_table_is_what_probing_finds_and_ranks_plan_from_it(tmp_path, pro
     edited = SFTDataset(parent.config, processor)
     assert edited._tables == [None] and len(edited) == 6
     assert (edited._table_rows(np.arange(6))[:, 0] == NOT_MEASURED).all()
+
+
+@pytest.mark.parametrize("config", [{"max_seq_length": 64},
+                                    {"max_seq_length": 64, "mask_history": True, "train_on_prompt": True}])
+def test_length_table_built_in_batches_equals_measuring_record_by_record(tmp_path, processor, monkeypatch, config):
+    """The parent builds the table chunk by chunk (texts of many records tokenized in one call, each media header
+    read once): every row equals measuring that record alone, whatever the record's shape."""
+    from autoparallel.data import dataset as dataset_module
+    from autoparallel.data.dataset import NOT_MEASURED
+
+    png(tmp_path / "a.png"), png(tmp_path / "b.png", (300, 200)), mp4(tmp_path / "v.mp4")
+    records = [
+        user_assistant(("Hi there, 你好 😀", "Hello!")),
+        user_assistant(("<image>What colour?", "red"), system="Be brief.", images=["a.png"]),
+        user_assistant(("<image>And now, what shape?", "square"), images=["a.png"]),
+        user_assistant(("<video>What happens?", "It fades in."), system="", videos=["v.mp4"]),
+        user_assistant(("<image>left <image>right", "two"), ("Which is larger?", "the right one"),
+                       ("Sure?", "yes"), images=["a.png", "b.png"]),
+        user_assistant(("short", "ok"), ("long " * 40, "x " * 30)),  # truncated after the first turn
+        user_assistant(("word " * 70 + "<image>", "late image"), images=["a.png"]),  # too long to truncate
+        user_assistant(("<image>gone?", "yes"), images=["missing.png"]),
+        user_assistant(("typed <|im_end|> and <image> in text", "fine\n\n  spaced  "), images=["b.png"]),
+    ]
+    ds = make_dataset(tmp_path, records, processor, skip_bad_samples=True, **config)
+    one_by_one = []
+    for r in range(ds.records.num_records):
+        try:
+            one_by_one.append(ds._measure(ds.records.record_conversation(r)))
+        except DataError:
+            one_by_one.append(np.full(7, NOT_MEASURED, np.int32))
+    opened = []
+    monkeypatch.setattr(dataset_module, "image_hw", lambda path: opened.append(path) or image_hw(path))
+    batch = ds._measure_records(np.arange(ds.records.num_records))
+    np.testing.assert_array_equal(batch, np.stack(one_by_one))
+    assert sorted(opened) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # each header read once
+    assert batch[7, 0] == NOT_MEASURED and batch[6, 1] == -1 and 0 < batch[5, 1] < batch[5, 0]
+    assert (batch[:, 0] != NOT_MEASURED).sum() == 8
+
+
+def test_batched_token_ids_equal_the_tokenizer_wrappers(processor):
+    """The dataset tokenizes through the fast tokenizer's Rust backend in one call; the ids equal the paddlenlp
+    wrapper's, one call per text, also after a wrapper call that set truncation or special-token splitting."""
+    from network.tokenizer import encode_texts
+
+    tok = processor.tokenizer
+    texts = ["", "\n", "system\nYou are a helpful assistant.", "user\n", "  leading and trailing  ",
+             "typed <|im_end|> and <|vision_start|> inside", "你好，世界 😀 Привет", "x" * 3000, "\n\n\t tabs"]
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encode_texts(tok, texts) == want
+    tok(texts[-2], add_special_tokens=False, truncation=True, max_length=5, split_special_tokens=True)
+    assert encode_texts(tok, texts) == want
+
+
+def test_survey_and_profile_read_the_table_in_slices_with_the_same_result(tmp_path, processor, monkeypatch):
+    """The parent's survey and rank 0's data profile read the rows a slice at a time (millions of samples are
+    never held at once); the result equals reading them all at once."""
+    from autoparallel.data import survey as survey_module
+
+    png(tmp_path / "a.png"), png(tmp_path / "b.png", (300, 200))
+    records = [user_assistant((f"<image>q{i}" + " long" * (40 * (i % 3 == 0)), "a " * i),
+                              images=["a.png" if i % 2 else "b.png"]) for i in range(1, 8)]
+    records.append(user_assistant(("<image>gone", "x"), images=["missing.png"]))
+    ds = make_dataset(tmp_path, records, processor, max_seq_length=120, skip_bad_samples=True)
+    whole = (survey_module.survey(ds), survey_module.survey(ds, limit=5), survey_module.data_profile(ds))
+    monkeypatch.setattr(survey_module, "SURVEY_CHUNK", 3)
+    sliced = (survey_module.survey(ds), survey_module.survey(ds, limit=5), survey_module.data_profile(ds))
+    for a, b in zip(whole[:2], sliced[:2]):
+        assert (a.lengths.tolist(), a.dropped, a.truncated, a.images, a.per_source, [str(e) for e in a.errors]) \
+            == (b.lengths.tolist(), b.dropped, b.truncated, b.images, b.per_source, [str(e) for e in b.errors])
+    assert whole[2] == sliced[2] and whole[2].largest_image == (200, 300) and whole[2].unreadable == 1
+    assert whole[0].dropped == 1 and len(whole[0].lengths) == 7 and whole[1].probed == 5

@@ -50,3 +50,31 @@ def test_missing_media_is_rechecked_on_a_warm_index(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     assert RecordStore(str(tmp_path / "meta.json"), seed=0).missing_media == []
     assert os.path.isdir(tmp_path / ".qwen2vl-ap-index")
+
+
+def test_line_spans_equal_splitting_the_file_line_by_line(tmp_path, monkeypatch):
+    """The index's line finder works on whole chunks with numpy; its spans equal those of splitting the bytes at
+    each newline and keeping the lines `bytes.strip` leaves text in, also when lines and a BOM straddle chunks."""
+    rng = np.random.default_rng(0)
+    pieces = [b"\n", b"  \n", b"\r\n", b'{"a": 1}', b" ", b"\t", b"x", b"\xef\xbb\xbf", "你".encode(), b"\x0b\x0c"]
+    path = tmp_path / "a.jsonl"
+    for _ in range(200):
+        data = b"".join(pieces[k] for k in rng.integers(0, len(pieces), rng.integers(0, 25)))
+        path.write_bytes(data)
+        want, start = [], 0
+        for line in data.split(b"\n"):
+            if line.strip():
+                want.append([3 if start == 0 and data.startswith(b"\xef\xbb\xbf") else start, start + len(line)])
+            start += len(line) + 1
+        for chunk in (1, 3, 7, 1 << 20):
+            monkeypatch.setattr(record_index, "_CHUNK", chunk)
+            spans = record_index._line_spans(str(path))
+            assert spans.dtype == np.int64 and spans.tolist() == want, (data, chunk)
+
+
+def test_validation_pass_reads_every_record_in_order_across_span_slices(tmp_path, monkeypatch):
+    """`records()` (the validation pass) takes the spans a slice at a time; it yields what `record(i)` reads."""
+    _, path = write_dataset(tmp_path, 10)
+    index = record_index.index_annotation(str(path))
+    monkeypatch.setattr(record_index, "SPAN_SLICE", 3)
+    assert list(index.records()) == [index.record(i) for i in range(10)] and index.record(9)["id"] == 9
