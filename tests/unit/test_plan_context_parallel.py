@@ -33,10 +33,9 @@ def test_ulysses_collectives_listed():
         exchanges = [c for c in cp if "Ulysses" in c.phase or "exchanges" in c.phase]
         assert [c.op for c in exchanges] == ["all_to_all", "all_to_all"]
         assert sum(c.calls for c in exchanges) == 3 * 4 * layers * 2
-        # q/k/v/o pieces of S/cp tokens: (2 x heads + 2 x kv heads) x head_dim / 4 per call, fp32; on CPU the
-        # payload of the all-gather standing in for the all-to-all is the gathered tensor, cp pieces.
+        # q/k/v/o pieces of S/cp tokens: (2 x heads + 2 x kv heads) x head_dim / 4 per call, fp32, on CPU too.
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        assert exchanges[0].bytes_per_call == (2 if cpu else 1) * 32 * (2 * q + 2 * kv) * 4 // 4
+        assert exchanges[0].bytes_per_call == 32 * (2 * q + 2 * kv) * 4 // 4
         assert any(c.op == "all_reduce" and c.phase.startswith("gradients") for c in cp)
     # cp2 x mp2: one KV head per mp rank, repeated for the two cp ranks (q: 2 of the 4 heads per mp rank).
     cp_mp = communication(PlanSetup(config, ParallelDegrees(context_parallel_degree=2, tensor_parallel_degree=2), wl))
