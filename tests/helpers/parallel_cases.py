@@ -50,7 +50,7 @@ LAYOUTS_2 = [
 PACKED = {"dp2_packed", "mp2_packed", "cp2_packed", "cp2sharding2_packed"}
 PACKED_ROW = 2 * SEQ
 # Layouts trained on the _MEDIA samples (3 and 4 images, videos), against a reference on the same samples.
-MEDIA = {"cp2", "cp2mp2"}
+MEDIA = {"cp2", "cp2mp2", "cp2_packed"}
 LAYOUTS_4 = [
     ("dp2mp2", dict(data_parallel_degree=2, tensor_parallel_degree=2), "frozen"),
     ("mp4_kv_replicated", dict(tensor_parallel_degree=4), "frozen"),
@@ -143,6 +143,9 @@ def _batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
 def _packed_batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.ndarray]:
     """The samples packed first-fit-decreasing into rows of PACKED_ROW tokens, each with its own positions."""
     from autoparallel.data.packing import collate_packed, first_fit_decreasing
@@ -152,13 +155,12 @@ def _packed_batch(config: Qwen2VLConfig, samples: list[dict]) -> dict[str, np.nd
         one = _batch(config, [s])
         items.append({"input_ids": one["input_ids"][0], "labels": one["labels"][0],
                       "attention_mask": one["attention_mask"][0], "position_ids": one["position_ids"][:, 0],
-                      "pixel_values": one.get("pixel_values"), "image_grid_thw": one.get("image_grid_thw"),
-                      "index": i})
+                      "index": i, **{k: one.get(k) for k in VISION_KEYS}})
     rows = first_fit_decreasing([SEQ] * len(items), PACKED_ROW, window=len(items))
     batch = collate_packed([[items[i] for i in row] for row in rows], pad_to=PACKED_ROW,
                            pad_token_id=config.pad_token_id)
     return {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids",
-                                  "pixel_values", "image_grid_thw") if batch[k] is not None}
+                                  *VISION_KEYS) if batch[k] is not None}
 
 
 def micro_batches(config: Qwen2VLConfig, dp: int = 1, dp_rank: int = 0, packed: bool = False,
