@@ -19,6 +19,8 @@ from paddle.autograd import PyLayer
 from paddle.distributed.auto_parallel.api import ShardingStage1, dtensor_from_local
 from paddle.distributed.auto_parallel.sharding import get_placement_with_sharding
 
+from autoparallel.mesh import mesh_coordinate
+
 
 def gradient(param: paddle.Tensor) -> paddle.Tensor | None:
     """The gradient the optimizer steps with: the fp32 `main_grad` under bf16 O2 with master_grad (sharding stages
@@ -70,11 +72,12 @@ def _view(tensor: paddle.Tensor) -> paddle.Tensor:
 
 
 class _SharedUses(PyLayer):
-    """`uses` views of one tensor; backward: the sum of their gradients, added locally (Partial gradients sum to
-    a Partial one without communication; the others are first resharded to a Partial one's placements, which
-    for a Replicate gradient is local, not the other way round, which would all-reduce) and in place (autograd
+    """`uses` views of one tensor; backward: the sum of their gradients, added locally and in place (autograd
     hands each gradient to this node alone): for the tied embedding a vocabulary-sized tensor fewer at the
-    step's peak."""
+    step's peak. Partial gradients sum to a Partial one without communication; the sum is Partial on every mesh
+    axis where any gradient is (`_partial_sum`), so a gradient Replicate there joins it locally. Resharding one
+    gradient to another's placements would all-reduce where those differ (under context parallel the head's
+    gradient is Partial over "cp", the lookup's over "dp"), into a new table-sized tensor beside the old one."""
 
     @staticmethod
     def forward(ctx, tensor: paddle.Tensor, uses: int) -> tuple[paddle.Tensor, ...]:
@@ -90,15 +93,36 @@ class _SharedUses(PyLayer):
             for g in grads[1:]:
                 first.add_(g)
             return first
-        first = next((g for g in grads if any(p.is_partial() for p in g.placements)), grads[0])
-        local = first._local_value()
-        for g in grads:
-            if g is first:
-                continue
-            if g.placements != first.placements:
-                g = dist.reshard(g, first.process_mesh, first.placements)
-            local.add_(g._local_value())
-        return dtensor_from_local(local, first.process_mesh, first.placements)
+        return _partial_sum(grads)
+
+
+def _partial_sum(grads: list[paddle.Tensor]) -> paddle.Tensor:
+    """The sum of dist `grads` as one gradient Partial on each mesh axis where any of them is, with no
+    communication: on such an axis a gradient Replicate there counts on the axis's first rank only (the others
+    hold a zero share of it), which is what resharding Replicate -> Partial does. Placements other than Partial
+    and Replicate must agree; where they do not, that gradient is resharded to the sum's placements."""
+    mesh = grads[0].process_mesh
+    placements = list(grads[0].placements)
+    for g in grads[1:]:
+        placements = [b if b.is_partial() and a.is_replicated() else a for a, b in zip(placements, g.placements)]
+    coordinate = [mesh_coordinate(mesh, name) for name in mesh.dim_names]
+
+    def counts_here(g: paddle.Tensor) -> bool:
+        return all(c == 0 for c, own, total in zip(coordinate, g.placements, placements)
+                   if own.is_replicated() and total.is_partial())
+
+    def as_sum_part(g: paddle.Tensor) -> paddle.Tensor:
+        mixed = any(own != total and not (own.is_replicated() and total.is_partial())
+                    for own, total in zip(g.placements, placements))
+        return dist.reshard(g, mesh, placements) if mixed else g
+
+    parts = [as_sum_part(g) for g in grads]
+    counted = [g._local_value() for g in parts if counts_here(g)]
+    if not counted:  # each gradient is Replicate on some axis another is Partial on, where this rank is not first
+        return dtensor_from_local(parts[0]._local_value().zero_(), mesh, placements)
+    for local in counted[1:]:
+        counted[0].add_(local)
+    return dtensor_from_local(counted[0], mesh, placements)
 
 
 def shared_uses(tensor: paddle.Tensor, uses: int) -> tuple[paddle.Tensor, ...]:
