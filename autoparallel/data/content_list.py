@@ -16,6 +16,10 @@ from autoparallel.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataE
 
 _MEDIA_KEYS = {"image": ("image", "url", "path", "source"), "image_url": ("image_url",),
                "video": ("video", "url", "path"), "video_url": ("video_url",)}
+# qwen_vl_utils' per-part sampling and sizing options: honouring none of them would train on other pixels or
+# frames than the record asks for, so a part carrying one is refused (the data options set them for all media).
+_MEDIA_OPTIONS = ("nframes", "fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
+                  "resized_height", "resized_width", "video_start", "video_end")
 
 
 def _media_ref(part: dict, kind: str, where: tuple[str, int], field: str) -> Any:
@@ -34,17 +38,25 @@ def _media_ref(part: dict, kind: str, where: tuple[str, int], field: str) -> Any
     return ref
 
 
-def flatten_content(content: list, where: tuple[str, int], field: str) -> tuple[str, list[Any], list[Any]]:
-    """(text with placeholders, image refs, video refs) of one message's content list, in order."""
-    text, images, videos = [], [], []
+def flatten_content(content: list, where: tuple[str, int],
+                    field: str) -> tuple[str, list[Any], list[Any], list[str]]:
+    """(text with placeholders, image refs, video refs, part keys not read, e.g. OpenAI's "detail") of one
+    message's content list, in order; a part with a per-part media option (`_MEDIA_OPTIONS`) is refused."""
+    text, images, videos, unread = [], [], [], []
     for j, part in enumerate(content):
         param = f"{field}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        option = next((k for k in _MEDIA_OPTIONS if kind in _MEDIA_KEYS and part.get(k) is not None), None)
+        if option is not None:
+            raise DataError(*where, f"{param}.{option}: per-part media options are not supported; remove it and "
+                                    "set the data options (video_fps, video_maxlen, max_pixels, ...) instead")
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise DataError(*where, f"{param}.text must be a string")
             text.append(part["text"])
+            read = {"type", "text"}
         elif kind in _MEDIA_KEYS:
+            read = {"type", next((k for k in _MEDIA_KEYS[kind] if part.get(k) is not None), "")}
             ref = _media_ref(part, kind, where, param)
             is_image = kind.startswith("image")
             (images if is_image else videos).append(ref)
@@ -52,4 +64,5 @@ def flatten_content(content: list, where: tuple[str, int], field: str) -> tuple[
         else:
             raise DataError(*where, f"{param}: a content part needs \"type\": one of "
                                     f"{['text', *_MEDIA_KEYS]}, got {kind!r}")
-    return "".join(text), images, videos
+        unread += [f"content part key {k}" for k in sorted(set(part) - read) if part[k] not in (None, "", [], {})]
+    return "".join(text), images, videos, unread

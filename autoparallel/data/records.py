@@ -292,14 +292,16 @@ def read_record(record: dict, where: tuple[str, int], fmt: RecordFormat) -> Pars
 
 
 def _content(content: Any, role: str, where: tuple[str, int], i: int, parsed: ParsedRecord,
-             media: tuple[list, list]) -> str:
-    """A message's text; a content list's media are appended to `media` (images, videos)."""
+             media: tuple[list, list], unread: list[str]) -> str:
+    """A message's text; a content list's media are appended to `media` (images, videos), the keys of its parts
+    that nothing reads to `unread`."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise DataError(*where, f"message {i}: content must be a string or a content list, got "
                                 f"{type(content).__name__}")
-    text, images, videos = flatten_content(content, where, f"message {i}.content")
+    text, images, videos, not_read = flatten_content(content, where, f"message {i}.content")
+    unread.extend(not_read)
     if (images or videos) and role == "assistant":
         raise DataError(*where, f"message {i}: images and videos belong in user messages",
                         kind="placeholder mismatch")
@@ -327,7 +329,8 @@ def build_conversation(parsed: ParsedRecord, record: dict, file: str, index: int
                                     '"system"), so the default system prompt would replace it: add "system": '
                                     '"system" to columns')
     content_media: tuple[list, list] = ([], [])
-    messages = [(role, _content(c, role, where, i, parsed, content_media))
+    part_keys: list[str] = []
+    messages = [(role, _content(c, role, where, i, parsed, content_media, part_keys))
                 for i, (role, c) in enumerate(parsed.messages)]
     if (content_media[0] or content_media[1]) and (parsed.images or parsed.videos):
         raise DataError(*where, "media both in content lists and in the record's images/videos: use one place")
@@ -368,7 +371,7 @@ def build_conversation(parsed: ParsedRecord, record: dict, file: str, index: int
             raise DataError(file, index, f"{count} {placeholder} placeholders but {len(media)} {name}",
                             kind="placeholder mismatch")
     return Conversation(file, index, system, turns, images, videos, root, added,
-                        tuple(k for k in unread if record[k] not in (None, "", [], {})))
+                        (*(k for k in unread if record[k] not in (None, "", [], {})), *dict.fromkeys(part_keys)))
 
 
 def parse_record(record: Any, file: str, index: int, root: Optional[str], fmt: RecordFormat = RecordFormat(),

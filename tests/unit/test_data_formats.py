@@ -194,6 +194,24 @@ def test_content_lists_in_training_records(tmp_path):
                                    {"role": "assistant", "content": "a"}]}, "f", 0, None)
 
 
+def test_content_part_keys_are_read_counted_or_refused(tmp_path):
+    """Nothing in a content part is dropped silently: qwen_vl_utils' per-part sampling options (which would change
+    the frames or pixels) are refused naming the part and key; any other key no reader uses is counted."""
+    a = png(tmp_path / "a.png")
+
+    def record(part: dict) -> dict:
+        return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "q"}]},
+                             {"role": "assistant", "content": "a"}]}
+
+    for option in ("nframes", "fps", "max_pixels", "resized_height"):
+        with pytest.raises(DataError, match=rf"f.json, record 2: message 0.content\[0\].{option}: per-part media "
+                                            "options are not supported"):
+            parse_record(record({"type": "video", "video": [a, a], option: 4}), "f.json", 2, None)
+    conv = parse_record(record({"type": "image", "image": a, "detail": "high"}), "f.json", 2, None)
+    assert conv.images == (a,) and conv.unread_keys == ("content part key detail",)
+    assert parse_record(record({"type": "image", "image": a}), "f.json", 2, None).unread_keys == ()
+
+
 def test_inline_media_forms_and_payload_never_printed(tmp_path):
     """4d file://, 5a data: URI, 5c raw base64, ms-swift {"bytes"}: all decode to the same image file;
     5b https is refused with the reason; a bad data URI never prints its payload."""
